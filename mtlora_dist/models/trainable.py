@@ -1,0 +1,66 @@
+"""Which parameters train (spec Part B §4.1, Part A 3): adapters, a few norms and tables, decoders.
+
+A parameter's group is decided by its name once, here; the same groups drive freezing, the
+parameter report and the optimizer's weight-decay split.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy", "NO_DECAY_GROUPS"]
+
+# Groups that get no weight decay (spec Part A 5): norms, biases, relative-position tables, scales.
+NO_DECAY_GROUPS = ("norms", "relative_position_bias", "lora_scale")
+
+
+@dataclass
+class TrainableConfig:
+    """Switches per parameter group; everything not named here stays frozen."""
+
+    lora: bool = True
+    norms: bool = True
+    relative_position_bias: bool = True
+    patch_embed: bool = True
+    downsample_reduction: bool = True  # frozen anyway when the reduction carries LoRA (MTLoRA+)
+    decoders: bool = True
+
+
+def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:
+    """Group of a parameter of the multi-task model, from its qualified name."""
+    if name.startswith("decoders."):
+        return "decoders"
+    if "lora_" in name:
+        return "lora_scale" if "scale" in name else "lora"
+    if ".patch_embed." in f".{name}":
+        return "patch_embed"
+    if "relative_position_bias_table" in name:
+        return "relative_position_bias"
+    if "norm" in name.rsplit(".", 2)[-2]:
+        return "norms"
+    if "downsample.reduction" in name:
+        return "downsample_reduction"
+    return "frozen"
+
+
+def apply_trainable_policy(model: nn.Module, cfg: TrainableConfig) -> dict[str, str]:
+    """Set ``requires_grad`` on every parameter; returns name -> group."""
+    switches = {"lora": cfg.lora, "lora_scale": cfg.lora, "norms": cfg.norms,
+                "relative_position_bias": cfg.relative_position_bias, "patch_embed": cfg.patch_embed,
+                "downsample_reduction": cfg.downsample_reduction, "decoders": cfg.decoders, "frozen": False}
+    lora_reductions = {n for n, m in model.named_modules()
+                       if n.endswith("downsample.reduction") and hasattr(m, "lora_shared_A")}
+    groups: dict[str, str] = OrderedDict()
+    for name, param in model.named_parameters():
+        group = parameter_group(name)
+        trainable = switches[group]
+        if group == "downsample_reduction" and name.rsplit(".", 1)[0] in lora_reductions:
+            trainable = False  # MTLoRA+: the adapter trains, the reduction weight stays frozen
+        if group == "lora_scale":
+            trainable = trainable and param.dtype.is_floating_point
+        param.requires_grad_(trainable)
+        groups[name] = group
+    return groups
