@@ -117,10 +117,11 @@ class MTLoRASwin(nn.Module):
             return checkpoint(self._block_forward, block, x, use_reentrant=False)
         return self._block_forward(block, x)
 
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, return_shared: bool = False) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
+        """Task features per stage; with ``return_shared`` also the shared stream per stage."""
         x = self.patch_embed(images)  # (B, H/4, W/4, C) NHWC
         batch, num_tasks = x.shape[0], len(self.tasks)
-        features = []
+        features, shared = [], []
         for i, stage in enumerate(self.layers):
             if i == 0 or self.pyramid == "timm":
                 x = stage.downsample(x)  # official pyramid: already merged at the end of stage i-1
@@ -133,7 +134,8 @@ class MTLoRASwin(nn.Module):
             else:  # a stage without task branches gives every task the shared stream
                 features.append(x.unsqueeze(0).expand(num_tasks, *x.shape))
             x = x[:batch]
-        return features
+            shared.append(x)
+        return (features, shared) if return_shared else features
 
     # ----------------------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -18,6 +18,8 @@ __all__ = [
     "is_remote",
     "join",
     "url_to_fs",
+    "cached_fs",
+    "describe_endpoint",
     "redact",
 ]
 
@@ -30,6 +32,10 @@ class StorageOptions:
 
     Credentials are read from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when not given here, and
     are never written into saved configs or logs (see :func:`redact`).
+
+    Two retry layers: ``retries`` is botocore's own attempt count per request; ``read_retries`` is how
+    often a whole shard read is re-opened (resuming where it broke) after that gave up, waiting
+    ``retry_delay_s`` doubled per attempt (capped at 30 s) in between.
     """
 
     endpoint_url: str | None = None
@@ -39,6 +45,8 @@ class StorageOptions:
     anon: bool = False
     block_size: int = 16 * 1024 * 1024
     retries: int = 5
+    read_retries: int = 4
+    retry_delay_s: float = 1.0
 
     def s3_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem``; ``skip_instance_cache`` so a changed endpoint or
@@ -89,6 +97,40 @@ def url_to_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.A
         return fs, url[len("s3://"):]
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+_FS_CACHE: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}  # (pid, protocol, settings)
+
+
+def cached_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Like :func:`url_to_fs` but one filesystem per process, protocol and options.
+
+    Streaming opens many shards; a new ``S3FileSystem`` per shard would pay a fresh connection pool
+    each time. The process id is part of the key because an aiohttp session must not cross a fork
+    (DataLoader workers build their own).
+    """
+    url = str(url)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = options or StorageOptions()
+    # The resolved endpoint and key id are part of the key: they may come from the environment.
+    resolved = repr(options.s3_kwargs()) + os.environ.get("AWS_ACCESS_KEY_ID", "") if protocol == "s3" else ""
+    key = (os.getpid(), protocol, repr(options) + resolved)
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        fs, _ = url_to_fs(url, options)
+        _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(url)
+
+
+def describe_endpoint(options: StorageOptions | None = None) -> str:
+    """Where S3 requests go, for error messages: the endpoint and where it came from (no secrets)."""
+    options = options or StorageOptions()
+    if options.endpoint_url:
+        return f"endpoint {options.endpoint_url} (StorageOptions.endpoint_url)"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return f"endpoint {os.environ[var]} (${var})"
+    return "AWS's default endpoint (no endpoint_url / $AWS_ENDPOINT_URL set)"
 
 
 def redact(value: Any) -> Any:

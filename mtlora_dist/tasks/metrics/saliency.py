@@ -13,7 +13,7 @@ from mtlora_dist.tasks.registry import IGNORE_INDEX
 
 __all__ = ["SaliencyMetric"]
 
-SALIENCY_THRESHOLDS = tuple(torch.linspace(0.2, 0.9, 15, dtype=torch.float64).tolist())
+SALIENCY_THRESHOLDS = tuple(torch.linspace(0.2, 0.9, 15, dtype=torch.float64).tolist())  # 0.2, 0.25, ..., 0.9
 
 
 class SaliencyMetric(Metric):
@@ -28,15 +28,15 @@ class SaliencyMetric(Metric):
     """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, thresholds: Sequence[float] = SALIENCY_THRESHOLDS) -> None:
-        self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
+        self.thresholds = torch.tensor(sorted(thresholds), dtype=torch.float64)  # compared in float32
         super().__init__(ignore_index)
 
     def _zero_state(self) -> dict[str, Tensor]:
-        per_threshold = lambda: torch.zeros(self.thresholds.numel(), dtype=torch.float64)  # noqa: E731
+        per_threshold = torch.zeros(self.thresholds.numel(), dtype=torch.float64)
         return {
-            "iou": per_threshold(),
-            "precision": per_threshold(),
-            "recall": per_threshold(),
+            "iou": per_threshold.clone(),
+            "precision": per_threshold.clone(),
+            "recall": per_threshold.clone(),
             "images": torch.zeros((), dtype=torch.int64),
         }
 

@@ -20,6 +20,7 @@ def level_histograms(prob: Tensor, positive: Tensor, valid: Tensor, thresholds: 
     Returns two int64 tensors (G, J+1), J = number of thresholds.
     """
     groups, levels = prob.shape[0], thresholds.numel() + 1
+    # thresholds are cast to the probabilities' dtype, so the comparison is the one a `prob > t` would make
     level = torch.bucketize(prob, thresholds.to(prob), right=False)  # (G, N) in [0, J]
     index = level + levels * torch.arange(groups, device=prob.device).unsqueeze(1)  # one bin range per group
 

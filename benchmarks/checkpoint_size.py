@@ -1,0 +1,188 @@
+"""How big is a checkpoint? Ours (trainable state only) against DeepSpeed's default (frozen weights too).
+
+    python benchmarks/checkpoint_size.py --frozen 28000000 --trainable 1500000 --write-doc docs/performance-checkpoint.md
+    python benchmarks/checkpoint_size.py --model my_pkg.models:build_model --write-doc docs/performance-checkpoint.md
+
+The first form builds a synthetic model (frozen ``Linear`` blocks with trainable low-rank adapters and a
+trainable head) of about the given sizes; ``--model`` takes ``module:callable`` returning an ``nn.Module``
+whose frozen parameters already have ``requires_grad=False`` (e.g. the real MTLoRA Swin). Runs as one
+rank on the CPU (DeepSpeed ZeRO-2, AdamW, fp32) unless started by the ``deepspeed`` launcher.
+
+Expected size of ours: trainable parameters x 16 bytes = 4 (module weights) + 4 (fp32 master copy kept by
+ZeRO) + 8 (Adam's two moments), plus a few KB of metadata and the trainer's client state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+BYTES_PER_TRAINABLE = {"weights": 4, "fp32_master": 4, "adam_moments": 8}
+
+
+class SyntheticAdapted(nn.Module):
+    """``blocks`` frozen ``Linear(dim, dim)`` layers, each with a trainable rank-``rank`` adapter, plus a head."""
+
+    def __init__(self, dim: int, blocks: int, rank: int, head_out: int = 64) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim).requires_grad_(False) for _ in range(blocks))
+        self.lora_a = nn.ParameterList(nn.Parameter(torch.randn(dim, rank) * 0.01) for _ in range(blocks))
+        self.lora_b = nn.ParameterList(nn.Parameter(torch.zeros(rank, dim)) for _ in range(blocks))
+        self.head = nn.Linear(dim, head_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, a, b in zip(self.blocks, self.lora_a, self.lora_b):
+            x = torch.relu(block(x) + (x @ a) @ b)
+        return self.head(x)
+
+
+def synthetic_model(frozen: int, trainable: int, dim: int = 1024) -> nn.Module:
+    """A model with about ``frozen`` frozen and ``trainable`` trainable parameters."""
+    blocks = max(1, round(frozen / (dim * dim + dim)))
+    rank = max(1, round((trainable - dim * 64 - 64) / (2 * dim * blocks)))
+    return SyntheticAdapted(dim, blocks, rank)
+
+
+def count(model: nn.Module) -> tuple[int, int]:
+    """(frozen, trainable) parameter counts."""
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return frozen, trainable
+
+
+def init_single_process() -> None:
+    """One-rank gloo group when not started by a launcher; skips DeepSpeed's CPU shm op build."""
+    import deepspeed
+    import deepspeed.ops
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def folder_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.name.endswith(".py"))
+
+
+def measure(model: nn.Module, workdir: str, stage: int = 2) -> dict[str, Any]:
+    """Save ``model`` both ways under ``workdir`` and return the sizes (bytes) and parameter counts."""
+    import deepspeed
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from mtlora_dist.engine.checkpoint import Checkpointer
+
+    init_single_process()
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable_params}], config=config)
+    # One optimizer step so Adam's moments exist (torch creates them lazily). A zero loss built from the
+    # parameters themselves needs no knowledge of the model's inputs.
+    engine.backward(sum((p * 0).sum() for p in trainable_params))
+    engine.step()
+    ours_dir = os.path.join(workdir, "ours")
+    url = Checkpointer(ours_dir, keep_last=1).save(engine, 1, {"step": 1})
+    default_dir = os.path.join(workdir, "default")
+    engine.checkpoint_engine = TorchCheckpointEngine(engine._config)  # DeepSpeed as shipped
+    engine.save_checkpoint(default_dir, tag="default")
+    frozen, trainable = count(model)
+    marker = json.loads(Path(url, "COMPLETE.json").read_text())
+    expected = trainable * sum(BYTES_PER_TRAINABLE.values())
+    ours = folder_bytes(url)  # every file, marker included
+    return {"frozen_params": frozen, "trainable_params": trainable, "zero_stage": stage,
+            "world_size": marker["world_size"], "ours_bytes": ours, "default_bytes": folder_bytes(default_dir),
+            "expected_bytes": expected, "ours_vs_expected": ours / expected}
+
+
+def _load_factory(spec: str) -> Callable[[], nn.Module]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, {platform.system()}"
+    return "\n".join([
+        f"## {label}: {datetime.date.today().isoformat()}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine}; torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}",
+        f"- Model: {result['frozen_params']:,} frozen + {result['trainable_params']:,} trainable parameters; "
+        f"ZeRO-{result['zero_stage']}, fp32, AdamW, {result['world_size']} rank(s)",
+        "",
+        "| checkpoint | size | bytes per trainable parameter |",
+        "|---|---|---|",
+        f"| ours (`exclude_frozen_parameters=True`, + marker-listed client state) | {_mib(result['ours_bytes'])} | "
+        f"{result['ours_bytes'] / result['trainable_params']:.2f} |",
+        f"| expected: trainable x (4 weights + 4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} "
+        f"| 16.00 |",
+        f"| DeepSpeed default `save_checkpoint` (frozen weights included) | {_mib(result['default_bytes'])} | "
+        f"{result['default_bytes'] / result['trainable_params']:.2f} |",
+        "",
+        f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
+        f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default.",
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frozen", type=int, default=28_000_000, help="synthetic model: frozen parameters")
+    parser.add_argument("--trainable", type=int, default=1_500_000, help="synthetic model: trainable parameters")
+    parser.add_argument("--model", default="", help="module:callable building the model instead")
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--label", default="", help="section title in the doc (default: the model)")
+    parser.add_argument("--write-doc", default="", help="append the figures to this markdown file")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = _load_factory(args.model)() if args.model else synthetic_model(args.frozen, args.trainable)
+    workdir = tempfile.mkdtemp(prefix="ckpt-size-")
+    try:
+        result = measure(model, workdir, args.stage)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+    if args.write_doc and int(os.environ.get("RANK", "0")) == 0:
+        command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        label = args.label or (args.model or "synthetic model")
+        doc = Path(args.write_doc)
+        if not doc.exists():
+            doc.write_text("# Checkpoint sizes\n\nWritten by `benchmarks/checkpoint_size.py`; newest last.\n\n")
+        with doc.open("a") as f:
+            f.write(report_markdown(result, command, label))
+        print(f"appended to {doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""A straightforward per-task-loop implementation of the MTLoRA backbone math (spec B §1-2), kept as
+the benchmark's reference: one thin matmul pair per task per TS layer, LayerNorm and patch merging
+run once per stream, per-task window reverse and roll. It runs on the weights of our
+:class:`~mtlora_dist.models.MTLoRASwin`, so outputs can be compared one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import window_partition, window_reverse
+from torch import Tensor
+
+from mtlora_dist.adapters import MTLoRALinear
+
+
+def ref_linear(layer, x: Tensor, x_tasks: dict[str, Tensor] | None = None):
+    """Official ``MTLoRALinear.forward`` (matrix mode): returns (shared, {task: out} or None)."""
+    p = F.linear(x, layer.weight, layer.bias)
+    if not isinstance(layer, MTLoRALinear):
+        return p, None
+    x_drop = layer.lora_dropout(x)
+    shared = p
+    if layer.shared_rank:
+        shared = p + layer.lora_shared_scale * (x_drop @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
+    if not layer.tasks:
+        return shared, None
+    scales = layer._task_scales()
+    outs = {}
+    for i, t in enumerate(layer.tasks):
+        z = x_drop if x_tasks is None else x_tasks[t]
+        outs[t] = p + scales[i] * (z @ layer.lora_tasks_A[t].T @ layer.lora_tasks_B[t].T)
+    return shared, outs
+
+
+def _attention(block, x: Tensor):
+    """Window attention up to (not including) the output projection; returns windows and layout."""
+    batch, height, width, channels = x.shape
+    shift = block.shift_size
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    ws = block.window_size
+    pad_h, pad_w = (ws[0] - height % ws[0]) % ws[0], (ws[1] - width % ws[1]) % ws[1]
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = x.shape[1], x.shape[2]
+    windows = window_partition(x, ws).view(-1, block.window_area, channels)
+    mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
+    attn = block.attn
+    qkv, _ = ref_linear(attn.qkv, windows)
+    b_, n, _ = windows.shape
+    q, k, v = qkv.reshape(b_, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = attn._get_rel_pos_bias()
+    if mask is not None:
+        nw = mask.shape[0]
+        bias = bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1).reshape(-1, attn.num_heads, n, n)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b_, n, -1)
+    return o, (height, width, hp, wp)
+
+
+def _unwindow(block, windows: Tensor, layout) -> Tensor:
+    height, width, hp, wp = layout
+    channels = windows.shape[-1]
+    x = window_reverse(windows.view(-1, *block.window_size, channels), block.window_size, hp, wp)[:, :height, :width]
+    if any(block.shift_size):
+        x = torch.roll(x, shifts=block.shift_size, dims=(1, 2))
+    return x
+
+
+def ref_block(block, x: Tensor):
+    """One block, official style: (shared out, {task: out} or None)."""
+    o, layout = _attention(block, block.norm1(x))
+    a_sh, a_tasks = ref_linear(block.attn.proj, o)
+    x1 = x + block.drop_path1(_unwindow(block, a_sh, layout))
+    mlp = block.mlp
+    if a_tasks is None:
+        h = x1.flatten(1, 2)
+        f, _ = ref_linear(mlp.fc1, block.norm2(h))
+        g, _ = ref_linear(mlp.fc2, mlp.act(f))
+        return (h + block.drop_path2(g)).view_as(x1), None
+    z = {t: x + block.drop_path1(_unwindow(block, a, layout)) for t, a in a_tasks.items()}
+    ln_sh = block.norm2(x1)
+    f_sh, f_t = ref_linear(mlp.fc1, ln_sh, {t: block.norm2(v) for t, v in z.items()})
+    g_sh, g_t = ref_linear(mlp.fc2, mlp.act(f_sh), {t: mlp.act(v) for t, v in f_t.items()})
+    out = x1 + block.drop_path2(g_sh)
+    return out, {t: z[t] + block.drop_path2(g_t[t]) for t in z}
+
+
+def ref_backbone(backbone, images: Tensor) -> list[Tensor]:
+    """Task features per stage as (T, B, h, w, C), official pyramid, one stream at a time."""
+    x = backbone.patch_embed(images)
+    features = []
+    for i, stage in enumerate(backbone.layers):
+        if i == 0:
+            x = stage.downsample(x)
+        tasks = None
+        for block in stage.blocks:
+            x, tasks = ref_block(block, x)
+        if i + 1 < len(backbone.layers):
+            merge = backbone.layers[i + 1].downsample
+            x = merge(x)
+            tasks = {t: merge(v) for t, v in tasks.items()}
+        features.append(torch.stack([tasks[t] for t in backbone.tasks]))
+    return features
+
+
+def ref_model(model, images: Tensor) -> dict[str, Tensor]:
+    """The whole multi-task model with the reference backbone and the model's own decoders."""
+    features = ref_backbone(model.backbone, images)
+    out = {}
+    for k, task in enumerate(model.tasks):
+        logits = model.decoders[task]([f[k] for f in features])
+        out[task] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return out

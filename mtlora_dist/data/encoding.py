@@ -1,0 +1,203 @@
+"""How a canonical sample is stored in a shard: one tar member per field, deterministic encoders.
+
+Encoding version 1 (written into every manifest):
+
+============== =========================== =====================================================
+field          member name                 encoding
+============== =========================== =====================================================
+image          ``<key>.jpg``               JPEG; the source file's bytes when it already is an RGB
+                                           JPEG (no second lossy pass), else quality 95
+class maps     ``<key>.<task>.png``        8-bit grayscale PNG of the ids (``semseg``,
+                                           ``human_parts``), 255 = ignore
+binary maps    ``<key>.<task>.png``        8-bit grayscale PNG of {0,1} (``sal``, ``edge``)
+normals        ``<key>.normals.npy``       float16 HxWx3 ``.npy``, unit vectors, 0 vector = invalid
+depth          ``<key>.depth.npy``         float32 HxW ``.npy``, metres, 0 = invalid
+============== =========================== =====================================================
+
+Why float16 ``.npy`` for normals: PIL cannot write 16-bit colour PNGs, PIL silently cuts 16-bit PNGs to
+8 bits when reading, and torchvision's 16-bit PNG decoder segfaults on corrupt data; an ``.npy`` is
+read with ``allow_pickle=False`` and fails with an exception. float16 keeps directions to ~0.06 deg
+at 6 bytes per pixel (uncompressed: normals dominate shard size).
+
+Decoding never crashes the process on corrupt data: PNG chunk CRCs are checked before PIL decodes,
+and every decoder error becomes :class:`SampleDecodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mtlora_dist.data.errors import SampleDecodeError
+from mtlora_dist.tasks.registry import get_task
+
+__all__ = [
+    "ENCODING_VERSION",
+    "IMAGE_SUFFIX",
+    "JPEG_QUALITY",
+    "Codec",
+    "codec_for",
+    "member_suffix",
+    "encode_sample",
+    "decode_sample",
+    "check_png",
+    "describe_encodings",
+]
+
+ENCODING_VERSION = 1
+IMAGE_SUFFIX = "jpg"
+JPEG_QUALITY = 95
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(data: bytes) -> None:
+    """Raise ``SampleDecodeError`` unless ``data`` is a structurally sound PNG with valid chunk CRCs.
+
+    torchvision's ``decode_png`` segfaults on some corrupt files, so nothing reaches a decoder
+    unchecked. Cheap: one CRC32 pass over the bytes.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        raise SampleDecodeError("not a PNG (bad signature)")
+    pos, first, end = len(_PNG_SIGNATURE), True, False
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        ctype = data[pos + 4:pos + 8]
+        body_end = pos + 8 + length
+        if body_end + 4 > len(data):
+            raise SampleDecodeError(f"PNG chunk {ctype!r} runs past the end of the data (truncated)")
+        (crc,) = struct.unpack(">I", data[body_end:body_end + 4])
+        if zlib.crc32(data[pos + 4:body_end]) != crc:
+            raise SampleDecodeError(f"PNG chunk {ctype!r} has a bad CRC (corrupt data)")
+        if first and ctype != b"IHDR":
+            raise SampleDecodeError("PNG does not start with IHDR")
+        first = False
+        pos = body_end + 4
+        if ctype == b"IEND":
+            end = True
+            break
+    if not end:
+        raise SampleDecodeError("PNG has no IEND chunk (truncated)")
+
+
+def _encode_png8(array: np.ndarray) -> bytes:
+    if array.dtype != np.uint8 or array.ndim != 2:
+        raise ValueError(f"8-bit PNG maps must be uint8 HxW, got {array.dtype} {array.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _decode_png8(data: bytes) -> np.ndarray:
+    check_png(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "L":
+                raise SampleDecodeError(f"expected an 8-bit grayscale PNG, got mode {im.mode}")
+            return np.asarray(im)  # forces the decode; PIL raises OSError on bad data
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SampleDecodeError(f"corrupt PNG: {exc}") from exc
+
+
+def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
+    def encode(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+        return buf.getvalue()
+
+    def decode(data: bytes) -> np.ndarray:
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise SampleDecodeError(f"corrupt .npy: {exc}") from exc
+        if array.dtype != np.dtype(dtype) or array.ndim != ndim or (channels and array.shape[-1] != channels):
+            raise SampleDecodeError(f"expected a {np.dtype(dtype)} array with {ndim} dims, got {array.dtype} {array.shape}")
+        return array.astype(np.float32)
+
+    return encode, decode
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one target kind is stored: file extension, encoder, decoder, and a manifest description."""
+
+    ext: str
+    encode: Callable[[np.ndarray], bytes]
+    decode: Callable[[bytes], np.ndarray]
+    description: str
+
+
+_CODECS: dict[str, Codec] = {
+    "class_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
+    "binary_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
+    "normals": Codec("npy", *_npy_codec(np.float16, 3, 3), "npy:float16:HxWx3"),
+    "depth": Codec("npy", *_npy_codec(np.float32, 2, None), "npy:float32:HxW"),
+}
+
+
+def codec_for(task: str) -> Codec:
+    """The codec of ``task``, chosen by its target kind in the task registry."""
+    return _CODECS[get_task(task).target_kind]
+
+
+def member_suffix(task: str) -> str:
+    """Tar member suffix of ``task`` (after ``<key>.``), e.g. ``semseg.png``."""
+    return f"{task}.{codec_for(task).ext}"
+
+
+def describe_encodings(tasks: Sequence[str]) -> dict[str, str]:
+    return {"image": "jpg", **{t: codec_for(t).description for t in tasks}}
+
+
+def _encode_image(image: np.ndarray, source_jpeg: bytes | None) -> bytes:
+    if source_jpeg is not None:
+        try:
+            with Image.open(io.BytesIO(source_jpeg)) as im:
+                if im.format == "JPEG" and im.mode == "RGB" and im.size == (image.shape[1], image.shape[0]):
+                    return source_jpeg
+        except OSError:
+            pass
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def encode_sample(sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: bytes | None = None) -> list[tuple[str, bytes]]:
+    """Tar members ``(suffix, bytes)`` of a canonical sample, in a fixed order (image, then ``tasks``)."""
+    members = [(IMAGE_SUFFIX, _encode_image(np.asarray(sample["image"]), source_jpeg))]
+    for task in tasks:
+        members.append((member_suffix(task), codec_for(task).encode(np.asarray(sample[task]))))
+    return members
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SampleDecodeError(f"corrupt image: {exc}") from exc
+
+
+def decode_sample(key: str, members: Mapping[str, bytes], tasks: Sequence[str]) -> dict[str, Any]:
+    """The canonical sample from tar members; ``SampleDecodeError`` names what is missing or broken."""
+    wanted = [IMAGE_SUFFIX] + [member_suffix(t) for t in tasks]
+    missing = [m for m in wanted if m not in members]
+    if missing:
+        raise SampleDecodeError(f"sample '{key}' lacks member(s) {missing}; it has {sorted(members)}")
+    sample: dict[str, Any] = {"__key__": key, "image": _decode_image(members[IMAGE_SUFFIX])}
+    shape = sample["image"].shape[:2]
+    for task in tasks:
+        try:
+            value = codec_for(task).decode(members[member_suffix(task)])
+        except SampleDecodeError as exc:
+            raise SampleDecodeError(f"sample '{key}' member '{member_suffix(task)}': {exc}") from exc
+        if value.shape[:2] != shape:
+            raise SampleDecodeError(f"sample '{key}': '{task}' is {value.shape[:2]} but the image is {shape}")
+        sample[task] = value
+    return sample
