@@ -10,9 +10,9 @@ needs an offline ``ds_to_universal`` pass that unpickles with ``weights_only=Fal
 The shards already say where every parameter lies: ``param_slice_mappings`` gives, per rank and param
 group, each parameter's ``(start, numel)`` inside that rank's flat slice. Since the trainable state of an
 MTLoRA model is small (well under 1 GB), every rank reads all shards, joins each parameter's pieces in
-rank order into a full tensor, and writes its own new slice through DeepSpeed's public fragment API
-(``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``). Nothing extra is saved for this, so a
-checkpoint stays at the size of the trainable state.
+rank order into a full tensor, and copies out the piece its new slice holds, at the place DeepSpeed's
+``_hp_mapping`` of each parameter gives (the mapping behind ``deepspeed.utils.safe_set_full_fp32_param``).
+Nothing extra is saved for this, so a checkpoint stays at the size of the trainable state.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from deepspeed.checkpoint.constants import (
     PARAM_SLICE_MAPPINGS,
     SINGLE_PARTITION_OF_FP32_GROUPS,
 )
-from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 __all__ = ["FullZeroState", "gather_zero_shards", "restore_zero_state"]
 
@@ -117,42 +116,52 @@ def _param_groups(state: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def restore_zero_state(engine: Any, full: FullZeroState) -> None:
-    """Write ``full`` into this rank's slices of a freshly initialized ZeRO-1/2 engine.
+    """Write ``full`` into this rank's slices of a ZeRO-1/2 engine.
 
     Call after ``engine.load_checkpoint(..., load_optimizer_states=False)`` has restored the module weights
-    and the lr scheduler. Ends with a collective (``update_lp_params``) that copies the restored fp32
-    masters into the module weights on every rank.
+    and the lr scheduler. The optimizer state may not exist yet (torch's Adam creates it at the first step),
+    so it is created here with the checkpoint's keys, then every parameter's piece is copied to where this
+    engine's ``_hp_mapping`` (DeepSpeed's record of each parameter's place in the local slice) says it
+    lives. Ends with a collective (``update_lp_params``) that copies the fp32 masters into the module weights.
     """
     optimizer = engine.optimizer
     base = optimizer.optimizer
     if len(base.param_groups) != len(full.group_scalars):
         raise ValueError(f"the checkpoint has {len(full.group_scalars)} optimizer param groups, this engine "
                          f"{len(base.param_groups)}: build the param groups the way the saving run did")
+    for g, group in enumerate(base.param_groups):
+        _restore_group(base.state[group["params"][0]], group["params"][0], group, full, g)
+    states = [base.state[group["params"][0]] for group in base.param_groups]
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
-            _restore_param(name, param, full)
-    for g, group in enumerate(base.param_groups):
-        _restore_group(base.state[group["params"][0]], group, full, g)
+            _restore_param(name, param, full, states)
     optimizer.update_lp_params()
 
 
-def _restore_param(name: str, param: torch.nn.Parameter, full: FullZeroState) -> None:
-    if name not in full.fp32:
-        raise KeyError(f"trainable parameter {name} is not in the checkpoint's ZeRO shards")
-    value = full.fp32[name]
-    if value.numel() != param.numel():
-        raise ValueError(f"{name}: the checkpoint holds {value.numel()} values, the model {param.numel()}")
-    safe_set_full_fp32_param(param, value.view(param.shape).to(param.device))
-    for key, moment in full.optim[name].items():
-        safe_set_full_optimizer_state(param, moment.view(param.shape).to(param.device), key)
-
-
-def _restore_group(state: dict[str, Any], group: dict[str, Any], full: FullZeroState, g: int) -> None:
+def _restore_group(state: dict[str, Any], flat: torch.Tensor, group: dict[str, Any], full: FullZeroState,
+                   g: int) -> None:
+    """Create the group's moments (zeros, filled per parameter next) and copy its scalars and hyperparameters."""
+    moment_keys = {key for by_key in full.optim.values() for key in by_key}
+    for key in moment_keys:
+        if not (torch.is_tensor(state.get(key)) and state[key].shape == flat.shape):
+            state[key] = torch.zeros_like(flat)
     for key, value in full.group_scalars[g].items():
-        current = state.get(key)
-        if torch.is_tensor(current) and torch.is_tensor(value) and current.shape == value.shape:
-            current.copy_(value)
-        else:
-            state[key] = value.clone() if torch.is_tensor(value) else value
+        state[key] = value.clone() if torch.is_tensor(value) else value
     if full.param_groups is not None:
         group.update(full.param_groups[g])
+
+
+def _restore_param(name: str, param: torch.nn.Parameter, full: FullZeroState, states: list[dict[str, Any]]) -> None:
+    """Copy this rank's piece of one parameter: fp32 master and each moment."""
+    if name not in full.fp32:
+        raise KeyError(f"trainable parameter {name} is not in the checkpoint's ZeRO shards")
+    if full.fp32[name].numel() != param.numel():
+        raise ValueError(f"{name}: the checkpoint holds {full.fp32[name].numel()} values, the model {param.numel()}")
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:  # no piece of this parameter lives on this rank
+        return
+    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+    mapping.hp_fragment.data.copy_(full.fp32[name].narrow(0, lp.start, lp.numel))
+    state = states[mapping.param_group_index]
+    for key, value in full.optim[name].items():
+        state[key].narrow(0, hp.start, hp.numel).copy_(value.narrow(0, lp.start, lp.numel))

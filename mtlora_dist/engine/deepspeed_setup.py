@@ -1,0 +1,64 @@
+"""Hand the model to DeepSpeed: only trainable parameters reach the optimizer, so ZeRO shards their
+optimizer state and the frozen backbone never enters a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlora_dist.engine.config import DeepSpeedSettings, OptimConfig
+from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
+
+__all__ = ["deepspeed_config", "initialize_engine", "model_dtype"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_dtype(settings: DeepSpeedSettings) -> torch.dtype:
+    return _DTYPES[settings.precision]
+
+
+def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for our settings; ``settings.extra`` is merged on top unchanged."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "train_batch_size": micro_batch * settings.gradient_accumulation_steps * world_size,
+        "gradient_clipping": settings.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # our optimizer is torch's AdamW over the trainable groups; allow it under ZeRO and offload
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, dict(settings.extra))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+def initialize_engine(model: nn.Module, optim: OptimConfig, settings: DeepSpeedSettings, micro_batch: int,
+                      world_size: int, total_steps: int):
+    """``deepspeed.initialize`` with AdamW over trainable parameter groups and a warmup-cosine schedule
+    that DeepSpeed steps (and checkpoints) with the optimizer."""
+    import deepspeed
+
+    config = deepspeed_config(settings, micro_batch, world_size)
+    base_lr, warmup_lr, min_lr = scaled_lrs(optim, config["train_batch_size"])
+    groups = param_groups(model, optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.betas), eps=optim.eps)
+    warmup = optim.warmup_steps or int(round(optim.warmup_fraction * total_steps))
+    scheduler = warmup_cosine(optimizer, base_lr, warmup_lr, min_lr, warmup, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine

@@ -1,0 +1,124 @@
+"""Where a run's numbers go: the console, ``metrics.jsonl`` in the run directory, and wandb.
+
+Only rank 0 logs. ``metrics.jsonl`` is kept locally and re-uploaded whole when the run directory is
+remote (object stores have no append), at every evaluation, checkpoint and at the end.
+wandb is offline unless configured; the run id is stored in checkpoints so a resumed run continues
+the same wandb run. The config sent to wandb has credentials masked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from mtlora_dist.storage.fs import StorageOptions, is_remote, join, redact, url_to_fs
+
+__all__ = ["RunLogger", "write_text"]
+
+log = logging.getLogger("mtlora_dist")
+
+
+def write_text(url: str, text: str, storage: StorageOptions | None = None) -> None:
+    """Write a small text file atomically: a temporary name then a rename (a single PUT on S3)."""
+    fs, path = url_to_fs(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if is_remote(url):
+        with fs.open(path, "w") as fh:
+            fh.write(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RunLogger:
+    """Console + metrics.jsonl + wandb, on rank 0 only."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, storage: StorageOptions | None = None,
+                 wandb_cfg=None, config: dict | None = None, run_id: str | None = None,
+                 local_dir: str | None = None) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.storage = storage
+        self.remote = is_remote(run_dir)
+        self.local_dir = local_dir or (os.path.join(".cache", "runs", run_dir.replace("://", "_").replace("/", "_"))
+                                       if self.remote else run_dir)
+        self.metrics_path = os.path.join(self.local_dir, "metrics.jsonl")
+        self.run_id = run_id
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(self.local_dir, exist_ok=True)
+        if self.remote:  # continue the remote file on resume
+            fs, path = url_to_fs(join(run_dir, "metrics.jsonl"), storage)
+            if fs.exists(path):
+                fs.get(path, self.metrics_path)
+        if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            self._start_wandb(wandb_cfg, config or {})
+
+    def _start_wandb(self, cfg, config: dict) -> None:
+        import wandb
+
+        self.run_id = self.run_id or wandb.util.generate_id()
+        self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags),
+                                 mode=cfg.mode, id=self.run_id, resume="allow", dir=self.local_dir,
+                                 config=redact(config), settings=wandb.Settings(silent=True))
+
+    def log(self, record: dict[str, Any], *, console: str | None = None) -> None:
+        """Append one JSON object (must contain ``step``) and mirror it to wandb."""
+        if not self.enabled:
+            return
+        record = _clean(record)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if console:
+            log.info(console)
+        if self._wandb is not None:
+            flat = _flatten({k: v for k, v in record.items() if k != "step"})
+            self._wandb.log(flat, step=int(record["step"]))
+
+    def log_image(self, key: str, path: str, step: int) -> None:
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(path)}, step=step)
+
+    def flush(self) -> None:
+        """Upload metrics.jsonl when the run directory is remote."""
+        if self.enabled and self.remote and os.path.exists(self.metrics_path):
+            fs, path = url_to_fs(join(self.run_dir, "metrics.jsonl"), self.storage)
+            fs.put_file(self.metrics_path, path)
+
+    def close(self) -> None:
+        self.flush()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and value is not None:
+            out[name] = value
+    return out
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,192 @@
+"""The training job: build config -> data -> model -> DeepSpeed engine -> loop.
+
+Reads top to bottom like torchtitan's ``train.py``; every stateful piece (engine, data position,
+RNG, wandb run) goes through the :class:`Checkpointer`, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mtlora_dist.data.loader import build_loader
+from mtlora_dist.engine.checkpoint import Checkpointer, frozen_fingerprint
+from mtlora_dist.engine.config import TrainConfig, to_yaml
+from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
+from mtlora_dist.engine.distributed import DistInfo, init_distributed
+from mtlora_dist.engine.evaluate import evaluate, to_device
+from mtlora_dist.engine.rng import rng_state, seed_everything, set_rng_state
+from mtlora_dist.engine.run_logger import RunLogger, write_text
+from mtlora_dist.engine.signals import TerminationFlag
+from mtlora_dist.engine.data_setup import prepare_data
+from mtlora_dist.models import build_model
+from mtlora_dist.storage.fs import join
+from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
+from mtlora_dist.tasks.losses import MultiTaskLoss
+from mtlora_dist.tasks.registry import loss_weights
+
+__all__ = ["train"]
+
+log = logging.getLogger("mtlora_dist")
+
+
+def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
+    """Run (or resume) the job described by ``cfg``; returns the last evaluation's results."""
+    info = init_distributed(local_rank)
+    _setup_logging(info)
+    train_url, val_url = prepare_data(cfg.data, info)
+
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    model = _build_model(cfg, info)
+    seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
+    train_loader = _loader(cfg, info, train_url, "train")
+    val_loader = _loader(cfg, info, val_url, "val")
+    total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
+    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
+
+    checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.checkpoint.keep_last, storage=cfg.data.storage,
+                                fingerprint=_fingerprint(cfg, model), local_cache=cfg.checkpoint.local_cache)
+    state = _resume(cfg, checkpointer, engine, train_loader, model)
+    logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
+                       config=asdict(cfg), run_id=state.get("wandb_run_id"))
+    if info.is_main:
+        write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
+        log.info("run_dir %s | %d rank(s) | %d steps | restart count %s", cfg.run_dir, info.world_size, total_steps,
+                 os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+    loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
+    evaluator = MultiTaskEvaluator(cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines),
+                                   protocol=cfg.data.eval_protocol)
+    stop = TerminationFlag()
+    dtype = model_dtype(cfg.deepspeed)
+    batches = _endless(train_loader)
+    results: dict = {}
+
+    def save() -> None:
+        client = {"data": train_loader.state_dict(), "rng": rng_state(), "wandb_run_id": logger.run_id or "",
+                  "frozen": frozen_fingerprint(engine.module)}
+        checkpointer.save(engine, engine.global_steps, client)
+        logger.flush()
+
+    bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not (info.is_main and cfg.logging.progress_bar),
+               dynamic_ncols=True, file=sys.stdout)
+    tick, samples = time.perf_counter(), 0
+    while engine.global_steps < total_steps:
+        losses = _train_step(engine, batches, loss_fn, info, dtype, cfg.deepspeed.gradient_accumulation_steps)
+        step = engine.global_steps
+        samples += cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * info.world_size
+        bar.update(1)
+        if step % cfg.logging.log_every == 0 or step == total_steps:
+            rate = samples / (time.perf_counter() - tick)
+            _log_train(logger, bar, step, losses, engine, rate, train_loader)
+            tick, samples = time.perf_counter(), 0
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
+            results = evaluate(engine, val_loader, evaluator, info.device, dtype, cfg.eval.max_batches)
+            _log_eval(logger, step, results, evaluator)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps:
+            save()
+        if step < total_steps and stop.should_stop():
+            log.info("%s received: checkpointing at step %d and exiting", stop.name, step)
+            save()
+            break
+    bar.close()
+    logger.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: int) -> dict[str, float]:
+    """One optimizer step over ``accumulation`` micro-batches; returns mean per-task losses."""
+    sums: dict[str, float] = {}
+    for _ in range(accumulation):
+        batch = to_device(next(batches), info.device, dtype)
+        outputs = engine(batch["image"])
+        total, per_task = loss_fn({t: o.float() for t, o in outputs.items()}, batch)
+        engine.backward(total)
+        engine.step()
+        for name, value in {"loss": total.detach(), **per_task}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) / accumulation
+    return sums
+
+
+def _endless(loader):
+    """Batches across epochs; the loader keeps its own (epoch, position) for checkpoints."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.epoch + 1)
+
+
+def _build_model(cfg: TrainConfig, info: DistInfo):
+    model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
+    if cfg.model.sync_bn and info.world_size > 1 and info.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN runs on GPUs only
+    return model.to(info.device)
+
+
+def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
+    data = cfg.data
+    return build_loader(url, dataset=data.dataset, tasks=list(data.tasks), split=split,
+                        img_size=tuple(cfg.model.img_size),
+                        batch_size=data.batch_size if split == "train" else data.eval_batch_size,
+                        num_workers=data.num_workers, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                        storage=data.storage, on_error=data.on_error, protocol=data.eval_protocol)
+
+
+def _fingerprint(cfg: TrainConfig, model) -> dict:
+    """What a checkpoint must match to be loaded into this run."""
+    return {
+        "backbone": cfg.model.backbone,
+        "backbone_kwargs": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.backbone_kwargs.items()},
+        "dataset": cfg.data.dataset,
+        "tasks": list(cfg.data.tasks),
+        "adapter_mode": cfg.adapter.mode,
+        "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+    }
+
+
+def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, model) -> dict:
+    if not cfg.checkpoint.resume:
+        return {}
+    state = checkpointer.load(engine)
+    if not state:
+        return {}
+    train_loader.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    if state.get("frozen") and state["frozen"] != frozen_fingerprint(engine.module):
+        raise RuntimeError("the frozen backbone differs from the one this checkpoint was trained on; "
+                           "check model.pretrained (same file as the original run) and model.backbone")
+    log.info("resumed from step %d", engine.global_steps)
+    return state
+
+
+def _log_train(logger: RunLogger, bar, step: int, losses: dict, engine, rate: float, loader) -> None:
+    lr = engine.get_lr()[0]
+    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+    record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
+              "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": dict(loader.stats)}
+    logger.log(record)
+
+
+def _log_eval(logger: RunLogger, step: int, results: dict, evaluator: MultiTaskEvaluator) -> None:
+    if not logger.enabled:
+        return
+    tasks = {t: results[t] for t in evaluator.tasks}
+    logger.log({"step": step, "split": "val", "tasks": tasks, "delta_m": results.get("delta_m")},
+               console=f"evaluation at step {step}\n{evaluator.table(results)}")
+    logger.flush()
+
+
+def _setup_logging(info: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"[%(asctime)s r{info.rank}] %(message)s", datefmt="%H:%M:%S")
+    if not info.is_main:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if dist.is_initialized():
+        dist.barrier()
