@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -141,7 +142,8 @@ def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
         "",
         "| checkpoint | size | bytes per trainable parameter |",
         "|---|---|---|",
-        f"| ours (`exclude_frozen_parameters=True`, + marker-listed client state) | {_mib(result['ours_bytes'])} | "
+        f"| ours: trainable state, marker and client state (`exclude_frozen_parameters=True`) | "
+        f"{_mib(result['ours_bytes'])} | "
         f"{result['ours_bytes'] / result['trainable_params']:.2f} |",
         f"| expected: trainable x (4 weights + 4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} "
         f"| 16.00 |",
@@ -150,6 +152,7 @@ def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
         "",
         f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
         f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default.",
+        "",
         "",
     ])
 
@@ -167,14 +170,23 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = _load_factory(args.model)() if args.model else synthetic_model(args.frozen, args.trainable)
-    workdir = tempfile.mkdtemp(prefix="ckpt-size-")
+    init_single_process()
+    import torch.distributed as dist
+
+    box = [tempfile.mkdtemp(prefix="ckpt-size-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # one folder for all ranks: a local run dir is shared
+    workdir = box[0]
     try:
         result = measure(model, workdir, args.stage)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=1))
-    if args.write_doc and int(os.environ.get("RANK", "0")) == 0:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    if args.write_doc and dist.get_rank() == 0:
+        launcher = f"deepspeed --num_accelerators {result['world_size']} " if result["world_size"] > 1 else "python "
+        args_shown = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+        command = launcher + shlex.join([os.path.relpath(sys.argv[0]), *args_shown])
         label = args.label or (args.model or "synthetic model")
         doc = Path(args.write_doc)
         if not doc.exists():

@@ -72,6 +72,8 @@ class S3Server:
         }
 
     def start(self) -> "S3Server":
+        """Start (or restart, on the same port) the server. Call it from the main thread: the child gets
+        SIGTERM when the thread that started it ends (``PR_SET_PDEATHSIG`` follows the thread)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.backend == "rclone":
             cmd = [_rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
@@ -101,11 +103,14 @@ class S3Server:
                 self.proc.wait()
 
     def make_bucket(self, name: str) -> None:
-        if self.backend == "rclone":  # top-level folders are buckets
-            (self.data_dir / name).mkdir(parents=True, exist_ok=True)
-            return
+        """Create a bucket through the S3 API (for rclone too: a folder made on disk behind its back
+        stays invisible until rclone's directory cache expires, minutes later)."""
         import boto3
+        from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY,
-                              aws_secret_access_key=SECRET, region_name="us-east-1")
-        client.create_bucket(Bucket=name)
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                              region_name="us-east-1", config=Config(retries={"max_attempts": 3}))
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass

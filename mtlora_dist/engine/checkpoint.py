@@ -30,12 +30,11 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +51,7 @@ from mtlora_dist.engine.safe_load import (
     unsafe_globals,
 )
 from mtlora_dist.engine.safe_reshard import gather_zero_shards, restore_zero_state
-from mtlora_dist.storage.fs import StorageOptions, is_remote, join, redact, url_to_fs
+from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 
 __all__ = [
     "CheckpointError",
@@ -60,9 +59,7 @@ __all__ = [
     "Checkpointer",
     "ChecksumMismatchError",
     "UnsafeCheckpointError",
-    "capture_rng_state",
     "frozen_fingerprint",
-    "restore_rng_state",
     "step_tag",
 ]
 
@@ -74,7 +71,7 @@ LATEST_NAME = "latest"
 CLIENT_STATE_DIR = "client_state"
 FORMAT = "mtlora-dist-checkpoint/1"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
-_SHARD_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+_SHARD_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 _CLIENT_RE = re.compile(rf"^{CLIENT_STATE_DIR}/rank_(\d+)\.pt$")
 _MAX_LISTED = 20
 
@@ -93,7 +90,6 @@ def step_tag(step: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-# for the trainer: what a resume needs beyond the engine's own state.
 
 def frozen_fingerprint(model: nn.Module) -> str:
     """sha256 over name, dtype, shape and bytes of every frozen parameter of ``model``.
@@ -112,41 +108,6 @@ def frozen_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(param.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().data)
     return digest.hexdigest()
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from, as plain data that loads under ``weights_only``."""
-    version, mt_state, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:
-        pass
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Undo :func:`capture_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        npy = state["numpy"]
-        np.random.set_state((npy["name"], npy["keys"].numpy().astype("uint32"), npy["pos"], npy["has_gauss"],
-                             npy["cached"]))
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -192,6 +153,14 @@ def _agree(error: BaseException | None, what: str) -> None:
         raise error
     more = f" (and {len(messages) - 1} more ranks)" if len(messages) > 1 else ""
     raise CheckpointError(f"{what}: {messages[0]}{more}")
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``(fn(), None)``, or ``(None, the exception)``: a rank's failure is held until the ranks agree on it."""
+    try:
+        return fn(), None
+    except Exception as err:  # noqa: BLE001 - raised on every rank by _agree
+        return None, err
 
 
 def _describe(error: BaseException) -> str:
@@ -280,7 +249,7 @@ class Checkpointer:
         self.loaded_world_size: int | None = None
 
     def __repr__(self) -> str:
-        return f"Checkpointer({redact(self.root)!r}, keep_last={self.keep_last})"
+        return f"Checkpointer({self.root!r}, keep_last={self.keep_last})"
 
     # ----------------------------------------------------------------------------------- public API
 
@@ -294,17 +263,13 @@ class Checkpointer:
         per rank. Returns only after the checkpoint is complete (marker and ``latest`` written).
         """
         _require_supported_stage(engine)
-        check_plain_data(client_state)
+        _agree(_attempt(lambda: check_plain_data(client_state))[1], "a rank's client_state cannot be saved")
         tag = step_tag(step)
         if self._last_saved == tag:  # e.g. the periodic save and a signal-triggered one at the same step
             return self.url(tag)
         ce = self._install_engine(engine)
         _agree(self._run_rank0(lambda: self._prepare_tag(tag)), f"could not prepare {self.url(tag)}")
-        records, error = {}, None
-        try:
-            records = self._write_rank_files(engine, ce, tag, client_state)
-        except Exception as err:  # noqa: BLE001 - raised on every rank by _agree
-            error = err
+        records, error = _attempt(lambda: self._write_rank_files(engine, ce, tag, client_state))
         _agree(error, f"checkpoint {self.url(tag)} was not written")
         files = {name: rec for part in _all_gather(records) for name, rec in part.items()}
         error = self._run_rank0(lambda: self._commit(engine, tag, step, files))
@@ -343,7 +308,7 @@ class Checkpointer:
         if "error" in choice:
             if isinstance(error, CheckpointError):
                 raise error
-            raise CheckpointError(f"cannot resume from {redact(self.root)}: {choice['error']}") from error
+            raise CheckpointError(f"cannot resume from {self.root}: {choice['error']}") from error
         tag, marker = choice["tag"], choice["marker"]
         self._check_fingerprint(engine, tag, marker)
         client = self._restore(engine, tag, marker)
@@ -411,7 +376,7 @@ class Checkpointer:
         try:
             self._retire_old(int(step))
         except Exception as err:  # noqa: BLE001 - the new checkpoint is complete; old ones go next time
-            log.warning("could not delete old checkpoints under %s: %s", redact(self.root), err)
+            log.warning("could not delete old checkpoints under %s: %s", self.root, err)
 
     def _current_fingerprint(self, engine: Any) -> dict[str, Any]:
         return {"config": self.fingerprint, "trainable": _trainable_shapes(engine.module)}
@@ -463,18 +428,16 @@ class Checkpointer:
                 f"checkpoint {self.url(tag)} was written for a different model or configuration:\n  "
                 + "\n  ".join(problems)
                 + f"\nTo continue that run, start it with the config it was saved with. To train this model/config "
-                f"instead, point run_dir at a new folder (the checkpoints in {redact(self.run_dir)} belong to "
+                f"instead, point run_dir at a new folder (the checkpoints in {self.run_dir} belong to "
                 f"the other run), or load a checkpoint saved with this config.")
 
     def _restore(self, engine: Any, tag: str, marker: dict[str, Any]) -> dict:
         """Every rank: fetch and verify the files it needs, load them into the engine, read its client state."""
         same_world = int(marker["world_size"]) == _world_size()
-        needed = self._files_needed(marker, same_world)
-        load_root, error = "", None
-        try:
-            load_root = self._materialize(tag, marker, needed)
-        except Exception as err:  # noqa: BLE001 - raised on every rank by _agree
-            error = err
+        # DeepSpeed's elastic_checkpoint option makes every rank read every shard, even at the same size.
+        own_shard_only = same_world and not getattr(engine.optimizer, "elastic_checkpoint", False)
+        needed = self._files_needed(marker, same_world, own_shard_only)
+        load_root, error = _attempt(lambda: self._materialize(tag, marker, needed))
         _agree(error, f"cannot read {self.url(tag)}")
         ce = self._install_engine(engine)
         tag_dir = os.path.join(load_root, tag)
@@ -502,10 +465,11 @@ class Checkpointer:
             shards = [engine.checkpoint_engine.load(os.path.join(load_root, tag, name), map_location="cpu")
                       for name in _shard_names(marker)]
             restore_zero_state(engine, gather_zero_shards(shards))
+        _relink_optimizer_fragments(engine)
 
-    def _files_needed(self, marker: dict[str, Any], same_world: bool) -> list[str]:
-        """Model states and other shared files, plus this rank's shard and client state; all shards and
-        rank 0's client state when the number of ranks changed."""
+    def _files_needed(self, marker: dict[str, Any], same_world: bool, own_shard_only: bool) -> list[str]:
+        """Model states and other shared files, this rank's client state (rank 0's when the number of ranks
+        changed), and this rank's ZeRO shard, or all shards unless ``own_shard_only``."""
         client_name = self._client_state_name(marker, same_world)
         needed = []
         for name in marker["files"]:
@@ -513,7 +477,7 @@ class Checkpointer:
             if client:
                 if name == client_name:
                     needed.append(name)
-            elif shard and same_world:
+            elif shard and own_shard_only:
                 if int(shard.group(1)) == _dp_rank():
                     needed.append(name)
             else:
@@ -628,18 +592,12 @@ class Checkpointer:
                                  UploadId=upload["UploadId"])
                 log.info("aborted stale multipart upload of s3://%s/%s", bucket, upload["Key"])
         except Exception as err:  # noqa: BLE001 - a server without the call must not stop training
-            log.warning("could not list/abort stale multipart uploads under %s: %s", redact(self.root), err)
+            log.warning("could not list/abort stale multipart uploads under %s: %s", self.root, err)
 
     @staticmethod
-    def _run_rank0(fn: Any) -> BaseException | None:
+    def _run_rank0(fn: Callable[[], Any]) -> BaseException | None:
         """Run ``fn`` on rank 0; returns its exception (``None`` on success and on other ranks)."""
-        if _rank() != 0:
-            return None
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 - raised on every rank by the caller
-            return err
-        return None
+        return _attempt(fn)[1] if _rank() == 0 else None
 
 
 def _multipart_uploads(fs: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -665,6 +623,22 @@ def _shard_names(marker: dict[str, Any]) -> list[str]:
     if ranks != list(range(int(marker["world_size"]))):
         raise CheckpointError(f"expected ZeRO shards of ranks 0..{int(marker['world_size']) - 1}, found {ranks}")
     return [name for _, name in sorted(shards)]
+
+
+def _relink_optimizer_fragments(engine: Any) -> None:
+    """Point DeepSpeed's per-parameter optimizer-state views at the state tensors just loaded.
+
+    DeepSpeed 0.19 links them once, after the first step; a load replaces the tensors, and the views of an
+    engine that had already stepped would keep showing the old ones, so ``safe_get_full_optimizer_state``
+    (which trainers use for logging) would read stale or missing moments until relinked.
+    """
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    base = optimizer.optimizer
+    if all(base.state.get(group["params"][0]) for group in base.param_groups):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _dp_rank() -> int:

@@ -130,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # optimizer steps; 0 -> epochs * steps per epoch
     epochs: int = 300
+    steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one invocation; 0 = no limit
     loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the task registry
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlora_dist.data.transforms import normalize_image
+from mtlora_dist.data.batch import normalize_image
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 
 __all__ = ["evaluate", "to_device"]
@@ -15,7 +15,7 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Move a batch to the device; the uint8 image becomes a normalised float tensor there (cheaper
     than shipping floats out of DataLoader workers)."""
     out = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-    out["image"] = normalize_image(out["image"]).to(dtype)
+    out["image"] = normalize_image(out["image"], dtype)
     return out
 
 

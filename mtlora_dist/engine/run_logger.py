@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, redact, url_to_fs
@@ -72,7 +73,7 @@ class RunLogger:
     def _start_wandb(self, cfg, config: dict) -> None:
         import wandb
 
-        self.run_id = self.run_id or wandb.util.generate_id()
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags),
                                  mode=cfg.mode, id=self.run_id, resume="allow", dir=self.local_dir,
                                  config=redact(config), settings=wandb.Settings(silent=True))

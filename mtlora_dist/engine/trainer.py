@@ -78,7 +78,8 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not (info.is_main and cfg.logging.progress_bar),
                dynamic_ncols=True, file=sys.stdout)
     tick, samples = time.perf_counter(), 0
-    while engine.global_steps < total_steps:
+    job_end = engine.global_steps + cfg.steps_per_job if cfg.steps_per_job else total_steps
+    while engine.global_steps < min(total_steps, job_end):
         losses = _train_step(engine, batches, loss_fn, info, dtype, cfg.deepspeed.gradient_accumulation_steps)
         step = engine.global_steps
         samples += cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * info.world_size
@@ -90,11 +91,13 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
             results = evaluate(engine, val_loader, evaluator, info.device, dtype, cfg.eval.max_batches)
             _log_eval(logger, step, results, evaluator)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps:
+        # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
+        stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps or stopping:
             save()
-        if step < total_steps and stop.should_stop():
-            log.info("%s received: checkpointing at step %d and exiting", stop.name, step)
-            save()
+        if stopping:
+            log.info("stopping at step %d (%s); resume by running the same command", step,
+                     "steps_per_job reached" if step == job_end else stop.name)
             break
     bar.close()
     logger.close()
@@ -117,10 +120,10 @@ def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: i
 
 
 def _endless(loader):
-    """Batches across epochs; the loader keeps its own (epoch, position) for checkpoints."""
+    """Batches across epochs; the loader keeps its own (epoch, position) for checkpoints and moves to
+    the next epoch by itself when iterated again."""
     while True:
         yield from loader
-        loader.set_epoch(loader.epoch + 1)
 
 
 def _build_model(cfg: TrainConfig, info: DistInfo):
@@ -140,14 +143,14 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
 
 
 def _fingerprint(cfg: TrainConfig, model) -> dict:
-    """What a checkpoint must match to be loaded into this run."""
+    """What a checkpoint must match to be loaded into this run (the Checkpointer adds the trainable
+    parameter names and shapes)."""
     return {
         "backbone": cfg.model.backbone,
         "backbone_kwargs": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.backbone_kwargs.items()},
         "dataset": cfg.data.dataset,
         "tasks": list(cfg.data.tasks),
         "adapter_mode": cfg.adapter.mode,
-        "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
     }
 
 
@@ -168,10 +171,20 @@ def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, 
 
 def _log_train(logger: RunLogger, bar, step: int, losses: dict, engine, rate: float, loader) -> None:
     lr = engine.get_lr()[0]
+    data_stats = _sum_over_ranks(loader.stats)  # collective: skipped/corrupt samples of every rank
     bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
-              "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": dict(loader.stats)}
+              "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": data_stats}
     logger.log(record)
+
+
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counts)
+    keys = sorted(counts)
+    values = torch.tensor([counts[k] for k in keys], dtype=torch.int64)
+    dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
 
 
 def _log_eval(logger: RunLogger, step: int, results: dict, evaluator: MultiTaskEvaluator) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ __all__ = [
     "redact",
 ]
 
-_SECRET_KEYS = re.compile(r"(secret|password|token|key_id|access_key|credential)", re.IGNORECASE)
+# ``key`` alone is StorageOptions' access key id: a credential too.
+_SECRET_KEYS = re.compile(r"(^key$|secret|password|token|key_id|access_key|credential)", re.IGNORECASE)
 
 
 @dataclass
@@ -120,6 +122,29 @@ def cached_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.A
         fs, _ = url_to_fs(url, options)
         _FS_CACHE[key] = fs
     return fs, fs._strip_protocol(url)
+
+
+_INHERITED: list[Any] = []  # in a forked child: the parent's S3 clients, kept alive and never closed here
+
+
+def _forget_inherited_s3_sessions() -> None:
+    """In a forked child (a DataLoader worker), leave the parent's S3 clients alone.
+
+    s3fs closes a client from a ``weakref.finalize`` bound to the parent's event loop. Collected in
+    the child, that finalizer blocks on a loop that does not run there, or awaits the parent's futures
+    on the child's loop ("attached to a different loop" errors); without it, aiohttp warns about an
+    unclosed connector. The child never uses the parent's clients (:func:`cached_fs` keys them by
+    process id), so it keeps them referenced and disarms their finalizers; the parent closes its own.
+    """
+    for finalizer in list(getattr(weakref.finalize, "_registry", {})):  # CPython keeps every finalizer here
+        info = finalizer.peek()  # (object, func, args, kwargs) while alive
+        if info is not None and getattr(info[1], "__qualname__", "").endswith("S3FileSystem.close_session"):
+            _INHERITED.append(info[0])
+            finalizer.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_s3_sessions)
 
 
 def describe_endpoint(options: StorageOptions | None = None) -> str:

@@ -28,12 +28,7 @@ import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from mtlora_dist.engine.checkpoint import (  # noqa: E402
-    Checkpointer,
-    capture_rng_state,
-    frozen_fingerprint,
-    restore_rng_state,
-)
+from mtlora_dist.engine.checkpoint import Checkpointer, frozen_fingerprint  # noqa: E402
 
 TASKS = {"semseg": 8, "depth": 1}
 MICRO_BATCH = 4
@@ -141,7 +136,7 @@ def main() -> None:
     start = 0
     if state is not None:
         start = state["step"]
-        restore_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"])  # dropout draws from the torch CPU generator
         assert state["frozen"] == frozen_fingerprint(engine.module), "frozen backbone changed on resume"
         assert state["data"] == {"epoch": 0, "next_step": start}, state["data"]
     if args.dump_after_load:
@@ -158,7 +153,7 @@ def main() -> None:
         engine.step()
         losses[step + 1] = loss.item()
         if (step + 1) % args.save_every == 0:
-            ckpt.save(engine, step + 1, {"step": step + 1, "rng": capture_rng_state(), "frozen": frozen,
+            ckpt.save(engine, step + 1, {"step": step + 1, "rng": torch.get_rng_state(), "frozen": frozen,
                                          "data": {"epoch": 0, "next_step": step + 1}, "wandb_id": "run-abc"})
 
     if args.dump_at_end:

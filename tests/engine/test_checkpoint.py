@@ -6,11 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
+import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
-import ckpt_worker  # noqa: E402
 from ckpt_worker import TASKS, TinyMTL, batch, ds_config, full_state  # noqa: E402
 from mtlora_dist.engine.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -29,9 +27,7 @@ from mtlora_dist.engine.checkpoint import (  # noqa: E402
     Checkpointer,
     ChecksumMismatchError,
     UnsafeCheckpointError,
-    capture_rng_state,
     frozen_fingerprint,
-    restore_rng_state,
 )
 from mtlora_dist.engine.safe_load import SafeTorchCheckpointEngine, sha256_file  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
@@ -40,14 +36,51 @@ REPO = Path(__file__).resolve().parents[2]
 FINGERPRINT = {"model": "tiny-mtl", "tasks": sorted(TASKS), "lora_rank": 4}
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def single_rank():
-    """A one-rank process group in the test process (reused if something already made one)."""
+    """A one-rank gloo group in the test process for this module (reused if one exists), then undone."""
+    import torch.distributed as dist
+
+    created, saved = not dist.is_initialized(), {k: os.environ.get(k) for k in DIST_VARS}
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the CPU shm op
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    if created:
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``benchmarks/checkpoint_size.py`` as a module."""
     spec = importlib.util.spec_from_file_location("checkpoint_size", REPO / "benchmarks" / "checkpoint_size.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.init_single_process()
-    return bench
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bucket(s3_bucket):
+    """The fixture's bucket, also created through the S3 API: rclone caches its bucket list, so a bucket made
+    as a folder on its disk after the first listing answers NoSuchBucket until it is created this way."""
+    fs, _ = url_to_fs(f"s3://{s3_bucket}", StorageOptions())
+    try:
+        fs.call_s3("create_bucket", Bucket=s3_bucket)
+    except Exception:  # noqa: BLE001 - already known to the server
+        pass
+    return s3_bucket
 
 
 def make_engine(model: nn.Module | None = None, stage: int = 2):
@@ -82,7 +115,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def client(step: int) -> dict:
-    return {"step": step, "rng": capture_rng_state(), "data": {"epoch": 0, "next_step": step, "shards": [3, 1]},
+    return {"step": step, "rng": torch.get_rng_state(), "data": {"epoch": 0, "next_step": step, "shards": [3, 1]},
             "wandb_id": "abc123", "loss_scale": 1.0}
 
 
@@ -119,9 +152,9 @@ def test_local_save_load_round_trip_continues_identically(tmp_path):
     assert ckpt.latest() == "step_00000003"
     state = ckpt.load(fresh)
     assert state["data"] == saved_client["data"] and state["wandb_id"] == "abc123"
-    assert torch.equal(state["rng"]["torch"], saved_client["rng"]["torch"])
+    assert torch.equal(state["rng"], saved_client["rng"])
     assert_same_state(full_state(fresh), saved_state)
-    restore_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"])
     assert train(fresh, 3, 5) == expected_losses
 
 
@@ -134,8 +167,8 @@ def test_frozen_weights_are_not_saved(tmp_path):
     assert set(module) == {n for n, p in engine.module.named_parameters() if p.requires_grad}
 
 
-def test_s3_latest_ignores_partial_and_truncated_checkpoints(s3_bucket):
-    run_dir = f"s3://{s3_bucket}/runs/r1"
+def test_s3_latest_ignores_partial_and_truncated_checkpoints(bucket):
+    run_dir = f"s3://{bucket}/runs/r1"
     engine = make_engine()
     ckpt = Checkpointer(run_dir, keep_last=2, fingerprint=FINGERPRINT)
     train(engine, 0, 2)
@@ -204,7 +237,7 @@ class Payload:
         self.target = target
 
     def __reduce__(self):
-        return (os.mkdir, (self.target,))
+        return (os.makedirs, (self.target, 0o777, True))
 
 
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -223,7 +256,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, victim):
     assert sentinel.is_dir()
     sentinel.rmdir()
 
-    with pytest.raises(UnsafeCheckpointError, match="mkdir") as refused:
+    with pytest.raises(UnsafeCheckpointError, match="makedirs") as refused:
         Checkpointer(str(run_dir), fingerprint=FINGERPRINT).load(make_engine())
     assert "refusing to load" in str(refused.value)
     assert not sentinel.exists()
@@ -307,31 +340,22 @@ def test_frozen_fingerprint_tracks_frozen_weights_only():
     assert frozen_fingerprint(model) != before
 
 
-def test_rng_state_round_trip():
-    state = capture_rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng_state(state)
-    second = (random.random(), np.random.rand(), torch.rand(3))
-    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
-
-
-def test_stale_multipart_uploads_are_aborted(s3_bucket):
-    run_dir = f"s3://{s3_bucket}/runs/mpu"
+def test_stale_multipart_uploads_are_aborted(bucket):
+    run_dir = f"s3://{bucket}/runs/mpu"
     fs, _ = url_to_fs(run_dir, StorageOptions())
     key = "runs/mpu/checkpoints/step_00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    fs.call_s3("create_multipart_upload", Bucket=s3_bucket, Key=key)
+    fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
     try:
-        listed = fs.call_s3("list_multipart_uploads", Bucket=s3_bucket, Prefix="runs/mpu/").get("Uploads", [])
+        listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="runs/mpu/").get("Uploads", [])
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"this S3 server cannot list multipart uploads: {err}")
     if not listed:
         pytest.skip("this S3 server does not report unfinished multipart uploads")
     assert Checkpointer(run_dir, fingerprint=FINGERPRINT).load(make_engine()) is None
-    assert not fs.call_s3("list_multipart_uploads", Bucket=s3_bucket, Prefix="runs/mpu/").get("Uploads", [])
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="runs/mpu/").get("Uploads", [])
 
 
-def test_checkpoint_size_is_the_trainable_state(single_rank, tmp_path):
-    bench = single_rank
+def test_checkpoint_size_is_the_trainable_state(bench, tmp_path):
     torch.manual_seed(0)
     model = bench.synthetic_model(frozen=2_000_000, trainable=120_000, dim=512)
     result = bench.measure(model, str(tmp_path))

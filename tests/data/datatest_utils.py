@@ -1,0 +1,50 @@
+"""Helpers for the data tests: run loaders and compare what they yield."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from mtlora_dist.data import build_loader
+
+PASCAL = {"num_train": 24, "num_val": 10, "seed": 3, "size": 80}  # the session datasets (conftest.py)
+NYUD = {"num_train": 12, "num_val": 6, "seed": 4, "size": 72}
+SHARD_MB = 0.12  # ~2 samples per shard at these sizes: several shards per rank and worker
+PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
+
+
+def pascal_loader(url: str, **kw: Any):
+    args = {"dataset": "pascal_context", "tasks": PASCAL_TASKS, "split": "train", "img_size": (48, 64),
+            "batch_size": 2}
+    args.update(kw)
+    return build_loader(url, **args)
+
+
+def epoch_batches(loader) -> list[dict[str, Any]]:
+    return list(loader)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
+
+
+def valid_keys(batches) -> list[str]:
+    return [k for b in batches for k, v in zip(b["__key__"], b["valid"].tolist()) if v]
+
+
+def assert_batches_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+def multiplicity(keys) -> Counter:
+    return Counter(keys)
