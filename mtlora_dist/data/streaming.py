@@ -27,7 +27,7 @@ import queue
 import tarfile
 import threading
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -138,7 +138,7 @@ class _ShardReader(threading.Thread):
         url = self.cfg.manifest.shard_url(shard)
         delays = backoff_delays(self.cfg.storage.read_retries, self.cfg.storage.retry_delay_s)
         progress = [0]  # how many of idxs were delivered: a retry resumes there
-        attempt = 0
+        attempt, progress_at_failure = 0, 0
         while True:
             try:
                 self._stream(shard, url, idxs, progress)
@@ -150,6 +150,8 @@ class _ShardReader(threading.Thread):
                 message = str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: {type(exc).__name__}: {exc}"
                 return self._fail(shard, idxs, progress[0], message, ShardError, storage=False)
             except Exception as exc:  # noqa: BLE001 - classified: transient is retried, the rest fails
+                if progress[0] > progress_at_failure:  # it got further this time: a fresh set of retries
+                    attempt, progress_at_failure = 0, progress[0]
                 if is_transient(exc) and attempt < len(delays):
                     self.stats["retries"] += 1
                     log.warning("reading %s failed (%s: %s); retry %d/%d in %.1f s", url, type(exc).__name__, exc,
@@ -269,88 +271,94 @@ class ShardStream(IterableDataset):
         out["valid"] = valid
         return out
 
+    def _samples(self, plan: WorkerPlan, reader: _ShardReader, slots: list[tuple[int, int]],
+                 stats: Counter[str]) -> Iterator[dict[str, Any]]:
+        """Transformed samples in plan order; a lost one is replaced by a marked copy of a good one."""
+        events = _Pending(reader, slots)
+        good: tuple | None = None  # the last event that decoded
+        owed = 0  # failures before the first good sample: filled once one arrives
+        for slot, valid in zip(slots, plan.valid):
+            event = events.take(slot)
+            out = None
+            if event[0] == "sample":
+                try:
+                    out = self._prepare(event, valid)
+                except SampleDecodeError as exc:
+                    url = self.cfg.manifest.shard_url(slot[0])
+                    if self.cfg.on_error == "raise":
+                        raise DataError(f"bad sample in shard {url}: {exc}") from exc
+                    stats["samples_skipped"] += 1
+                    log.warning("skipping a sample of shard %s: %s", url, exc)
+            if out is not None:
+                good = event
+                yield out
+                for _ in range(owed):
+                    yield self._prepare(good, False)
+                owed = 0
+            elif good is not None:
+                yield self._prepare(good, False)
+            else:
+                owed += 1
+        if owed:
+            raise TooManyFailuresError(
+                f"rank {self.cfg.rank}: no sample of this worker's share of epoch {self.epoch} could be read; "
+                "see the warnings above for the shards and causes"
+            )
+
     def _batches(self, plan: WorkerPlan) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         order = shard_order(len(cfg.manifest.shards), cfg.seed, self.epoch, cfg.shuffle)
-        counts = [s.num_samples for s in cfg.manifest.shards]
-        slots = locate(plan.positions, counts, order)
-        uses = Counter(slots)
-        rank_of = {int(s): r for r, s in enumerate(order)}
-        needed = sorted(uses, key=lambda si: (rank_of[si[0]], si[1]))  # reading order: epoch shard order
-        segments: list[tuple[int, list[int]]] = []
-        for shard, idx in needed:
-            if not segments or segments[-1][0] != shard:
-                segments.append((shard, []))
-            segments[-1][1].append(idx)
-
-        stats: Counter[str] = Counter(samples_resume_skipped=plan.skipped)
-        reader = _ShardReader(cfg, segments)
+        slots = locate(plan.positions, [s.num_samples for s in cfg.manifest.shards], order)
+        reader = _ShardReader(cfg, _segments(slots, order))
         reader.start()
-        pending: dict[tuple[int, int], tuple] = {}
+        stats: Counter[str] = Counter(samples_resume_skipped=plan.skipped)
         reported: Counter[str] = Counter()
-
-        def event_for(slot: tuple[int, int]) -> tuple:
-            while slot not in pending:
-                try:
-                    event = reader.events.get(timeout=1.0)
-                except queue.Empty:
-                    if not reader.is_alive():
-                        raise DataError("the shard reader thread died without a reason") from None
-                    continue
-                if event[0] == "error":
-                    raise event[1]
-                if event[0] == "done":
-                    raise DataError(f"shard reader finished without sample {slot} (planning bug)")
-                pending[(event[1], event[2])] = event
-            uses[slot] -= 1
-            return pending[slot] if uses[slot] else pending.pop(slot)
-
-        def stats_delta() -> dict[str, int]:
-            delta = {k: int(stats[k] + reader.stats[k] - reported[k]) for k in STAT_KEYS}
-            reported.update(delta)
-            return delta
-
         try:
-            outputs: deque[dict[str, Any]] = deque()
-            good: tuple | None = None  # last sample that decoded: stand-in for failures
-            owed = 0
-            next_slot = 0
+            samples = self._samples(plan, reader, slots, stats)
             for size in plan.batch_sizes:
-                while len(outputs) < size:
-                    if next_slot == len(slots):
-                        raise TooManyFailuresError(
-                            f"rank {cfg.rank}: no sample of this worker's share of epoch {self.epoch} could be read "
-                            f"({stats_delta()}); see the warnings above for the shards and causes"
-                        )
-                    slot, valid = slots[next_slot], plan.valid[next_slot]
-                    next_slot += 1
-                    event = event_for(slot)
-                    out = None
-                    if event[0] == "sample":
-                        try:
-                            out = self._prepare(event, valid)
-                        except SampleDecodeError as exc:
-                            url = cfg.manifest.shard_url(slot[0])
-                            if cfg.on_error == "raise":
-                                raise DataError(f"bad sample in shard {url}: {exc}") from exc
-                            stats["samples_skipped"] += 1
-                            log.warning("skipping a sample of shard %s: %s", url, exc)
-                    if out is None:  # missing or undecodable: keep the slot with a marked copy
-                        if good is None:
-                            owed += 1
-                            continue
-                        out = self._prepare(good, False)
-                    else:
-                        good = event
-                    outputs.append(out)
-                    while owed and good is not None:
-                        outputs.append(self._prepare(good, False))
-                        owed -= 1
-                items = [outputs.popleft() for _ in range(size)]
+                items = [next(samples) for _ in range(size)]
                 stats["samples_yielded"] += size
                 stats["samples_padded"] += sum(1 for s in items if not s["valid"])
                 batch = collate(items, cfg.tasks)
-                batch["__stats__"] = stats_delta()
+                delta = {k: int(stats[k] + reader.stats[k] - reported[k]) for k in STAT_KEYS}
+                reported.update(delta)
+                batch["__stats__"] = delta  # the loader adds these up in the main process
                 yield batch
         finally:
             reader.stop()
+
+
+def _segments(slots: list[tuple[int, int]], order: np.ndarray) -> list[tuple[int, list[int]]]:
+    """``(shard, sorted indices)`` to read, in the epoch's shard order (each sample once)."""
+    rank_of = {int(s): r for r, s in enumerate(order)}
+    segments: list[tuple[int, list[int]]] = []
+    for shard, idx in sorted(set(slots), key=lambda si: (rank_of[si[0]], si[1])):
+        if not segments or segments[-1][0] != shard:
+            segments.append((shard, []))
+        segments[-1][1].append(idx)
+    return segments
+
+
+class _Pending:
+    """Reader events kept until every slot that needs them (padding may repeat one) was served."""
+
+    def __init__(self, reader: _ShardReader, slots: list[tuple[int, int]]) -> None:
+        self.reader = reader
+        self.uses = Counter(slots)
+        self.events: dict[tuple[int, int], tuple] = {}
+
+    def take(self, slot: tuple[int, int]) -> tuple:
+        while slot not in self.events:
+            try:
+                event = self.reader.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self.reader.is_alive():
+                    raise DataError("the shard reader thread ended without a reason") from None
+                continue
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "done":
+                raise DataError(f"the shard reader finished without sample {slot} (planning bug)")
+            self.events[(event[1], event[2])] = event
+        self.uses[slot] -= 1
+        return self.events[slot] if self.uses[slot] else self.events.pop(slot)

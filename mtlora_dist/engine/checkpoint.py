@@ -121,11 +121,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _barrier() -> None:
-    if _world_size() > 1:
-        dist.barrier()
-
-
 def _broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if _world_size() == 1:
@@ -351,12 +346,14 @@ class Checkpointer:
                           client_state: dict) -> dict[str, FileRecord]:
         """Every rank: DeepSpeed's files plus our client state; for S3, upload them. Returns their records."""
         root = self._write_root()
-        tag_dir = os.path.join(root, tag)
+        tag_dir = os.path.normpath(os.path.join(root, tag))
         ce.expected, ce.written = None, {}
         engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
         ce.save_plain(client_state, os.path.join(tag_dir, CLIENT_STATE_DIR, f"rank_{_rank():05d}.pt"))
         records = {os.path.relpath(path, tag_dir).replace(os.sep, "/"): rec
                    for path, rec in ce.written.items() if path.startswith(tag_dir + os.sep)}
+        if len(records) < 2 and _rank() == 0:  # rank 0 writes at least model states and its client state
+            raise CheckpointError(f"DeepSpeed wrote no files into {tag_dir} through engine.checkpoint_engine")
         if self.remote:
             for name in records:
                 self._fs.put_file(os.path.join(tag_dir, name), f"{self._root_path}/{tag}/{name}")

@@ -76,6 +76,12 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     _export_launcher_env(local_rank_arg)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = device_for(local_rank)
+    if device.type == "cpu":
+        # DeepSpeed would JIT-compile a shared-memory comm op for CPU ranks (~90 s per machine);
+        # plain gloo is enough for our small gradients
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)

@@ -127,11 +127,11 @@ def check_plain_data(state: Any, what: str = "client_state") -> None:
     the resume days later.
     """
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
     try:
+        torch.save(state, buffer)
+        buffer.seek(0)
         torch.load(buffer, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.PicklingError, pickle.UnpicklingError, AttributeError, TypeError) as err:
         raise TypeError(
             f"{what} must hold only plain data (int, float, str, bool, None, list, tuple, dict, torch tensors) "
             f"so it can be loaded without unpickling code; {_first_line(err)}") from None

@@ -53,7 +53,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
 
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.checkpoint.keep_last, storage=cfg.data.storage,
                                 fingerprint=_fingerprint(cfg, model), local_cache=cfg.checkpoint.local_cache)
-    state = _resume(cfg, checkpointer, engine, train_loader, model)
+    state = _resume(cfg, checkpointer, engine, train_loader, info)
     logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
                        config=asdict(cfg), run_id=state.get("wandb_run_id"))
     if info.is_main:
@@ -154,17 +154,24 @@ def _fingerprint(cfg: TrainConfig, model) -> dict:
     }
 
 
-def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, model) -> dict:
+def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, info: DistInfo) -> dict:
     if not cfg.checkpoint.resume:
         return {}
     state = checkpointer.load(engine)
     if not state:
         return {}
-    train_loader.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
     if state.get("frozen") and state["frozen"] != frozen_fingerprint(engine.module):
         raise RuntimeError("the frozen backbone differs from the one this checkpoint was trained on; "
                            "check model.pretrained (same file as the original run) and model.backbone")
+    same_world = checkpointer.loaded_world_size == info.world_size
+    # another number of ranks changes every rank's share of the data: continue at the next epoch boundary
+    train_loader.load_state_dict(state["data"], strict=same_world)
+    if same_world:
+        set_rng_state(state["rng"])
+    else:
+        seed_everything(cfg.seed + info.rank + 7919 * engine.global_steps)
+        log.warning("resumed on %d ranks from a checkpoint of %d ranks: data continues at the next epoch",
+                    info.world_size, checkpointer.loaded_world_size)
     log.info("resumed from step %d", engine.global_steps)
     return state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -75,9 +76,16 @@ def test_task_subset_and_cli(pascal_root, tmp_path):
     assert suffixes == {"jpg", "semseg.png", "normals.npy"}
     assert verify_shards(manifest) == []
 
-    bad = subprocess.run([sys.executable, "launch/convert.py", "nyud", "--root", str(tmp_path / "none"), "--split",
-                          "train", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "root folder not found" in bad.stderr
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "launch"))
+    monkeypatch.setattr(sys, "argv", ["convert.py", "nyud", "--root", str(tmp_path / "none"), "--split", "train",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(REPO, "launch", "convert.py"), run_name="__main__")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: nyud root folder not found")
 
 
 def test_verify_shards_finds_damage(shard_copy):

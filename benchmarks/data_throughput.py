@@ -1,0 +1,155 @@
+"""Decoded-and-augmented samples per second from local shards and from a loopback S3 server.
+
+    python benchmarks/data_throughput.py [--num-samples 160] [--img-size 448] [--workers 0 1 2] [--json out.json]
+
+Makes a synthetic PASCAL-Context set whose images are about ``--img-size`` pixels high (like the
+real ~500x375 images), converts it to shards, starts ``rclone serve s3`` on 127.0.0.1 exactly as the
+tests do (``tests/s3_server.py``), uploads the shards, then runs one training epoch (flip, rotation,
+scale, resize to ``img-size``; all five PASCAL tasks) per source and worker count. Reports:
+
+* ``samples/s``: steady state, from the first batch to the last (worker start-up excluded);
+* ``epoch s``: wall time of the whole epoch including start-up;
+* ``samples/CPU-s``: samples per CPU-second of the loader processes (main + workers, S3 server
+  excluded), i.e. what one core sustains; size ``num_workers`` with it;
+* ``server CPU-s``: CPU time the S3 server itself used during the epoch;
+* a read-only pass (tar parsing, no decoding) per source, to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+from mtlora_dist.data import build_loader  # noqa: E402
+from mtlora_dist.data.convert import convert  # noqa: E402
+from mtlora_dist.data.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.synthetic import ensure_synthetic  # noqa: E402
+from mtlora_dist.data.tarshards import iter_tar_samples  # noqa: E402
+from mtlora_dist.storage.fs import StorageOptions, cached_fs  # noqa: E402
+from s3_server import KEY, SECRET, S3Server  # noqa: E402
+
+TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+
+
+def cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished DataLoader workers
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_epoch(url: str, storage: StorageOptions, workers: int, img: int, batch: int, server_pid: int | None) -> dict:
+    loader = build_loader(url, dataset="pascal_context", tasks=TASKS, split="train", img_size=(img, img),
+                          batch_size=batch, num_workers=workers, storage=storage, seed=0)
+    cpu0, server0 = cpu_seconds(), process_cpu(server_pid) if server_pid else 0.0
+    start = time.perf_counter()
+    first = None
+    n = 0
+    for b in loader:
+        n += len(b["__key__"])
+        if first is None:
+            first, n_first = time.perf_counter(), n
+    end = time.perf_counter()
+    cpu = cpu_seconds() - cpu0
+    stats = loader.stats
+    assert stats["samples_missing"] == stats["samples_skipped"] == 0, stats
+    return {
+        "samples": n,
+        "samples_per_s": round((n - n_first) / (end - first), 1),
+        "epoch_s": round(end - start, 2),
+        "samples_per_cpu_s": round(n / cpu, 1),
+        "server_cpu_s": round(process_cpu(server_pid) - server0, 2) if server_pid else None,
+    }
+
+
+def read_only(url: str, storage: StorageOptions) -> dict:
+    manifest = read_manifest(url, storage)
+    start, cpu0, n, size = time.perf_counter(), cpu_seconds(), 0, 0
+    for i, shard in enumerate(manifest.shards):
+        fs, path = cached_fs(manifest.shard_url(i), storage)
+        with fs.open(path, "rb", block_size=storage.block_size) as f:
+            for _, members in iter_tar_samples(f):
+                n += 1
+                size += sum(len(v) for v in members.values())
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": round(n / seconds, 1), "MB_per_s": round(size / seconds / 2**20, 1),
+            "samples_per_cpu_s": round(n / (cpu_seconds() - cpu0), 1), "mean_sample_kB": round(size / n / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-samples", type=int, default=160)
+    parser.add_argument("--img-size", type=int, default=448)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shard-size-mb", type=float, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="epochs per setting; the best is reported")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtlora-data-bench"))
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    root = os.path.join(args.work_dir, f"pascal-{args.img_size}")
+    ensure_synthetic("pascal_context", root, args.num_samples, 0, seed=0, size=args.img_size)
+    local = os.path.join(args.work_dir, f"shards-{args.img_size}-{args.num_samples}")
+    if not os.path.isfile(os.path.join(local, "manifest.json")):
+        convert("pascal_context", root, "train", local, shard_size_mb=args.shard_size_mb, workers=os.cpu_count() or 1)
+    manifest = read_manifest(local)
+
+    server = S3Server("rclone", Path(tempfile.mkdtemp(prefix="bench-s3-")) / "data").start()
+    try:
+        server.make_bucket("bench")
+        s3 = StorageOptions(endpoint_url=server.endpoint, key=KEY, secret=SECRET)
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        fs, _ = cached_fs("s3://bench", s3)
+        for name in sorted(os.listdir(local)):
+            fs.put_file(os.path.join(local, name), f"bench/pascal/{name}")
+        sources = {"local": (local, StorageOptions(), None), "s3": ("s3://bench/pascal", s3, server.proc.pid)}
+        results: dict = {"read_only": {}, "epochs": []}
+        for name, (url, storage, _) in sources.items():
+            results["read_only"][name] = read_only(url, storage)
+        for workers in args.workers:
+            for name, (url, storage, pid) in sources.items():
+                runs = [run_epoch(url, storage, workers, args.img_size, args.batch_size, pid) for _ in range(args.repeats)]
+                best = max(runs, key=lambda r: r["samples_per_s"])
+                results["epochs"].append({"source": name, "workers": workers, **best})
+                print(json.dumps(results["epochs"][-1]), flush=True)
+    finally:
+        server.stop()
+
+    results["setup"] = {
+        "command": " ".join(["python"] + sys.argv),
+        "samples": manifest.num_samples, "shards": len(manifest.shards), "img_size": args.img_size,
+        "batch_size": args.batch_size, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n| source | workers | samples/s | epoch s | samples/CPU-s | server CPU-s |")
+    print("|---|---|---|---|---|---|")
+    for r in results["epochs"]:
+        print(f"| {r['source']} | {r['workers']} | {r['samples_per_s']} | {r['epoch_s']} | {r['samples_per_cpu_s']} | "
+              f"{r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |")
+    rate = {(r["source"], r["workers"]): r["samples_per_s"] for r in results["epochs"]}
+    for workers in args.workers:
+        print(f"workers={workers}: s3 / local = {rate['s3', workers] / rate['local', workers]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
