@@ -108,90 +108,93 @@ def inverse_affine(in_hw: tuple[int, int], out_hw: tuple[int, int], warp: Warp) 
 
 
 class _Grid:
-    """Where each output pixel samples the input, shared by all fields of a sample."""
+    """Where each output pixel samples the input, shared by all fields of a sample.
+
+    Bicubic sampling runs in torch (``grid_sample``), nearest lookups in numpy (faster gathers on
+    uint8); everything on one thread.
+    """
 
     def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int], warp: Warp) -> None:
         self.in_hw, self.out_hw, self.warp = in_hw, out_hw, warp
-        m = inverse_affine(in_hw, out_hw, warp).astype(np.float32)
-        xs = np.arange(out_hw[1], dtype=np.float32) + 0.5
-        ys = np.arange(out_hw[0], dtype=np.float32) + 0.5
-        self.x = m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2]
-        self.y = m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2]
+        m = inverse_affine(in_hw, out_hw, warp)
+        xs = torch.arange(out_hw[1], dtype=torch.float32) + 0.5
+        ys = torch.arange(out_hw[0], dtype=torch.float32) + 0.5
+        x = float(m[0, 0]) * xs[None, :] + float(m[0, 1]) * ys[:, None] + float(m[0, 2])
+        y = float(m[1, 0]) * xs[None, :] + float(m[1, 1]) * ys[:, None] + float(m[1, 2])
         h, w = in_hw
-        ix, iy = np.floor(self.x).astype(np.int64), np.floor(self.y).astype(np.int64)
+        ix, iy = x.floor(), y.floor()
         self.inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-        self.flat = np.clip(iy, 0, h - 1) * w + np.clip(ix, 0, w - 1)
-        self._torch_grid: torch.Tensor | None = None
+        self.outside = (~self.inside).numpy()
+        self.flat = (iy.clamp_(0, h - 1) * w + ix.clamp_(0, w - 1)).to(torch.int64).numpy()
+        self.grid = torch.stack([x.mul_(2.0 / w).sub_(1.0), y.mul_(2.0 / h).sub_(1.0)], dim=-1)[None]
 
-    def nearest(self, field: np.ndarray, fill: float) -> np.ndarray:
-        """Nearest-neighbour lookup of an HxW field; ``fill`` outside the input."""
+    def nearest(self, field: np.ndarray, fill: float | bool) -> np.ndarray:
+        """Nearest-neighbour lookup of an (h, w) field; ``fill`` outside the input."""
         out = np.take(field.reshape(-1), self.flat)
-        out[~self.inside] = fill
+        np.copyto(out, fill, where=self.outside, casting="unsafe")
         return out
 
     def bicubic(self, chw: torch.Tensor) -> torch.Tensor:
         """Bicubic sampling of a float (C, h, w) tensor; border-clamped taps, caller masks the outside."""
-        if self._torch_grid is None:
-            h, w = self.in_hw
-            grid = np.stack([2.0 * self.x / w - 1.0, 2.0 * self.y / h - 1.0], axis=-1)
-            self._torch_grid = torch.from_numpy(grid.astype(np.float32))[None]
-        return F.grid_sample(chw[None], self._torch_grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
+        return F.grid_sample(chw[None], self.grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
+
+
+def _chw_float(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) numpy -> contiguous float32 (C, H, W) tensor (one copy; read-only input is fine)."""
+    if not array.flags.writeable:  # PIL hands out read-only arrays; torch wants writable memory
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float().contiguous()
 
 
 def _warp_image(image: np.ndarray, grid: _Grid) -> np.ndarray:
-    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
-    out = grid.bicubic(chw).clamp_(0, 255).round_().to(torch.uint8).numpy()
-    out[:, ~grid.inside] = 0
-    return out
+    out = grid.bicubic(_chw_float(image)).clamp_(0, 255).round_().masked_fill_(~grid.inside, 0)
+    return out.to(torch.uint8).numpy()
 
 
 def _warp_map(label: np.ndarray, grid: _Grid) -> np.ndarray:
     return grid.nearest(label, IGNORE_INDEX)
 
 
-def _rotate_normals(n: np.ndarray, warp: Warp) -> np.ndarray:
-    """Flip and rotate the (x, y) components of (3, H, W) normals like the image content."""
-    x, y = n[0], n[1]
+def _rotate_normals(n: torch.Tensor, warp: Warp) -> torch.Tensor:
+    """Flip and rotate the (x, y) components of (3, H, W) normals like the image content, in place."""
     if warp.flip:
-        x = -x
+        n[0].neg_()
     if warp.angle_deg:
         a = math.radians(warp.angle_deg)
         c, s = math.cos(a), math.sin(a)
-        x, y = c * x + s * y, -s * x + c * y  # CCW on screen, y pointing down
-    n[0], n[1] = x, y
+        x, y = n[0].clone(), n[1].clone()
+        n[0] = c * x + s * y  # CCW on screen, y pointing down
+        n[1] = c * y - s * x
     return n
 
 
-def _finish_normals(n: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Renormalise (3, H, W) normals in place; invalid or near-zero vectors become 255."""
-    norm = n[0] * n[0]
-    norm += n[1] * n[1]
-    norm += n[2] * n[2]
-    np.sqrt(norm, out=norm)
+def _finish_normals(n: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Renormalise (3, H, W) normals in place; invalid or near-zero vectors become 255 (float16 out)."""
+    norm = (n[0] * n[0]).add_(n[1] * n[1]).add_(n[2] * n[2]).sqrt_()  # not a dim-0 reduction: slow on CPU
     valid = valid & (norm > 1e-3)
-    norm[~valid] = 1.0
-    n /= norm
-    n[:, ~valid] = IGNORE_INDEX
-    return n.astype(np.float16)
+    n.div_(norm.clamp_min_(1e-3)).masked_fill_(~valid, IGNORE_INDEX)
+    return n.half().numpy()
+
+
+def _nonzero_vectors(n: torch.Tensor) -> torch.Tensor:
+    return (n[0] != 0) | (n[1] != 0) | (n[2] != 0)
 
 
 def _warp_normals(normals: np.ndarray, grid: _Grid) -> np.ndarray:
-    n = normals.astype(np.float32, copy=False)
-    valid_in = (n[..., 0] != 0) | (n[..., 1] != 0) | (n[..., 2] != 0)
-    valid = grid.nearest(valid_in, False) & grid.inside
-    sampled = grid.bicubic(torch.from_numpy(np.ascontiguousarray(n.transpose(2, 0, 1)))).numpy()
-    return _finish_normals(_rotate_normals(sampled, grid.warp), valid)
+    n = _chw_float(normals)
+    valid = torch.from_numpy(grid.nearest(_nonzero_vectors(n).numpy(), False)) & grid.inside
+    return _finish_normals(_rotate_normals(grid.bicubic(n), grid.warp), valid)
 
 
 def _warp_depth(depth: np.ndarray, grid: _Grid) -> np.ndarray:
-    out = grid.nearest(depth.astype(np.float32, copy=False), 0.0) / grid.warp.scale
+    out = grid.nearest(depth.astype(np.float32, copy=False), 0.0) / np.float32(grid.warp.scale)
     out[out <= 0] = IGNORE_INDEX
-    return out.astype(np.float32)
+    return out
 
 
 def _encode_normals(normals: np.ndarray) -> np.ndarray:
-    n = np.array(normals.transpose(2, 0, 1), dtype=np.float32)  # a copy: finished in place
-    return _finish_normals(n, (n[0] != 0) | (n[1] != 0) | (n[2] != 0))
+    n = _chw_float(normals)  # a copy: finished in place
+    return _finish_normals(n, _nonzero_vectors(n))
 
 
 def _encode_depth(depth: np.ndarray) -> np.ndarray:

@@ -166,7 +166,8 @@ def _describe(error: BaseException) -> str:
 
 
 def _trainable_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    """Full shapes; under ZeRO-3 a parameter is an empty placeholder and ``ds_shape`` holds its shape."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _normalize(value: Any) -> Any:
@@ -257,7 +258,6 @@ class Checkpointer:
         ``client_state`` is this rank's plain-data state (data position, RNG states, run ids); it is saved
         per rank. Returns only after the checkpoint is complete (marker and ``latest`` written).
         """
-        _require_supported_stage(engine)
         _agree(_attempt(lambda: check_plain_data(client_state))[1], "a rank's client_state cannot be saved")
         tag = step_tag(step)
         if self._last_saved == tag:  # e.g. the periodic save and a signal-triggered one at the same step
@@ -289,7 +289,6 @@ class Checkpointer:
         is rank 0's: per-rank entries such as data positions must then be re-derived by the trainer
         (``self.loaded_world_size`` says what the saving run had).
         """
-        _require_supported_stage(engine)
         choice, error = None, None
         if _rank() == 0:
             try:
@@ -431,6 +430,8 @@ class Checkpointer:
     def _restore(self, engine: Any, tag: str, marker: dict[str, Any]) -> dict:
         """Every rank: fetch and verify the files it needs, load them into the engine, read its client state."""
         same_world = int(marker["world_size"]) == _world_size()
+        if not same_world:
+            _require_reshardable(engine)
         # DeepSpeed's elastic_checkpoint option makes every rank read every shard, even at the same size.
         own_shard_only = same_world and not getattr(engine.optimizer, "elastic_checkpoint", False)
         needed = self._files_needed(marker, same_world, own_shard_only)
@@ -643,8 +644,9 @@ def _dp_rank() -> int:
     return _rank()
 
 
-def _require_supported_stage(engine: Any) -> None:
+def _require_reshardable(engine: Any) -> None:
+    """ZeRO-3 checkpoints resume on the same number of ranks only (DeepSpeed's own stage-3 format)."""
     if int(engine.zero_optimization_stage()) >= 3:
-        raise CheckpointError("ZeRO stage 3 is not supported by the checkpointer: it saved empty adapter "
-                              "tensors in several reports and partitions the trainable state this component "
-                              "reads. Use ZeRO stage 1 or 2 (the trainable state of MTLoRA is small).")
+        raise CheckpointError("this ZeRO-3 checkpoint was written by a different number of ranks; ZeRO-3 "
+                              "checkpoints resume only on the same number of ranks. Resume with the original "
+                              "world size, or train with ZeRO stage 1 or 2 (the MTLoRA trainable state is small).")

@@ -318,13 +318,29 @@ def test_client_state_must_be_plain_data(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00000001").exists()
 
 
-def test_zero3_is_refused_clearly(tmp_path):
-    class Fake:
-        def zero_optimization_stage(self):
-            return 3
+def test_zero3_resumes_exactly_on_the_same_number_of_ranks(tmp_path):
+    engine = make_engine(stage=3)
+    train(engine, 0, 3)
+    ckpt = Checkpointer(str(tmp_path), fingerprint=FINGERPRINT)
+    ckpt.save(engine, 3, {"step": 3, "rng": torch.get_rng_state()})
+    straight = train(engine, 3, 6)
+    resumed_engine = make_engine(stage=3)
+    client = Checkpointer(str(tmp_path), fingerprint=FINGERPRINT).load(resumed_engine)
+    assert client["step"] == 3
+    torch.set_rng_state(client["rng"])  # the model has dropout
+    assert train(resumed_engine, 3, 6) == straight
 
-    with pytest.raises(CheckpointError, match="stage 3"):
-        Checkpointer(str(tmp_path)).save(Fake(), 1, {})
+
+def test_zero3_checkpoint_from_another_world_size_is_refused_clearly(tmp_path):
+    engine = make_engine(stage=3)
+    train(engine, 0, 1)
+    Checkpointer(str(tmp_path), fingerprint=FINGERPRINT).save(engine, 1, {})
+    marker_path = tmp_path / "checkpoints" / "step_00000001" / "COMPLETE.json"
+    marker = json.loads(marker_path.read_text())
+    marker["world_size"] = 2  # as if written by two ranks
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="same number of ranks"):
+        Checkpointer(str(tmp_path), fingerprint=FINGERPRINT).load(make_engine(stage=3))
 
 
 def test_frozen_fingerprint_tracks_frozen_weights_only():
