@@ -7,7 +7,8 @@ real ~500x375 images), converts it to shards, starts ``rclone serve s3`` on 127.
 tests do (``tests/s3_server.py``), uploads the shards, then runs one training epoch (flip, rotation,
 scale, resize to ``img-size``; all five PASCAL tasks) per source and worker count. Reports:
 
-* ``samples/s``: steady state, from the first batch to the last (worker start-up excluded);
+* ``samples/s``: steady state, from the first batch to the last (worker start-up excluded), median
+  of ``--repeats`` epochs run alternately from each source;
 * ``epoch s``: wall time of the whole epoch including start-up;
 * ``samples/CPU-s``: samples per CPU-second of the loader processes (main + workers, S3 server
   excluded), i.e. what one core sustains; size ``num_workers`` with it;
@@ -93,12 +94,12 @@ def read_only(url: str, storage: StorageOptions) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=160)
+    parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--img-size", type=int, default=448)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shard-size-mb", type=float, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="epochs per setting; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs per setting; the median is reported")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtlora-data-bench"))
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -123,10 +124,14 @@ def main() -> None:
         for name, (url, storage, _) in sources.items():
             results["read_only"][name] = read_only(url, storage)
         for workers in args.workers:
-            for name, (url, storage, pid) in sources.items():
-                runs = [run_epoch(url, storage, workers, args.img_size, args.batch_size, pid) for _ in range(args.repeats)]
-                best = max(runs, key=lambda r: r["samples_per_s"])
-                results["epochs"].append({"source": name, "workers": workers, **best})
+            runs: dict[str, list[dict]] = {name: [] for name in sources}
+            for _ in range(args.repeats):  # alternate sources so that drift in machine load hits both
+                for name, (url, storage, pid) in sources.items():
+                    runs[name].append(run_epoch(url, storage, workers, args.img_size, args.batch_size, pid))
+            for name in sources:
+                median = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
+                results["epochs"].append({"source": name, "workers": workers, **median,
+                                          "all_samples_per_s": [r["samples_per_s"] for r in runs[name]]})
                 print(json.dumps(results["epochs"][-1]), flush=True)
     finally:
         server.stop()
@@ -141,11 +146,11 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print("\n| source | workers | samples/s | epoch s | samples/CPU-s | server CPU-s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| source | workers | samples/s (median) | all runs | epoch s | samples/CPU-s | server CPU-s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["epochs"]:
-        print(f"| {r['source']} | {r['workers']} | {r['samples_per_s']} | {r['epoch_s']} | {r['samples_per_cpu_s']} | "
-              f"{r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |")
+        print(f"| {r['source']} | {r['workers']} | {r['samples_per_s']} | {r['all_samples_per_s']} | {r['epoch_s']} | "
+              f"{r['samples_per_cpu_s']} | {r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |")
     rate = {(r["source"], r["workers"]): r["samples_per_s"] for r in results["epochs"]}
     for workers in args.workers:
         print(f"workers={workers}: s3 / local = {rate['s3', workers] / rate['local', workers]:.2f}")
