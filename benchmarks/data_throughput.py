@@ -1,6 +1,6 @@
 """Decoded-and-augmented samples per second from local shards and from a loopback S3 server.
 
-    python benchmarks/data_throughput.py [--num-samples 160] [--img-size 448] [--workers 0 1 2] [--json out.json]
+    python benchmarks/data_throughput.py [--num-samples 256] [--img-size 448] [--workers 0 1 2] [--json out.json]
 
 Makes a synthetic PASCAL-Context set whose images are about ``--img-size`` pixels high (like the
 real ~500x375 images), converts it to shards, starts ``rclone serve s3`` on 127.0.0.1 exactly as the
@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -81,7 +82,7 @@ def run_epoch(url: str, storage: StorageOptions, workers: int, img: int, batch: 
 def read_only(url: str, storage: StorageOptions) -> dict:
     manifest = read_manifest(url, storage)
     start, cpu0, n, size = time.perf_counter(), cpu_seconds(), 0, 0
-    for i, shard in enumerate(manifest.shards):
+    for i in range(len(manifest.shards)):
         fs, path = cached_fs(manifest.shard_url(i), storage)
         with fs.open(path, "rb", block_size=storage.block_size) as f:
             for _, members in iter_tar_samples(f):
@@ -111,11 +112,13 @@ def main() -> None:
         convert("pascal_context", root, "train", local, shard_size_mb=args.shard_size_mb, workers=os.cpu_count() or 1)
     manifest = read_manifest(local)
 
-    server = S3Server("rclone", Path(tempfile.mkdtemp(prefix="bench-s3-")) / "data").start()
+    server_dir = tempfile.mkdtemp(prefix="bench-s3-")
+    server = S3Server("rclone", Path(server_dir) / "data").start()
     try:
         server.make_bucket("bench")
         s3 = StorageOptions(endpoint_url=server.endpoint, key=KEY, secret=SECRET)
-        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")  # rclone's ranged reads
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
         fs, _ = cached_fs("s3://bench", s3)
         for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"bench/pascal/{name}")
@@ -135,6 +138,7 @@ def main() -> None:
                 print(json.dumps(results["epochs"][-1]), flush=True)
     finally:
         server.stop()
+        shutil.rmtree(server_dir, ignore_errors=True)
 
     results["setup"] = {
         "command": " ".join(["python"] + sys.argv),

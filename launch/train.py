@@ -5,12 +5,15 @@
     torchrun --nproc_per_node 8 launch/train.py --config configs/pascal_swin_b.yaml
     srun python launch/train.py --config ...                  # one task per GPU under SLURM
 
-A run pointed at a ``run_dir`` that holds checkpoints resumes from the newest complete one.
+A run pointed at a ``run_dir`` that holds checkpoints resumes from the newest complete one. Exit
+status: 0 finished (or ``steps_per_job`` reached), 3 stopped by SIGTERM/SIGUSR1/SIGINT after writing a
+checkpoint (requeue), 2 configuration error, anything else a real error.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import _cli  # noqa: F401  (puts the checkout on sys.path)
 
@@ -27,9 +30,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
 
-    from mtlora_dist.engine.trainer import train
+    from mtlora_dist.engine.trainer import EXIT_PREEMPTED, train
 
-    train(cfg, local_rank=args.local_rank)
+    result = train(cfg, local_rank=args.local_rank)
+    if result.preempted:
+        sys.exit(EXIT_PREEMPTED)  # checkpoint written; the SLURM script requeues on this status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ stopped by PID. Choose the backend with ``MTLORA_TEST_S3=rclone|moto``.
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import signal
 import socket
@@ -71,7 +70,7 @@ class S3Server:
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
         }
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         """Start (or restart, on the same port) the server. Call it from the main thread: the child gets
         SIGTERM when the thread that started it ends (``PR_SET_PDEATHSIG`` follows the thread)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,5 +111,10 @@ class S3Server:
                               region_name="us-east-1", config=Config(retries={"max_attempts": 3}))
         try:
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
+        except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             pass
+
+    @property
+    def persistent(self) -> bool:
+        """Whether objects survive a restart (rclone keeps them on disk; moto in memory)."""
+        return self.backend == "rclone"

@@ -58,7 +58,7 @@ class Manifest:
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, base_url: str = "") -> "Manifest":
+    def from_json(cls, text: str, base_url: str = "") -> Manifest:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise DataError(f"{base_url}: not an {FORMAT} manifest (format={data.get('format')!r})")

@@ -169,4 +169,4 @@ def locate(positions: Sequence[int], shard_counts: Sequence[int], order: np.ndar
     pos = np.asarray(positions, dtype=np.int64)
     slot = np.searchsorted(ends, pos, side="right")
     starts = ends - counts
-    return [(int(order[s]), int(p - starts[s])) for p, s in zip(pos, slot)]
+    return [(int(order[s]), int(p - starts[s])) for p, s in zip(pos, slot, strict=True)]

@@ -277,7 +277,7 @@ class ShardStream(IterableDataset):
         events = _Pending(reader, slots)
         good: tuple | None = None  # the last event that decoded
         owed = 0  # failures before the first good sample: filled once one arrives
-        for slot, valid in zip(slots, plan.valid):
+        for slot, valid in zip(slots, plan.valid, strict=True):
             event = events.take(slot)
             out = None
             if event[0] == "sample":

@@ -235,7 +235,7 @@ def _pascal_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
     visible = _visible_instances(c, objects)
     parts_map = np.zeros((h, w), np.uint8)
     any_person = False
-    for obj, vis in zip(objects, visible):
+    for obj, vis in zip(objects, visible, strict=True):
         obj["mask"] = vis
         obj["parts"] = [(name, m & vis) for name, m in obj["parts"]]
         if obj["class_ind"] == PERSON_CLASS and obj["parts"]:

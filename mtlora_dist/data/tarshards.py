@@ -45,7 +45,7 @@ class TarShardWriter:
         self._tar.close()
         self._file.close()
 
-    def __enter__(self) -> "TarShardWriter":
+    def __enter__(self) -> TarShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

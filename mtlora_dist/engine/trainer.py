@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,13 +32,25 @@ from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
 
-__all__ = ["train"]
+__all__ = ["train", "EXIT_PREEMPTED", "TrainResult"]
+
+# Exit status of launch/train.py after a signal-triggered checkpoint: "requeue me" (distinct from 0 =
+# finished and 1 = a real error, which must not be requeued).
+EXIT_PREEMPTED = 3
 
 log = logging.getLogger("mtlora_dist")
 
 
-def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
-    """Run (or resume) the job described by ``cfg``; returns the last evaluation's results."""
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    preempted: bool  # stopped by a signal after writing a checkpoint
+    results: dict  # the last evaluation
+
+
+def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
+    """Run (or resume) the job described by ``cfg``."""
     info = init_distributed(local_rank)
     _setup_logging(info)
     train_url, val_url = prepare_data(cfg.data, info)
@@ -68,6 +80,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     dtype = model_dtype(cfg.deepspeed)
     batches = _endless(train_loader)
     results: dict = {}
+    preempted = False
 
     def save() -> None:
         client = {"data": train_loader.state_dict(), "rng": rng_state(), "wandb_run_id": logger.run_id or "",
@@ -96,12 +109,13 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps or stopping:
             save()
         if stopping:
+            preempted = step != job_end
             log.info("stopping at step %d (%s); resume by running the same command", step,
                      "steps_per_job reached" if step == job_end else stop.name)
             break
     bar.close()
     logger.close()
-    return results
+    return TrainResult(engine.global_steps, total_steps, preempted, results)
 
 
 # --------------------------------------------------------------------------------------------------

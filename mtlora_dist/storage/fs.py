@@ -35,9 +35,9 @@ class StorageOptions:
     Credentials are read from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when not given here, and
     are never written into saved configs or logs (see :func:`redact`).
 
-    Two retry layers: ``retries`` is botocore's own attempt count per request; ``read_retries`` is how
-    often a whole shard read is re-opened (resuming where it broke) after that gave up, waiting
-    ``retry_delay_s`` doubled per attempt (capped at 30 s) in between.
+    Two retry layers: ``retries`` is botocore's own number of retries per request (after the first
+    attempt); ``read_retries`` is how often a whole read is started again (a shard resumes where it
+    broke) after that gave up, waiting ``retry_delay_s`` doubled per attempt (capped at 30 s).
     """
 
     endpoint_url: str | None = None

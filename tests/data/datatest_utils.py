@@ -32,12 +32,12 @@ def keys_of(batches) -> list[str]:
 
 
 def valid_keys(batches) -> list[str]:
-    return [k for b in batches for k, v in zip(b["__key__"], b["valid"].tolist()) if v]
+    return [k for b in batches for k, v in zip(b["__key__"], b["valid"].tolist(), strict=True) if v]
 
 
 def assert_batches_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
             if isinstance(x[key], torch.Tensor):

@@ -36,7 +36,7 @@ def test_training_epoch_sees_each_sample_at_most_once_and_ranks_match(n, world, 
 @pytest.mark.parametrize("n,world,workers,batch", EVAL_LAYOUTS)
 def test_evaluation_covers_every_sample_exactly_once(n, world, workers, batch):
     p = plans(n, world, workers, batch, train=False)
-    valid = Counter(pos for plan in p.values() for pos, v in zip(plan.positions, plan.valid) if v)
+    valid = Counter(pos for plan in p.values() for pos, v in zip(plan.positions, plan.valid, strict=True) if v)
     assert sorted(valid) == list(range(n)) and set(valid.values()) == {1}
     per_rank = [sum(len(p[r, k].batch_sizes) for k in range(workers)) for r in range(world)]
     assert len(set(per_rank)) == 1
