@@ -139,7 +139,8 @@ class MTLoRALinear(nn.Linear):
     # ----------------------------------------------------------------------------------------------
     def shared_delta(self, x: Tensor) -> Tensor:
         """``s_sh * B_sh A_sh x`` for an already dropped-out input."""
-        return F.linear(F.linear(x, self.lora_shared_A), self.lora_shared_B) * self.lora_shared_scale
+        delta = F.linear(F.linear(x, self.lora_shared_A), self.lora_shared_B)
+        return delta * self.lora_shared_scale.to(delta.dtype)  # the scale may stay fp32 under bf16/fp16
 
     def _task_scales(self) -> Tensor:
         if isinstance(self.lora_task_scale, nn.ParameterDict):
