@@ -8,7 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HRNetHead", "TaskDecoder"]
+__all__ = ["FP32BatchNorm2d", "HRNetHead", "TaskDecoder"]
+
+
+class FP32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises in fp32 whatever the training dtype, as autocast does.
+
+    Under DeepSpeed bf16/fp16 the parameters are cast to the low dtype while the running statistics
+    (buffers) stay fp32; computing in fp32 keeps the statistics precise and the dtypes consistent.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or self.running_mean is None
+        out = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, use_batch_stats,
+                           self.momentum, self.eps)
+        return out.to(x.dtype)
 
 
 class HRNetHead(nn.Module):
@@ -18,7 +36,7 @@ class HRNetHead(nn.Module):
         super().__init__()
         self.fuse = nn.Sequential(
             nn.Conv2d(sum(in_channels), hidden_channels, kernel_size=1),
-            nn.BatchNorm2d(hidden_channels, momentum=0.1),
+            FP32BatchNorm2d(hidden_channels, momentum=0.1),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(hidden_channels, num_outputs, kernel_size=1)
