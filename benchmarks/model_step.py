@@ -38,14 +38,17 @@ def _randomize_lora(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _time_steps(step, repeats: int, warmup: int = 1) -> list[float]:
+def _time_steps(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time several step functions, interleaved so that machine noise hits all of them alike."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -83,19 +86,23 @@ def main() -> None:
         raise SystemExit(f"outputs differ: max |ours - reference| = {max_diff:.3e}")
 
     model.train()
-    t_ours = _time_steps(_train_step(model, model, images), args.repeats)
-    t_ref = _time_steps(_train_step(model, lambda x: ref_model(model, x), images), args.repeats)
-
     plain = timm.create_model(cfg.model.backbone, num_classes=0, img_size=(args.size, args.size),
                               drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.backbone_kwargs)).train()
     for p in plain.parameters():
         p.requires_grad_(False)
     plain.patch_embed.proj.weight.requires_grad_(True)  # something to backpropagate into, as a frozen backbone has
-    t_plain = _time_steps(lambda: plain.forward_features(images).square().mean().backward(), args.repeats)
 
-    backbone_only = _time_steps(
-        lambda: (model.zero_grad(set_to_none=True), sum(f.square().mean() for f in model.backbone(images)).backward()),
-        args.repeats)
+    def backbone_step():
+        model.zero_grad(set_to_none=True)
+        sum(f.square().mean() for f in model.backbone(images)).backward()
+
+    times = _time_steps({
+        "ours": _train_step(model, model, images),
+        "reference": _train_step(model, lambda x: ref_model(model, x), images),
+        "backbone": backbone_step,
+        "plain": lambda: plain.forward_features(images).square().mean().backward(),
+    }, args.repeats)
+    t_ours, t_ref, backbone_only, t_plain = (times[k] for k in ("ours", "reference", "backbone", "plain"))
 
     result = {
         "config": args.config, "batch": args.batch, "size": args.size, "threads": args.threads,

@@ -183,7 +183,9 @@ class MTLoRALinear(nn.Linear):
 
         if self.task_input:
             streams = x.unflatten(0, (self.num_streams, -1))  # (1+T, B, ..., d_in)
-            x0, task_in = streams[0], streams[1:]
+            # split, not indexing: its backward concatenates instead of zero-filling a full-size tensor
+            x0, task_in = streams.split([1, len(self.tasks)])
+            x0 = x0.squeeze(0)
             x0_drop = self.lora_dropout(x0)
         else:
             x0 = x

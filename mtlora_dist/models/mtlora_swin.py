@@ -129,11 +129,11 @@ class MTLoRASwin(nn.Module):
                 x = self._run_block(block, x)
             if self.pyramid == "official" and i + 1 < len(self.layers):
                 x = self.layers[i + 1].downsample(x)  # LN + reduction once on all stacked streams
-            if x.shape[0] > batch:
-                features.append(x[batch:].unflatten(0, (num_tasks, batch)))  # (T, B, h, w, C)
+            if x.shape[0] > batch:  # split, not slicing: a cheaper backward (no zero-filled copies)
+                x, task_x = x.split([batch, num_tasks * batch])
+                features.append(task_x.unflatten(0, (num_tasks, batch)))  # (T, B, h, w, C)
             else:  # a stage without task branches gives every task the shared stream
                 features.append(x.unsqueeze(0).expand(num_tasks, *x.shape))
-            x = x[:batch]
             shared.append(x)
         return (features, shared) if return_shared else features
 

@@ -131,7 +131,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={self.ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge}/munge.socket.2
+AuthInfo=socket={munge}/munge.socket.2,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
@@ -273,11 +273,12 @@ def main(argv: list[str]) -> None:
     root = Path(argv[1] if len(argv) > 1 else "/tmp/slurm-play").resolve()
     print(f"installed in {ensure_installed():.1f} s" if missing_binaries() else "SLURM already installed")
     cluster = SlurmCluster(root).start()
-    print(f"cluster up: export SLURM_CONF={cluster.conf}   (Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill PID` stops the cluster cleanly too
+    print(f"cluster up: export SLURM_CONF={cluster.conf}   (Ctrl-C or kill {os.getpid()} stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         cluster.stop()

@@ -1,0 +1,186 @@
+"""Rebuild a trained model from a checkpoint, for evaluation and export (no optimizer, no DeepSpeed engine).
+
+A checkpoint holds the trainable weights only (``mp_rank_00_model_states.pt``, entry ``module``, plus
+persistent buffers such as BatchNorm statistics); the frozen backbone is rebuilt exactly as the trainer
+built it: ``seed_everything(cfg.seed)`` then ``build_model`` (random init, or ``model.pretrained``).
+Three checks make a wrong rebuild an error instead of wrong numbers:
+
+- the run's config fingerprint (backbone, tasks, dataset, adapter mode) and every trainable parameter's
+  name and shape, from the checkpoint's marker;
+- the sha256 of every file read, from the marker (files are read with ``weights_only=True``);
+- the frozen-weights fingerprint the trainer stored in its client state (same pretrained file, same seed).
+
+Only ZeRO-1/2 checkpoints hold their weights in the model states file; ZeRO-3 ones are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlora_dist.engine.checkpoint import (
+    CHECKPOINTS_DIR,
+    FORMAT,
+    MARKER_NAME,
+    CheckpointError,
+    CheckpointMismatchError,
+    Checkpointer,
+    fingerprint_differences,
+    frozen_fingerprint,
+)
+from mtlora_dist.engine.config import TrainConfig, load_config
+from mtlora_dist.engine.rng import seed_everything
+from mtlora_dist.engine.safe_load import safe_torch_load
+from mtlora_dist.engine.trainer import _fingerprint as run_fingerprint
+from mtlora_dist.models import MultiTaskSwin, build_model
+from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
+
+__all__ = ["CheckpointRef", "resolve_checkpoint", "load_run_config", "restore_model", "split_cli_keys"]
+
+log = logging.getLogger("mtlora_dist")
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+CLIENT_STATE = "client_state/rank_00000.pt"
+_MASKED = "***"  # what to_yaml writes in place of credentials
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint: the run it belongs to, its tag and its completion marker."""
+
+    run_dir: str
+    tag: str
+    marker: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return join(self.run_dir, CHECKPOINTS_DIR, self.tag)
+
+    @property
+    def step(self) -> int:
+        return int(self.marker["step"])
+
+
+def split_cli_keys(args: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Take ``key=value`` arguments whose key is in ``keys`` (e.g. ``checkpoint=``, ``out=``: not config
+    keys) out of ``args``; the rest are config overrides."""
+    picked, rest = {}, []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys:
+            picked[key] = value
+        else:
+            rest.append(arg)
+    return picked, rest
+
+
+def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> CheckpointRef:
+    """``url`` is a run directory (its newest complete checkpoint is taken), its ``checkpoints/`` folder,
+    or one ``checkpoints/step_XXXXXXXX`` folder (which must be complete)."""
+    url = str(url).rstrip("/")
+    fs, path = url_to_fs(url, storage)
+    fs.invalidate_cache()
+    if fs.exists(f"{path}/{MARKER_NAME}"):
+        parent, tag = posixpath.split(url)
+        if posixpath.basename(parent) != CHECKPOINTS_DIR:
+            raise CheckpointError(f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
+                                  "of a run directory; pass the run directory or <run_dir>/checkpoints/step_X")
+        return CheckpointRef(posixpath.dirname(parent), tag, _read_marker(url, tag, storage))
+    run_dir = posixpath.dirname(url) if posixpath.basename(url) == CHECKPOINTS_DIR else url
+    tag = Checkpointer(run_dir, storage=storage).latest()
+    if tag is None:
+        raise CheckpointError(f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
+                              f"its {MARKER_NAME} is written); pass a run directory or a checkpoints/step_X folder")
+    return CheckpointRef(run_dir, tag, _read_marker(join(run_dir, CHECKPOINTS_DIR, tag), tag, storage))
+
+
+def _read_marker(url: str, tag: str, storage: StorageOptions | None) -> dict[str, Any]:
+    fs, path = url_to_fs(join(url, MARKER_NAME), storage)
+    try:
+        marker = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"{url} has no readable {MARKER_NAME}: it is not a complete checkpoint ({err})") from None
+    if marker.get("format") != FORMAT or marker.get("tag") != tag:
+        raise CheckpointError(f"{url}/{MARKER_NAME} is not a {FORMAT} marker for '{tag}'")
+    if int(marker.get("zero_stage", 0)) >= 3:
+        raise CheckpointError(f"{url} is a ZeRO-3 checkpoint: its weights are partitioned across the optimizer "
+                              "shards, which evaluation and export do not read. Train with ZeRO stage 1 or 2 "
+                              "(the MTLoRA trainable state is small).")
+    missing = [name for name in (MODEL_STATES, CLIENT_STATE) if name not in marker.get("files", {})]
+    if missing:
+        raise CheckpointError(f"{url}/{MARKER_NAME} lists no {missing}")
+    return marker
+
+
+def load_run_config(run_dir: str, overrides: list[str] | None = None,
+                    storage: StorageOptions | None = None) -> TrainConfig:
+    """The config a run saved (``<run_dir>/config.yaml``) with ``overrides`` applied. Credentials were
+    masked when it was saved; they come from the environment (``AWS_*``) again."""
+    fs, path = url_to_fs(join(run_dir, "config.yaml"), storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
+    with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
+        local = os.path.join(tmp, "run_config.yaml")
+        fs.get_file(path, local)
+        cfg = load_config(local, overrides)
+    for key in ("key", "secret"):
+        if getattr(cfg.data.storage, key) == _MASKED:
+            setattr(cfg.data.storage, key, None)
+    return cfg
+
+
+def _read_file(ref: CheckpointRef, name: str, storage: StorageOptions | None, allow_deepspeed: bool) -> Any:
+    """One checkpoint file, checksum-verified and loaded with ``weights_only=True`` (downloaded first if remote)."""
+    url, sha256 = join(ref.url, name), ref.marker["files"][name]["sha256"]
+    if not is_remote(url):
+        return safe_torch_load(url_to_fs(url)[1], expected_sha256=sha256, allow_deepspeed=allow_deepspeed)
+    fs, path = url_to_fs(url, storage)
+    with tempfile.TemporaryDirectory(prefix="mtlora-restore-") as tmp:
+        local = os.path.join(tmp, os.path.basename(name))
+        fs.get_file(path, local)
+        return safe_torch_load(local, expected_sha256=sha256, allow_deepspeed=allow_deepspeed)
+
+
+def _trainable_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_matches(ref: CheckpointRef, cfg: TrainConfig, model: nn.Module) -> None:
+    current = {"config": json.loads(json.dumps(run_fingerprint(cfg, model), sort_keys=True, default=str)),
+               "trainable": _trainable_shapes(model)}
+    problems = fingerprint_differences(ref.marker.get("fingerprint", {}), current)
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {ref.url} was trained with another model or configuration:\n  " + "\n  ".join(problems)
+            + "\nUse the run's own config (omit --config to read <run_dir>/config.yaml) or the matching --config.")
+
+
+def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions | None = None,
+                  dtype: torch.dtype = torch.float32) -> MultiTaskSwin:
+    """The model of ``ref`` in eval mode on the CPU, in ``dtype`` (the training precision reproduces the
+    training run's evaluation; the frozen fingerprint is taken in it, as the trainer took it)."""
+    seed_everything(cfg.seed)  # the trainer builds right after this, so random frozen weights match too
+    model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset).to(dtype)
+    _check_matches(ref, cfg, model)
+    client = _read_file(ref, CLIENT_STATE, storage, allow_deepspeed=False)
+    if client.get("frozen") and client["frozen"] != frozen_fingerprint(model):
+        raise CheckpointMismatchError(
+            f"the frozen backbone rebuilt here differs from the one {ref.url} was trained on: use the same "
+            f"model.pretrained file and seed as the training run (seed {cfg.seed}, pretrained {cfg.model.pretrained!r})")
+    states = _read_file(ref, MODEL_STATES, storage, allow_deepspeed=True)
+    result = model.load_state_dict(states["module"], strict=False)
+    trainable = set(_trainable_shapes(model))
+    missing = sorted(trainable & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise CheckpointMismatchError(f"{ref.url}/{MODEL_STATES} does not fit the model: missing trainable "
+                                      f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+    log.info("restored %s (step %d) with %d tensors", ref.url, ref.step, len(states["module"]))
+    return model.eval()
