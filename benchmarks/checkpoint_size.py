@@ -24,6 +24,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,7 +108,12 @@ def measure(model: nn.Module, workdir: str, stage: int = 2) -> dict[str, Any]:
     engine.backward(sum((p * 0).sum() for p in trainable_params))
     engine.step()
     ours_dir = os.path.join(workdir, "ours")
+    start = time.perf_counter()
     url = Checkpointer(ours_dir, keep_last=1).save(engine, 1, {"step": 1})
+    save_s = time.perf_counter() - start
+    start = time.perf_counter()
+    Checkpointer(ours_dir, keep_last=1).load(engine)
+    load_s = time.perf_counter() - start
     default_dir = os.path.join(workdir, "default")
     engine.checkpoint_engine = TorchCheckpointEngine(engine._config)  # DeepSpeed as shipped
     engine.save_checkpoint(default_dir, tag="default")
@@ -117,7 +123,7 @@ def measure(model: nn.Module, workdir: str, stage: int = 2) -> dict[str, Any]:
     ours = folder_bytes(url)  # every file, marker included
     return {"frozen_params": frozen, "trainable_params": trainable, "zero_stage": stage,
             "world_size": marker["world_size"], "ours_bytes": ours, "default_bytes": folder_bytes(default_dir),
-            "expected_bytes": expected, "ours_vs_expected": ours / expected}
+            "expected_bytes": expected, "ours_vs_expected": ours / expected, "save_s": save_s, "load_s": load_s}
 
 
 def _load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -151,7 +157,8 @@ def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
         f"{result['default_bytes'] / result['trainable_params']:.2f} |",
         "",
         f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
-        f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default.",
+        f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default. "
+        f"Save {result['save_s']:.2f} s, load {result['load_s']:.2f} s (local disk).",
         "",
         "",
     ])
@@ -165,6 +172,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--label", default="", help="section title in the doc (default: the model)")
     parser.add_argument("--write-doc", default="", help="append the figures to this markdown file")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -183,6 +191,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=1))
+    if args.json and dist.get_rank() == 0:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.write_doc and dist.get_rank() == 0:
         launcher = f"deepspeed --num_accelerators {result['world_size']} " if result["world_size"] > 1 else "python "
         args_shown = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

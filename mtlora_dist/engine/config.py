@@ -120,6 +120,7 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
     max_batches: int = 0  # 0 = the whole split
+    visual_samples: int = 4  # validation images in <run_dir>/reports/predictions_step_*.png; 0 = no grid
     baselines: dict[str, float] = field(default_factory=lambda: {
         "semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97})
 

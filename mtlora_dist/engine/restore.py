@@ -43,7 +43,7 @@ from mtlora_dist.engine.trainer import _fingerprint as run_fingerprint
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 
-__all__ = ["CheckpointRef", "resolve_checkpoint", "load_run_config", "restore_model", "split_cli_keys"]
+__all__ = ["CheckpointRef", "resolve_checkpoint", "restore_model", "run_config", "split_cli_keys"]
 
 log = logging.getLogger("mtlora_dist")
 
@@ -120,11 +120,14 @@ def _read_marker(url: str, tag: str, storage: StorageOptions | None) -> dict[str
     return marker
 
 
-def load_run_config(run_dir: str, overrides: list[str] | None = None,
-                    storage: StorageOptions | None = None) -> TrainConfig:
-    """The config a run saved (``<run_dir>/config.yaml``) with ``overrides`` applied. Credentials were
-    masked when it was saved; they come from the environment (``AWS_*``) again."""
-    fs, path = url_to_fs(join(run_dir, "config.yaml"), storage)
+def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config for evaluating or exporting ``checkpoint``: the YAML ``config`` if given, else the one the
+    run saved (``<run_dir>/config.yaml``), with ``overrides`` applied. A saved config has its credentials
+    masked; they come from the environment (``AWS_*``) again."""
+    if config:
+        return load_config(config, overrides)
+    run_dir = resolve_checkpoint(checkpoint).run_dir
+    fs, path = url_to_fs(join(run_dir, "config.yaml"))
     if not fs.exists(path):
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
     with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:

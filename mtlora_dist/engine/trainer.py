@@ -27,6 +27,7 @@ from mtlora_dist.engine.run_logger import RunLogger, write_text
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.models import build_model
+from mtlora_dist.reports import PredictionReport, save_curves
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
@@ -60,6 +61,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
     train_loader = _loader(cfg, info, train_url, "train")
     val_loader = _loader(cfg, info, val_url, "val")
+    report = PredictionReport.from_config(cfg, val_url)  # None when eval.visual_samples is 0
     total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
 
@@ -104,6 +106,8 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
             results = evaluate(engine, val_loader, evaluator, info.device, dtype, cfg.eval.max_batches)
             _log_eval(logger, step, results, evaluator)
+            if report is not None:  # every rank runs the forward (ZeRO-3 gathers weights); rank 0 draws
+                report.write(engine, step, join(cfg.run_dir, "reports"), info.device, dtype, logger)
         # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
         stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps or stopping:
@@ -114,6 +118,10 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
                      "steps_per_job reached" if step == job_end else stop.name)
             break
     bar.close()
+    if info.is_main:
+        curves = save_curves(logger.metrics_path, join(cfg.run_dir, "reports", "curves.png"), cfg.data.storage)
+        if curves:
+            logger.log_image("curves", curves, engine.global_steps)
     logger.close()
     return TrainResult(engine.global_steps, total_steps, preempted, results)
 

@@ -12,9 +12,11 @@ from matplotlib import colormaps
 
 from mtlora_dist.tasks.registry import IGNORE_INDEX, get_task
 
-__all__ = ["IGNORE_COLOR", "colorize", "label_map", "voc_palette"]
+__all__ = ["IGNORE_SHADES", "colorize", "label_map", "voc_palette"]
 
-IGNORE_COLOR = (224, 224, 192)  # the PASCAL VOC "void" colour, for every kind
+# Pixels without a label are drawn as a grey/white checkerboard ("no data"), which no colour map produces.
+IGNORE_SHADES = (255, 200)
+CHECKER = 4  # pixels per square
 
 
 def voc_palette(size: int = 256) -> np.ndarray:
@@ -74,10 +76,12 @@ def label_map(task: str, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def colorize(task: str, values: np.ndarray, ignore: np.ndarray | None = None,
              value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """(H, W[, 3]) map of ``task`` -> (H, W, 3) uint8; ``ignore`` pixels get :data:`IGNORE_COLOR`.
+    """(H, W[, 3]) map of ``task`` -> (H, W, 3) uint8; ``ignore`` pixels become a checkerboard.
     ``value_range`` fixes the colour scale of depth (pass the truth's range to both panels)."""
     rgb = _RENDERERS[get_task(task).target_kind](values, value_range)
-    if ignore is not None:
+    if ignore is not None and ignore.any():
+        rows, cols = np.indices(ignore.shape)
+        checker = np.where((rows // CHECKER + cols // CHECKER) % 2 == 0, *IGNORE_SHADES).astype(np.uint8)
         rgb = rgb.copy()
-        rgb[ignore] = IGNORE_COLOR
+        rgb[ignore] = checker[ignore][:, None]
     return rgb

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,20 +86,32 @@ def _die_with_parent() -> None:
         pass
 
 
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, all different (sockets held open until every one is chosen)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
 @dataclass
 class SlurmCluster:
-    """Two one-machine "nodes" n1, n2 (ports 6818/6819) in partition ``debug``, plus controller and munge."""
+    """Two one-machine "nodes" n1, n2 in partition ``debug``, plus controller and munge."""
 
     root: Path
     nodes: tuple[str, ...] = ("n1", "n2")
     cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
     memory_mb: int = 4000
-    ctld_port: int = 6817
-    first_slurmd_port: int = 6818
+    # free ports, not Slurm's 6817-6819: a system Slurm or a second test session may hold those
+    ports: list[int] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ configuration
@@ -120,15 +133,16 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         r = self.root
+        self.ports = _free_ports(1 + len(self.nodes))
         node_lines = "\n".join(
-            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.first_slurmd_port + i} "
+            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.ports[1 + i]} "
             f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
             for i, name in enumerate(self.nodes))
         self.conf.write_text(f"""\
 # written by tests/slurm/slurm_cluster.py
 ClusterName=mtlora-test
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={self.ctld_port}
+SlurmctldPort={self.ports[0]}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge}/munge.socket.2,cred_expire=10

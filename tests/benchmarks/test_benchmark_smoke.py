@@ -1,0 +1,28 @@
+"""The GPU benchmark's code path, run on the CPU with the tiny model: bf16 through DeepSpeed, FLOP
+counting and the MFU arithmetic, so it works the day a GPU is there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def test_gpu_throughput_script_runs_on_cpu(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "benchmarks/gpu_throughput.py", "--config", "configs/quickstart.yaml", "--batch", "2",
+           "--size", "64", "--steps", "1", "--precision", "bf16", "--json", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["precision"] == "bf16"
+    assert result["model_tflop_per_step"] > 0 and result["images_per_s"] > 0
+    assert 0 < result["mfu"] == pytest.approx(result["achieved_tflops"] / result["measured_matmul_tflops"])
