@@ -20,13 +20,14 @@ def _last_val_record(run_dir: str) -> dict:
     return [r for r in read_jsonl(f"{run_dir}/metrics.jsonl") if r.get("split") == "val"][-1]
 
 
-def test_eval_of_s3_run_dir_on_two_ranks_equals_the_training_runs_last_evaluation(trained_run):
-    # the run's own config (no --config), 2 ranks as in training, default out: <run_dir>/eval on S3
-    proc = run_script("eval.py", [f"checkpoint={trained_run.run_dir}"], trained_run.workdir, ranks=2)
+def test_eval_of_an_s3_run_dir_equals_the_training_runs_last_evaluation(trained_run):
+    # the run's own config (no --config), one rank and the eval batch size as in training, default out:
+    # <run_dir>/eval on S3. Same model, same batches: the same numbers, bit for bit.
+    proc = run_script("eval.py", [f"checkpoint={trained_run.run_dir}"], trained_run.workdir)
     assert "delta-m" in proc.stdout + proc.stderr
     fs, base = url_to_fs(f"{trained_run.run_dir}/eval")
     report = json.loads(fs.cat_file(f"{base}/step_00000006_val_original.json"))
-    assert report["step"] == 6 and report["world_size"] == 2 and report["protocol"] == "original"
+    assert report["step"] == 6 and report["world_size"] == 1 and report["protocol"] == "original"
 
     trained = _last_val_record(trained_run.run_dir)
     assert trained["step"] == 6
@@ -39,13 +40,13 @@ def test_eval_of_s3_run_dir_on_two_ranks_equals_the_training_runs_last_evaluatio
     assert fs.exists(f"{base}/curves.png") and fs.exists(f"{base}/predictions_step_00000006.png")
 
 
-def test_eval_of_a_step_folder_under_plain_python_with_the_official_protocol(trained_run, tmp_path):
+def test_eval_of_a_step_folder_on_two_ranks_with_the_official_protocol(trained_run, tmp_path):
     checkpoint = f"{trained_run.run_dir}/checkpoints/step_00000006"
     out = tmp_path / "eval"
     run_script("eval.py", ["--config", CONFIG, *trained_run.overrides, f"checkpoint={checkpoint}",
-                           "data.eval_protocol=official", f"out={out}"], trained_run.workdir)
+                           "data.eval_protocol=official", f"out={out}"], trained_run.workdir, ranks=2)
     report = json.loads((out / "step_00000006_val_official.json").read_text())
-    assert report["protocol"] == "official" and report["world_size"] == 1
+    assert report["protocol"] == "official" and report["world_size"] == 2
     assert report["checkpoint"] == checkpoint
     for task in ("semseg", "human_parts", "sal", "normals"):
         primary = report["tasks"][task]["primary_metric"]
