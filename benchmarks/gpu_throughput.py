@@ -13,7 +13,6 @@ and MFU divides the achieved FLOP rate by the device's *measured* dense matmul r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit, random_targets  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -74,11 +76,7 @@ def main() -> None:
     dtype = model_dtype(cfg.deepspeed)
     loss_fn = MultiTaskLoss(cfg.data.tasks)
     images = torch.randn(args.batch, 3, args.size, args.size, device=info.device, dtype=dtype)
-    targets = {t: torch.zeros(args.batch, args.size, args.size, dtype=torch.uint8, device=info.device)
-               for t in cfg.data.tasks}
-    if "normals" in targets:
-        targets["normals"] = torch.nn.functional.normalize(
-            torch.randn(args.batch, 3, args.size, args.size, device=info.device), dim=1)
+    targets = random_targets(cfg.data.tasks, args.batch, args.size, info.device)
 
     def step() -> None:
         outputs = engine(images)
@@ -111,10 +109,7 @@ def main() -> None:
         "measured_matmul_tflops": rate / 1e12, "mfu": flops_per_step / step_s / rate,
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

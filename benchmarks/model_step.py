@@ -11,7 +11,6 @@ same outputs (eval mode), then times training steps (dropout and drop-path on, a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timm  # noqa: E402
+from common import emit  # noqa: E402
 from reference_mtlora import ref_model  # noqa: E402
 
 from mtlora_dist.engine.config import load_config  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

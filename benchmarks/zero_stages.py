@@ -22,6 +22,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import random_targets  # noqa: E402
 
 
 def _tensor_bytes(obj) -> int:
@@ -65,8 +68,7 @@ def worker(args) -> None:
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, args.batch, info.world_size, 1000)
     loss_fn = MultiTaskLoss(cfg.data.tasks)
     images = torch.randn(args.batch, 3, args.size, args.size)
-    targets = {t: torch.zeros(args.batch, args.size, args.size, dtype=torch.uint8) for t in cfg.data.tasks}
-    targets["normals"] = torch.nn.functional.normalize(torch.randn(args.batch, 3, args.size, args.size), dim=1)
+    targets = random_targets(cfg.data.tasks, args.batch, args.size)
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()
