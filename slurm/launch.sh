@@ -23,6 +23,7 @@
 #   MTLORA_PROCS_PER_NODE  deepspeed mode: ranks per node (default: GPUs on the node, else
 #                        --ntasks-per-node, else 1)
 #   MTLORA_SRUN_ARGS     extra srun arguments, space separated (e.g. "--cpu-bind=none")
+#   MTLORA_SRUN_WAIT     seconds srun lets the other tasks run once one has ended (default: 600)
 #   MASTER_ADDR/MASTER_PORT  rendezvous; default: first host of the allocation and a free port on it
 set -euo pipefail
 
@@ -62,6 +63,10 @@ read -r -a OVERRIDES <<<"${MTLORA_OVERRIDES:-}"
 if [[ -n ${MTLORA_RUN_DIR:-} ]]; then OVERRIDES+=("run_dir=$MTLORA_RUN_DIR"); fi
 OVERRIDES+=("$@")
 read -r -a SRUN_ARGS <<<"${MTLORA_SRUN_ARGS:-}"
+# When one task ends, srun stops the rest after --wait seconds: a rank that crashed must not leave the
+# others blocked in a collective until the time limit. Not --kill-on-bad-exit: ranks that stop with
+# status 3 after a checkpoint end within seconds of each other, and it would kill the slower ones.
+SRUN_COMMON=(--wait="${MTLORA_SRUN_WAIT:-600}" "${SRUN_ARGS[@]}")
 
 # ------------------------------------------------------------------------------------- rendezvous
 # The batch script runs on the allocation's first node, so that node hosts rank 0's TCP store:
@@ -85,16 +90,14 @@ TRAIN=("$REPO/launch/train.py" --config "$CONFIG" "${OVERRIDES[@]}")
 # -------------------------------------------------------------------------------------- the step
 start_step() {
     if [[ $LAUNCHER == srun ]]; then
-        # one task per GPU; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. A rank that
-        # fails makes srun stop the others (SIGTERM, which the trainer turns into a clean exit),
-        # rather than leaving them blocked in a collective.
-        srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$PYTHON" "${TRAIN[@]}" &
+        # one task per GPU; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+        srun "${SRUN_COMMON[@]}" "$PYTHON" "${TRAIN[@]}" &
     else
         # one DeepSpeed launcher per node (slurm/deepspeed_node.sh: --no_ssh with this node's rank),
         # each with `slots` ranks; the step gets the node's CPUs for them
         local slots=${MTLORA_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-1}}}
-        srun --kill-on-bad-exit=1 --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-            --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" "${SRUN_ARGS[@]}" \
+        srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+            "${SRUN_COMMON[@]}" \
             bash "$REPO/slurm/deepspeed_node.sh" "$slots" "$PYTHON" "${TRAIN[@]}" &
     fi
     STEP_PID=$!
@@ -128,6 +131,14 @@ while :; do
 done
 trap - USR1 TERM
 
+# Killed by the very USR1 passed on above: the ranks were still starting up (the trainer installs its
+# handler once its engine is built), so there was nothing new to save and the newest checkpoint
+# stands. That is a stop request as much as status 3 is, not an error.
+if [[ -n $STOP_SENT && $STATUS == $((128 + $(kill -l USR1))) ]]; then
+    log "the stop request reached the ranks before they were ready for it (status $STATUS): they had nothing new to save"
+    STATUS=3
+fi
+
 case $STATUS in
     0)
         log "training finished (status 0)"
@@ -138,11 +149,19 @@ case $STATUS in
                 "(MTLORA_MAX_RESTARTS=$MAX_RESTARTS): not requeuing; resubmit to continue"
             exit 3
         fi
+        # `scontrol requeue` would also bring back a job that someone cancelled (scancel sends TERM, the
+        # trainer checkpoints and exits 3): respect the cancel
+        state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
+        if [[ $state == CANCELLED ]]; then
+            log "stopped with a checkpoint after the job was cancelled: not requeuing; resubmit to continue"
+            exit 3
+        fi
         log "preempted with a checkpoint (status 3): requeuing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS)"
         scontrol requeue "$SLURM_JOB_ID" || { log "scontrol requeue failed: resubmit to continue"; exit 3; }
         ;;
     *)
-        log "training failed with status $STATUS: not requeuing (status 2 = configuration error, see above)"
+        # 2: configuration error; 128+N: a rank was killed by signal N; anything else: an error above
+        log "training failed with status $STATUS: not requeuing (see the errors above)"
         exit "$STATUS"
         ;;
 esac

@@ -177,7 +177,8 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
     if client.get("frozen") and client["frozen"] != frozen_fingerprint(model):
         raise CheckpointMismatchError(
             f"the frozen backbone rebuilt here differs from the one {ref.url} was trained on: use the same "
-            f"model.pretrained file and seed as the training run (seed {cfg.seed}, pretrained {cfg.model.pretrained!r})")
+            f"model.pretrained file and seed as the training run (here: seed {cfg.seed}, "
+            f"pretrained {cfg.model.pretrained!r})")
     states = _read_file(ref, MODEL_STATES, storage, allow_deepspeed=True)
     result = model.load_state_dict(states["module"], strict=False)
     trainable = set(_trainable_shapes(model))

@@ -129,7 +129,8 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if _sha256(weights) != expected:
         raise ValueError(f"{weights} does not match the sha256 in {MANIFEST}: the file changed after export")
     spec = ModelSpec.from_dict(manifest["spec"])
-    net = spec.build()
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+        net = spec.build()
     summary = to_inference(net, fold_task_proj=bool(manifest["merge"]["fold_task_proj"]))
     _load_strict(net, load_file(weights), weights)
     return InferenceModel(net, spec, summary).to(device=device, dtype=dtype).eval()

@@ -20,7 +20,8 @@ TINY = [
 ]
 
 
-def run_script(script: str, args: list[str], cwd: Path, ranks: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], cwd: Path, ranks: int = 0,
+               timeout: int = 300) -> subprocess.CompletedProcess:
     """``launch/<script>`` under plain python (``ranks=0``) or the deepspeed launcher with ``ranks`` CPU ranks."""
     from s3_server import free_port
 

@@ -6,12 +6,13 @@ import json
 import math
 
 import pytest
-from evaltest_utils import CONFIG, read_jsonl, run_script
 
 from mtlora_dist.engine.checkpoint import CheckpointMismatchError
 from mtlora_dist.engine.config import load_config
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model, run_config, split_cli_keys
 from mtlora_dist.storage.fs import url_to_fs
+
+from evaltest_utils import CONFIG, read_jsonl, run_script
 
 pytestmark = pytest.mark.integration
 
@@ -80,5 +81,6 @@ def test_checkpoint_resolution_and_the_runs_saved_config(trained_run):
 
 
 def test_cli_keys_are_separated_from_config_overrides():
-    extra, rest = split_cli_keys(["checkpoint=s3://b/r", "seed=3", "out=x=y", "data.batch_size=2"], ("checkpoint", "out"))
+    args = ["checkpoint=s3://b/r", "seed=3", "out=x=y", "data.batch_size=2"]
+    extra, rest = split_cli_keys(args, ("checkpoint", "out"))
     assert extra == {"checkpoint": "s3://b/r", "out": "x=y"} and rest == ["seed=3", "data.batch_size=2"]

@@ -129,6 +129,7 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge = self.root / "munge"
         munge.chmod(0o755)  # munged refuses a socket folder that others can write to
+        self.root.chmod(0o755)  # and warns when clients cannot reach the socket through its parent
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
@@ -145,7 +146,8 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={self.ports[0]}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge}/munge.socket.2,cred_expire=10
+# cred_expire also sets how long a requeued job is held before it may start again (default 120 s)
+AuthInfo=socket={munge}/munge.socket.2,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
