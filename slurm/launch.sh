@@ -5,12 +5,13 @@
 # What it does, in the batch shell on the allocation's first node:
 #   1. starts launch/train.py on every node, either one `srun` task per GPU (MTLORA_LAUNCHER=srun,
 #      the default) or one DeepSpeed launcher per node started by srun (MTLORA_LAUNCHER=deepspeed);
-#   2. on USR1/TERM (`--signal=B:USR1@grace`, `scancel --signal=USR1 --batch`, preemption, time
-#      limit) forwards USR1 to the training step: the trainer finishes its step, writes a checkpoint
+#   2. on USR1 (`--signal=B:USR1@grace` before the time limit, `scancel --signal=USR1 --batch`) or
+#      TERM forwards USR1 to the training step: the trainer finishes its step, writes a checkpoint
 #      and exits with status 3;
-#   3. on status 3 requeues the job (`scontrol requeue`) up to MTLORA_MAX_RESTARTS times; the requeued
-#      job runs this script again and the trainer resumes from the newest complete checkpoint in the
-#      run directory (local or s3://). Any other status ends the job with that status, never requeued.
+#   3. on status 3 requeues the job (`scontrol requeue`), up to MTLORA_MAX_RESTARTS times and only
+#      while Slurm still counts it as running (not after scancel); the requeued job runs this script
+#      again and the trainer resumes from the newest complete checkpoint in the run directory (local
+#      or s3://). Any other status ends the job with that status, never requeued.
 #
 # Settings (environment; sbatch exports the submitting shell's environment by default):
 #   MTLORA_CONFIG        YAML config (relative to the submit folder or the checkout); set by the recipe
@@ -83,6 +84,11 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-$TORCH_NCCL_ASYNC_ERROR_HANDLING}  # torch < 2.2
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without this every rank
+# would get one CPU for itself and its data-loading workers
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+fi
 export PYTHONUNBUFFERED=1  # log lines reach the job's output file as they happen
 
 TRAIN=("$REPO/launch/train.py" --config "$CONFIG" "${OVERRIDES[@]}")
@@ -145,18 +151,21 @@ case $STATUS in
         ;;
     3)
         if ((RESTARTS >= MAX_RESTARTS)); then
-            log "preempted with a checkpoint, but this job was already requeued $RESTARTS times" \
+            log "stopped on request (status 3), but this job was already requeued $RESTARTS times" \
                 "(MTLORA_MAX_RESTARTS=$MAX_RESTARTS): not requeuing; resubmit to continue"
             exit 3
         fi
-        # `scontrol requeue` would also bring back a job that someone cancelled (scancel sends TERM, the
-        # trainer checkpoints and exits 3): respect the cancel
+        # Requeue only a job Slurm still counts as running, i.e. one stopped by our USR1 request. After
+        # scancel (TERM: the trainer checkpoints and exits 3 too), a hard time limit or a preemption
+        # Slurm is already ending the job (COMPLETING) and decides: `scontrol requeue` would even bring
+        # back a job someone cancelled.
         state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
-        if [[ $state == CANCELLED ]]; then
-            log "stopped with a checkpoint after the job was cancelled: not requeuing; resubmit to continue"
+        if [[ $state != RUNNING ]]; then
+            log "stopped with a checkpoint, but Slurm is ending the job (state ${state:-unknown}: cancelled," \
+                "out of time or preempted): not requeuing; resubmit to continue"
             exit 3
         fi
-        log "preempted with a checkpoint (status 3): requeuing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS)"
+        log "stopped on request (status 3): requeuing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS)"
         scontrol requeue "$SLURM_JOB_ID" || { log "scontrol requeue failed: resubmit to continue"; exit 3; }
         ;;
     *)

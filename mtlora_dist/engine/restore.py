@@ -168,10 +168,12 @@ def _check_matches(ref: CheckpointRef, cfg: TrainConfig, model: nn.Module) -> No
 
 def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions | None = None,
                   dtype: torch.dtype = torch.float32) -> MultiTaskSwin:
-    """The model of ``ref`` in eval mode on the CPU, in ``dtype`` (the training precision reproduces the
-    training run's evaluation; the frozen fingerprint is taken in it, as the trainer took it)."""
+    """The model of ``ref`` in eval mode on the CPU, its parameters in ``dtype`` (the training precision
+    reproduces the training run's evaluation; the frozen fingerprint is taken in it, as the trainer took it)."""
     seed_everything(cfg.seed)  # the trainer builds right after this, so random frozen weights match too
-    model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset).to(dtype)
+    model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
+    for param in model.parameters():  # as DeepSpeed casts for bf16/fp16: parameters only, buffers stay fp32
+        param.data = param.data.to(dtype)
     _check_matches(ref, cfg, model)
     client = _read_file(ref, CLIENT_STATE, storage, allow_deepspeed=False)
     if client.get("frozen") and client["frozen"] != frozen_fingerprint(model):

@@ -89,13 +89,22 @@ class RunLogger:
             log.info(console)
         if self._wandb is not None:
             flat = _flatten({k: v for k, v in record.items() if k != "step"})
-            self._wandb.log(flat, step=int(record["step"]))
+            self._call_wandb(lambda: self._wandb.log(flat, step=int(record["step"])))
+
+    def _call_wandb(self, fn) -> None:
+        """wandb is a mirror, never a reason to lose a run: a job scheduler's TERM can kill wandb's
+        service process before the trainer's checkpoint; after the first failure wandb is switched off."""
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001
+            log.warning("wandb failed (%s: %s); continuing without wandb", type(err).__name__, err)
+            self._wandb = None
 
     def log_image(self, key: str, path: str, step: int) -> None:
         if self.enabled and self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(path)}, step=step)
+            self._call_wandb(lambda: self._wandb.log({key: wandb.Image(path)}, step=step))
 
     def flush(self) -> None:
         """Upload metrics.jsonl when the run directory is remote."""
@@ -106,7 +115,7 @@ class RunLogger:
     def close(self) -> None:
         self.flush()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._call_wandb(self._wandb.finish)
             self._wandb = None
 
 

@@ -53,6 +53,7 @@ class TrainResult:
 def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg``."""
     info = init_distributed(local_rank)
+    stop = TerminationFlag()  # early, so a stop signal during set-up is still handled at the first step
     _setup_logging(info)
     train_url, val_url = prepare_data(cfg.data, info)
 
@@ -78,7 +79,6 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
     evaluator = MultiTaskEvaluator(cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines),
                                    protocol=cfg.data.eval_protocol)
-    stop = TerminationFlag()
     dtype = model_dtype(cfg.deepspeed)
     batches = _endless(train_loader)
     results: dict = {}

@@ -125,7 +125,7 @@ class SlurmCluster:
         return {"SLURM_CONF": str(self.conf)}
 
     def _write_configs(self) -> None:
-        for sub in ("etc", "state", "spool", "log", "run", "munge"):
+        for sub in ("etc", "state", "log", "run", "munge", *(f"spool/{n}" for n in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge = self.root / "munge"
         munge.chmod(0o755)  # munged refuses a socket folder that others can write to
@@ -164,7 +164,8 @@ DefMemPerCPU=1000
 SlurmdParameters=config_overrides
 MailProg=/bin/true
 ReturnToService=2
-KillWait=5
+# seconds between a cancelled job's TERM and KILL: time for the trainer's checkpoint and the script's decision
+KillWait=15
 MinJobAge=300
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -201,7 +202,7 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             self._wait(self._controller_up, "slurmctld answering", timeout, ("munged", "slurmctld"))
             for name in self.nodes:
                 # private mount namespace: the node names resolve for this slurmd and its jobs only
-                inner = f'mount --bind "$1" /etc/hosts && exec "$2" -D -N "$3" -f "$4"'
+                inner = 'mount --bind "$1" /etc/hosts && exec "$2" -D -N "$3" -f "$4"'
                 self._spawn(f"slurmd-{name}", ["unshare", "--mount", "sh", "-c", inner, "sh",
                                                str(r / "etc" / "hosts"), _which("slurmd"), name, str(self.conf)])
             self._wait(self._nodes_idle, "nodes idle", timeout, tuple(self.procs))
@@ -242,11 +243,10 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
     def stop(self) -> None:
         """Cancel every job, wait for it to leave the nodes, then stop the daemons by PID (nodes, controller,
         munged), SIGKILL after a grace period. Safe to call twice and after a failed start."""
-        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            self.run(["scancel", "--full", "--user", str(os.getuid())], check=False)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
-                time.sleep(0.5)
+        try:
+            self._cancel_jobs()
+        except (OSError, subprocess.SubprocessError) as err:  # the daemons are stopped below regardless
+            print(f"SLURM test cluster: could not cancel the remaining jobs: {err}", file=sys.stderr)
         order = [n for n in self.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             proc = self.procs.get(name)
@@ -259,6 +259,15 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
                 proc.kill()
                 proc.wait(timeout=5)
         self.procs.clear()
+
+    def _cancel_jobs(self, timeout: float = 30) -> None:
+        """Cancel what is left and wait until the nodes are free, so that no job step outlives slurmd."""
+        if not (self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None):
+            return
+        self.run(["scancel", "--full", "--user", str(os.getuid())], check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
+            time.sleep(0.5)
 
     # ------------------------------------------------------------------ clients
     def run(self, cmd: list[str], *, check: bool = True, env: dict | None = None,

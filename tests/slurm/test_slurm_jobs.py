@@ -7,8 +7,8 @@ tiny model: 2 "nodes" x 1 task, gloo, a few dozen steps. What is checked:
 - the same job preempted by USR1 on the batch shell (what ``--signal=B:USR1@grace`` sends) checkpoints,
   exits 3, requeues itself, resumes and finishes with every step logged once and the same losses as
   the uninterrupted run, in the same wandb run; the DeepSpeed-launcher mode the same way;
-- a job that fails for a real error, or is preempted once more than MTLORA_MAX_RESTARTS allows, is
-  not requeued.
+- a job that fails for a real error, is preempted once more than MTLORA_MAX_RESTARTS allows, or is
+  cancelled (scancel: the trainer still checkpoints) is not requeued.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Job:
                  extra_env: dict[str, str] | None = None, overrides: str = "") -> None:
         self.cluster = cluster
         self.run_dir = workdir / name
+        self.final: dict[str, str] = {}  # scontrol's view once it has ended
         self.output = workdir / f"{name}.out"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -192,15 +193,15 @@ def test_preempted_job_requeues_resumes_and_finishes(slurm_cluster, workdir, dat
     assert "received USR1" in out and "requeuing job" in out, job.describe()
     assert_finished(job, info, restarts=1)
     assert_resumed_exactly(job, reference)
-    if launcher == "deepspeed":
-        assert "deepspeed.launcher.launch" in out or "--no_ssh" in out, job.describe()
+    if launcher == "deepspeed":  # one DeepSpeed launcher on each of the two nodes, no ssh
+        assert "nnodes=2, num_local_procs=1, node_rank=1" in out, job.describe()
 
 
 def test_failed_job_is_not_requeued(slurm_cluster, workdir, data_root):
     job = Job(slurm_cluster, workdir, data_root, "bad-config", overrides="optim.no_such_key=1")
     info = job.wait()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", job.describe()
-    time.sleep(3)  # a requeue would show by now
+    time.sleep(2)  # a requeue would show by now
     info = job.info()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", job.describe()
     out = job.text()
@@ -216,4 +217,18 @@ def test_preemption_beyond_max_restarts_is_not_requeued(slurm_cluster, workdir, 
     assert "MTLORA_MAX_RESTARTS=0" in job.text(), job.describe()
     steps = train_steps(job.run_dir)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < STEPS
+    assert (job.run_dir / "checkpoints" / f"step_{steps[-1]:08d}" / "COMPLETE.json").exists(), job.describe()
+
+
+def test_cancelled_job_is_not_requeued(slurm_cluster, workdir, data_root):
+    """``scancel`` sends TERM: the trainer still checkpoints and exits 3, but a person asked the job to
+    end, so the script must not requeue it. (wandb off: its service process dies of the TERM.)"""
+    job = Job(slurm_cluster, workdir, data_root, "cancelled", overrides="logging.wandb.enabled=false")
+    job.wait_for_step(2)
+    slurm_cluster.run(["scancel", str(job.id)])
+    info = job.wait()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", job.describe()
+    out = job.text()
+    assert "received TERM" in out and "Slurm is ending the job (state COMPLETING" in out, job.describe()
+    steps = train_steps(job.run_dir)
     assert (job.run_dir / "checkpoints" / f"step_{steps[-1]:08d}" / "COMPLETE.json").exists(), job.describe()
