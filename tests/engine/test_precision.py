@@ -35,3 +35,10 @@ def test_bf16_trains_checkpoints_and_resumes_on_cpu(tmp_path):
     assert all(math.isfinite(v) for v in train.values())
     val = [r for r in records if r["split"] == "val"]
     assert val and math.isfinite(val[-1]["tasks"]["normals"]["mean"])
+
+
+def test_zero2_offload_config_trains_on_cpu(tmp_path):
+    _run(tmp_path, "deepspeed=zero2_offload")  # optimizer state and step on the CPU, bf16 weights
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
