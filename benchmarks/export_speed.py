@@ -6,7 +6,8 @@
 Three forms of the same weights (adapters random and non-zero, as after training), in eval mode, no grad:
 the trained model (every MTLoRA branch computed), the default export (``to_inference``: TA-LoRA merged,
 BatchNorm folded), and the export with ``fold_task_proj`` (task attention projections as per-task
-weights too). The script first checks that all three give the same outputs, then times forward passes
+weights too). For scale it also times the plain timm Swin's ``forward_features`` (same backbone, no adapters,
+no task streams, no heads). The script first checks that all three give the same outputs, then times forward passes
 interleaved so that machine noise hits all of them alike, and reports medians of wall time and of the
 process's CPU time. On a shared CPU machine use one torch thread and the CPU time: it does not count the
 time other processes hold the cores (with several threads, OpenMP workers spin while they wait, and wall
@@ -26,7 +27,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import timm
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +40,7 @@ from mtlora_dist.export.merge import output_difference  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
 
 VARIANTS = ("trained (unmerged)", "export (default)", "export + fold_task_proj")
+REFERENCE = "reference: timm Swin features only"
 
 
 def _randomize_adapters(model: torch.nn.Module) -> None:
@@ -52,15 +56,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(models: dict[str, torch.nn.Module], images: torch.Tensor,
+def _time(forwards: dict[str, Callable[[torch.Tensor], Any]], images: torch.Tensor,
           repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Per model: wall and process CPU seconds of each forward pass."""
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in models}
+    """Per forward function: wall and process CPU seconds of each call."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in forwards}
     with torch.no_grad():
-        for model in models.values():  # warm-up
+        for model in forwards.values():  # warm-up
             model(images)
         for _ in range(repeats):
-            for name, model in models.items():
+            for name, model in forwards.items():
                 _sync(images.device)
                 wall, cpu = time.perf_counter(), time.process_time()
                 model(images)
@@ -85,7 +89,9 @@ def measure(args: argparse.Namespace) -> dict:
     differences = {name: max(output_difference(trained, m, images).values()) for name, m in models.items()}
     if max(differences.values()) > 1e-4:
         raise SystemExit(f"outputs differ: {differences}")
-    times = _time(models, images, args.repeats)
+    plain = timm.create_model(cfg.model.backbone, num_classes=0, img_size=(args.size, args.size),
+                              **dict(cfg.model.backbone_kwargs)).eval().to(device)
+    times = _time({**models, REFERENCE: plain.forward_features}, images, args.repeats)
     clock = "wall" if device.type == "cuda" else args.clock
     median = {clock_: {n: statistics.median(t[clock_]) for n, t in times.items()} for clock_ in ("wall", "cpu")}
     return {
@@ -108,6 +114,7 @@ def report_markdown(result: dict, command: str, label: str) -> str:
           for clock in ("wall", "cpu")}
     rows = [f"| {name} | {ms['wall'][name]} | {ms['cpu'][name]} | {result['speedup'][name]:.2f}x | "
             f"{result['max_relative_difference'][name]:.1e} |" for name in VARIANTS]
+    rows.append(f"| {REFERENCE} | {ms['wall'][REFERENCE]} | {ms['cpu'][REFERENCE]} | | |")
     return "\n".join([
         f"## {label}: {datetime.date.today().isoformat()}",
         "",

@@ -5,7 +5,7 @@
 
 Load it with ``mtlora_dist.export.load(out)`` and run ``mtlora_dist.export.predict(model, image)``; neither
 needs DeepSpeed. ``fold_task_proj=true`` also folds the task-specific attention projections into per-task
-weights (exact, usually slower: docs/performance-export.md). The export checks its outputs against the
+weights (exact; no faster on CPUs so far: docs/performance-export.md). The export checks its outputs against the
 trained model before writing. Without ``--config`` the run's saved ``config.yaml`` is used.
 """
 

@@ -39,7 +39,7 @@ from mtlora_dist.engine.checkpoint import (
 from mtlora_dist.engine.config import TrainConfig, load_config
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.safe_load import safe_torch_load
-from mtlora_dist.engine.trainer import _fingerprint as run_fingerprint
+from mtlora_dist.engine.trainer import run_fingerprint
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 

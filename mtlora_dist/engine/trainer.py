@@ -33,7 +33,7 @@ from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
 
-__all__ = ["train", "EXIT_PREEMPTED", "TrainResult"]
+__all__ = ["train", "run_fingerprint", "EXIT_PREEMPTED", "TrainResult"]
 
 # Exit status of launch/train.py after a signal-triggered checkpoint: "requeue me" (distinct from 0 =
 # finished and 1 = a real error, which must not be requeued).
@@ -67,7 +67,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
 
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.checkpoint.keep_last, storage=cfg.data.storage,
-                                fingerprint=_fingerprint(cfg, model), local_cache=cfg.checkpoint.local_cache)
+                                fingerprint=run_fingerprint(cfg, model), local_cache=cfg.checkpoint.local_cache)
     state = _resume(cfg, checkpointer, engine, train_loader, info)
     logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
                        config=asdict(cfg), run_id=state.get("wandb_run_id"))
@@ -85,6 +85,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     preempted = False
 
     def save() -> None:
+        _broadcast_buffers(engine.module)
         client = {"data": train_loader.state_dict(), "rng": rng_state(), "wandb_run_id": logger.run_id or "",
                   "frozen": frozen_fingerprint(engine.module)}
         checkpointer.save(engine, engine.global_steps, client)
@@ -104,6 +105,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
             _log_train(logger, bar, step, losses, engine, rate, train_loader)
             tick, samples = time.perf_counter(), 0
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
+            _broadcast_buffers(engine.module)
             results = evaluate(engine, val_loader, evaluator, info.device, dtype, cfg.eval.max_batches)
             _log_eval(logger, step, results, evaluator)
             if report is not None:  # every rank runs the forward (ZeRO-3 gathers weights); rank 0 draws
@@ -164,7 +166,7 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
                         storage=data.storage, on_error=data.on_error, protocol=data.eval_protocol)
 
 
-def _fingerprint(cfg: TrainConfig, model) -> dict:
+def run_fingerprint(cfg: TrainConfig, model) -> dict:
     """What a checkpoint must match to be loaded into this run (the Checkpointer adds the trainable
     parameter names and shapes)."""
     return {
@@ -205,6 +207,15 @@ def _log_train(logger: RunLogger, bar, step: int, losses: dict, engine, rate: fl
     record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
               "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": data_stats}
     logger.log(record)
+
+
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, which drift apart per rank
+    without SyncBatchNorm), so evaluations agree with each other and with what a checkpoint holds."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            if buffer.is_floating_point() or buffer.dtype == torch.int64:
+                dist.broadcast(buffer.data, src=0)
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
