@@ -71,18 +71,6 @@ def bench():
     return module
 
 
-@pytest.fixture
-def bucket(s3_bucket):
-    """The fixture's bucket, also created through the S3 API: rclone caches its bucket list, so a bucket made
-    as a folder on its disk after the first listing answers NoSuchBucket until it is created this way."""
-    fs, _ = url_to_fs(f"s3://{s3_bucket}", StorageOptions())
-    try:
-        fs.call_s3("create_bucket", Bucket=s3_bucket)
-    except Exception:  # noqa: BLE001 - already known to the server
-        pass
-    return s3_bucket
-
-
 def make_engine(model: nn.Module | None = None, stage: int = 2):
     torch.manual_seed(0)
     model = model or TinyMTL()
@@ -167,8 +155,8 @@ def test_frozen_weights_are_not_saved(tmp_path):
     assert set(module) == {n for n, p in engine.module.named_parameters() if p.requires_grad}
 
 
-def test_s3_latest_ignores_partial_and_truncated_checkpoints(bucket):
-    run_dir = f"s3://{bucket}/runs/r1"
+def test_s3_latest_ignores_partial_and_truncated_checkpoints(s3_bucket):
+    run_dir = f"s3://{s3_bucket}/runs/r1"
     engine = make_engine()
     ckpt = Checkpointer(run_dir, keep_last=2, fingerprint=FINGERPRINT)
     train(engine, 0, 2)
@@ -356,19 +344,19 @@ def test_frozen_fingerprint_tracks_frozen_weights_only():
     assert frozen_fingerprint(model) != before
 
 
-def test_stale_multipart_uploads_are_aborted(bucket):
-    run_dir = f"s3://{bucket}/runs/mpu"
+def test_stale_multipart_uploads_are_aborted(s3_bucket):
+    run_dir = f"s3://{s3_bucket}/runs/mpu"
     fs, _ = url_to_fs(run_dir, StorageOptions())
     key = "runs/mpu/checkpoints/step_00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    fs.call_s3("create_multipart_upload", Bucket=s3_bucket, Key=key)
     try:
-        listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="runs/mpu/").get("Uploads", [])
+        listed = fs.call_s3("list_multipart_uploads", Bucket=s3_bucket, Prefix="runs/mpu/").get("Uploads", [])
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"this S3 server cannot list multipart uploads: {err}")
     if not listed:
         pytest.skip("this S3 server does not report unfinished multipart uploads")
     assert Checkpointer(run_dir, fingerprint=FINGERPRINT).load(make_engine()) is None
-    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix="runs/mpu/").get("Uploads", [])
+    assert not fs.call_s3("list_multipart_uploads", Bucket=s3_bucket, Prefix="runs/mpu/").get("Uploads", [])
 
 
 def test_checkpoint_size_is_the_trainable_state(bench, tmp_path):

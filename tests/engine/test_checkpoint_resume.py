@@ -92,18 +92,6 @@ def tags(run_dir: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if "/step_" in p)
 
 
-@pytest.fixture
-def bucket(s3_bucket):
-    """The fixture's bucket, also created through the S3 API: rclone caches its bucket list, so a bucket made
-    as a folder on its disk after the first listing answers NoSuchBucket until it is created this way."""
-    fs, _ = url_to_fs(f"s3://{s3_bucket}", StorageOptions())
-    try:
-        fs.call_s3("create_bucket", Bucket=s3_bucket)
-    except Exception:  # noqa: BLE001 - already known to the server
-        pass
-    return s3_bucket
-
-
 @pytest.fixture(scope="module")
 def zero2_reference(tmp_path_factory):
     """Uninterrupted 2-rank ZeRO-2 run, 8 steps, saving every 2 to a local folder (keeps the last 3)."""
@@ -125,8 +113,8 @@ def test_reference_run_layout_and_retention(zero2_reference):
                                        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
-def test_s3_save_killed_before_marker_resumes_from_previous(zero2_reference, bucket, tmp_path):
-    run_dir = f"s3://{bucket}/runs/killed"
+def test_s3_save_killed_before_marker_resumes_from_previous(zero2_reference, s3_bucket, tmp_path):
+    run_dir = f"s3://{s3_bucket}/runs/killed"
     common = ["--run-dir", run_dir, "--steps", "8", "--save-every", "2"]
     code = run_ranks(2, [*common, "--kill-at-step", "6", "--report", str(tmp_path / "killed.json")],
                      tmp_path / "killed.log", launcher="deepspeed", expect_ok=False)
