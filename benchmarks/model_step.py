@@ -2,10 +2,13 @@
 timm Swin of the same size (the adapter overhead).
 
     python benchmarks/model_step.py [--config configs/pascal_swin_t_r64.yaml] [--batch 2] [--size 224]
-        [--repeats 5] [--threads 2] [--json out.json]
+        [--repeats 5] [--threads 2] [--json out.json] [key=value ...]
 
 Both MTLoRA implementations run on the same weights; the script first checks that they give the
-same outputs (eval mode), then times training steps (dropout and drop-path on, as in training).
+same outputs (eval mode), then times training steps (dropout and drop-path on, as in training),
+interleaved so that machine noise hits all variants alike, after warm-up steps that let the heap
+reach its peak (``keep_freed_memory``, as training does on a CPU). It also counts each step's
+matmul/conv FLOPs (forward plus the backward that runs), which bound how far apart the times can be.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import timm  # noqa: E402
 from common import emit  # noqa: E402
 from reference_mtlora import ref_model  # noqa: E402
 
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
 from mtlora_dist.engine.config import load_config  # noqa: E402
+from mtlora_dist.engine.host_memory import keep_freed_memory  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
 
 
@@ -38,7 +44,7 @@ def _randomize_lora(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _time_steps(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def _time_steps(steps: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
     """Time several step functions, interleaved so that machine noise hits all of them alike."""
     for _ in range(warmup):
         for step in steps.values():
@@ -50,6 +56,13 @@ def _time_steps(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[fl
             step()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def _gflop(step) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def _train_step(model, forward, images):
@@ -68,11 +81,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    host_memory_kept = keep_freed_memory()
 
-    cfg = load_config(args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null"])
+    cfg = load_config(args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", *args.overrides])
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     _randomize_lora(model)
     images = torch.randn(args.batch, 3, args.size, args.size)
@@ -96,12 +111,14 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         sum(f.square().mean() for f in model.backbone(images)).backward()
 
-    times = _time_steps({
+    steps = {
         "ours": _train_step(model, model, images),
         "reference": _train_step(model, lambda x: ref_model(model, x), images),
         "backbone": backbone_step,
         "plain": lambda: plain.forward_features(images).square().mean().backward(),
-    }, args.repeats)
+    }
+    gflop = {name: _gflop(step) for name, step in steps.items()}
+    times = _time_steps(steps, args.repeats)
     t_ours, t_ref, backbone_only, t_plain = (times[k] for k in ("ours", "reference", "backbone", "plain"))
 
     result = {
@@ -112,6 +129,9 @@ def main() -> None:
         "mtlora_backbone_step_s": statistics.median(backbone_only),
         "plain_frozen_swin_step_s": statistics.median(t_plain),
         "adapter_overhead_backbone": statistics.median(backbone_only) / statistics.median(t_plain),
+        "gflop_per_step": gflop,
+        "adapter_flop_ratio_backbone": gflop["backbone"] / gflop["plain"],
+        "host_memory_kept": host_memory_kept,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -1,7 +1,8 @@
-"""A straightforward per-task-loop implementation of the MTLoRA backbone math (spec B §1-2), kept as
-the benchmark's reference: one thin matmul pair per task per TS layer, LayerNorm and patch merging
-run once per stream, per-task window reverse and roll. It runs on the weights of our
-:class:`~mtlora_dist.models.MTLoRASwin`, so outputs can be compared one to one.
+"""A straightforward per-task-loop implementation of the MTLoRA model math (spec B §1-3), kept as
+the benchmark's reference: ``nn.Dropout`` on LoRA inputs, one thin matmul pair per task per TS layer,
+LayerNorm and patch merging run once per stream, per-task window reverse and roll, and the HRNet
+head as the official code writes it (resize, concatenate, 1x1 conv). It runs on the weights of our
+:class:`~mtlora_dist.models.MultiTaskSwin`, so outputs can be compared one to one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def ref_linear(layer, x: Tensor, x_tasks: dict[str, Tensor] | None = None):
     p = F.linear(x, layer.weight, layer.bias)
     if not isinstance(layer, MTLoRALinear):
         return p, None
-    x_drop = layer.lora_dropout(x)
+    x_drop = F.dropout(x, layer.lora_dropout.p, layer.training)  # nn.Dropout, as the official code
     shared = p
     if layer.shared_rank:
         shared = p + layer.lora_shared_scale * (x_drop @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
@@ -103,11 +104,20 @@ def ref_backbone(backbone, images: Tensor) -> list[Tensor]:
     return features
 
 
+def ref_decoder(decoder, features: list[Tensor]) -> Tensor:
+    """Spec B §3: NHWC tokens -> NCHW maps, 1x1 reducers, resize to the finest scale, concatenate,
+    1x1 conv -> BN -> ReLU -> 1x1 conv, on the weights of a :class:`~mtlora_dist.models.decoders.TaskDecoder`."""
+    maps = [F.conv2d(f.permute(0, 3, 1, 2), r.weight) for f, r in zip(features, decoder.reducers)]
+    size = maps[0].shape[-2:]
+    maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+    return decoder.head.classifier(decoder.head.fuse(torch.cat(maps, dim=1)))
+
+
 def ref_model(model, images: Tensor) -> dict[str, Tensor]:
-    """The whole multi-task model with the reference backbone and the model's own decoders."""
+    """The whole multi-task model: reference backbone and reference decoders, one task at a time."""
     features = ref_backbone(model.backbone, images)
     out = {}
     for k, task in enumerate(model.tasks):
-        logits = model.decoders[task]([f[k] for f in features])
+        logits = ref_decoder(model.decoders[task], [f[k] for f in features])
         out[task] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return out

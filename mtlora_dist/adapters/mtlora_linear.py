@@ -17,6 +17,9 @@ task's low-rank branch sees its own stream.
 
 The task branches are batched: one GEMM over all task A matrices when the input is shared, one
 ``bmm`` over tasks when each task has its own input; no per-task Python loop in ``forward``.
+Training runs through the hand-written autograd ops of :mod:`mtlora_dist.adapters.fused` (fewer
+passes over the activations, a cheap dropout draw); ``addition`` mode, whose shared output is a
+LayerNorm over the task outputs, is composed from ordinary torch ops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mtlora_dist.adapters.dropout import LoRADropout
+from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
 
 __all__ = ["MTLoRALinear", "SHARED_MODES"]
 
@@ -75,7 +81,7 @@ class MTLoRALinear(nn.Linear):
         self.tasks = tuple(tasks)
         self.task_input = bool(task_input) and bool(self.tasks)
         self.merged = False
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout)
         dd = {"device": device, "dtype": dtype}
 
         self.shared_rank = int(shared_rank) if mode != "addition" else 0
@@ -151,8 +157,11 @@ class MTLoRALinear(nn.Linear):
         """A as (T, r_max, d_in) and B^T as (T, r_max, d_out); unequal ranks are zero-padded, which
         changes neither the result nor the gradients of the real entries."""
         r_max = max(self.task_ranks)
-        a = [F.pad(self.lora_tasks_A[t], (0, 0, 0, r_max - r)) for t, r in zip(self.tasks, self.task_ranks)]
-        b = [F.pad(self.lora_tasks_B[t], (0, r_max - r)) for t, r in zip(self.tasks, self.task_ranks)]
+        a = [self.lora_tasks_A[t] for t in self.tasks]
+        b = [self.lora_tasks_B[t] for t in self.tasks]
+        if min(self.task_ranks) < r_max:
+            a = [F.pad(w, (0, 0, 0, r_max - r)) for w, r in zip(a, self.task_ranks)]
+            b = [F.pad(w, (0, r_max - r)) for w, r in zip(b, self.task_ranks)]
         return torch.stack(a), torch.stack(b).transpose(1, 2)
 
     def task_delta(self, x: Tensor) -> Tensor:
@@ -176,32 +185,39 @@ class MTLoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.tasks:
-            out = F.linear(x, self.weight, self.bias)
             if self.shared_rank and not self.merged:
-                out = out + self.shared_delta(self.lora_dropout(x))
-            return out
+                return lora_linear(x, self.weight, self.bias, self.lora_shared_A, self.lora_shared_B,
+                                   self.lora_shared_scale, self.lora_dropout.p, self.training)
+            return F.linear(x, self.weight, self.bias)
+        if self.mode == "addition":
+            return self._forward_addition(x)
 
+        d_in = x.shape[-1]
+        num_streams = self.num_streams
+        lead = x.shape[:-1]
+        inp = x.reshape(num_streams, -1, d_in) if self.task_input else x.reshape(-1, d_in)
+        shared = None
+        if self.shared_rank and not self.merged:
+            shared = (self.lora_shared_A, self.lora_shared_B, self.lora_shared_scale)
+        a, b_t = self._stacked_task_weights()
+        out = task_lora_linear(inp, self.weight, self.bias, shared, a, b_t, self._task_scales(),
+                               task_input=self.task_input, shared_in_tasks=self.mode == "matrixv2",
+                               dropout=self.lora_dropout.p, training=self.training)  # (1+T, N, d_out)
+        if self.task_input:
+            return out.view(*lead, -1)  # ((1+T)*B, ..., d_out)
+        return out.view(num_streams * lead[0], *lead[1:], -1)
+
+    def _forward_addition(self, x: Tensor) -> Tensor:
+        """``addition`` mode: shared = P + LayerNorm(sum_t (P + U_t)), task t = P + U_t."""
         if self.task_input:
             streams = x.unflatten(0, (self.num_streams, -1))  # (1+T, B, ..., d_in)
-            # split, not indexing: its backward concatenates instead of zero-filling a full-size tensor
-            x0, task_in = streams.split([1, len(self.tasks)])
-            x0 = x0.squeeze(0)
-            x0_drop = self.lora_dropout(x0)
+            x0, task_in = streams[0], streams[1:]
         else:
             x0 = x
-            x0_drop = task_in = self.lora_dropout(x)
-
-        frozen = F.linear(x0, self.weight, self.bias)  # P (includes the shared delta when merged)
-        u = self.task_delta(task_in)  # (T, B, ..., d_out)
-        if self.mode == "addition":
-            shared = frozen + self.lora_norm((frozen.unsqueeze(0) + u).sum(0))
-            tasks = frozen.unsqueeze(0) + u
-        else:
-            shared = frozen
-            if self.shared_rank and not self.merged:
-                shared = frozen + self.shared_delta(x0_drop)
-            base = shared if self.mode == "matrixv2" else frozen
-            tasks = base.unsqueeze(0) + u
+            task_in = self.lora_dropout(x)
+        frozen = F.linear(x0, self.weight, self.bias)
+        tasks = frozen.unsqueeze(0) + self.task_delta(task_in)  # (T, B, ..., d_out)
+        shared = frozen + self.lora_norm(tasks.sum(0))
         return torch.cat([shared.unsqueeze(0), tasks]).flatten(0, 1)
 
     # ----------------------------------------------------------------------------------------------

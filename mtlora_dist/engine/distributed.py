@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtlora_dist.engine.host_memory import keep_freed_memory
+
 __all__ = ["DistInfo", "init_distributed", "device_for", "free_port"]
 
 
@@ -77,6 +79,7 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     device = device_for(local_rank)
     if device.type == "cpu":
+        keep_freed_memory()  # CPU steps otherwise page-fault on every large activation
         # DeepSpeed would JIT-compile a shared-memory comm op for CPU ranks (~90 s per machine);
         # plain gloo is enough for our small gradients
         import deepspeed.ops

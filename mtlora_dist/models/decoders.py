@@ -30,21 +30,40 @@ class FP32BatchNorm2d(nn.BatchNorm2d):
 
 
 class HRNetHead(nn.Module):
-    """Resize every scale to the finest, concatenate, 1x1 conv -> BN -> ReLU -> 1x1 conv to the outputs."""
+    """Resize every scale to the finest, concatenate, 1x1 conv -> BN -> ReLU -> 1x1 conv to the outputs.
+
+    The first 1x1 conv is applied to each scale at its own resolution, before the bilinear resize:
+    both maps are linear (one over channels, one over space), so they commute, and
+    ``conv(cat(resize(m_i)))`` equals ``sum_i resize(W_i m_i) + b`` with ``W_i`` the conv's columns for
+    scale i. At strides 8/16/32/32 that is 85% fewer multiply-adds in the decoder's largest layer.
+    Parameters keep the official layout (``fuse.0`` is the 270->1080 conv).
+    """
 
     def __init__(self, in_channels: Sequence[int], hidden_channels: int, num_outputs: int) -> None:
         super().__init__()
+        self.in_channels = [int(c) for c in in_channels]
         self.fuse = nn.Sequential(
-            nn.Conv2d(sum(in_channels), hidden_channels, kernel_size=1),
+            nn.Conv2d(sum(self.in_channels), hidden_channels, kernel_size=1),
             FP32BatchNorm2d(hidden_channels, momentum=0.1),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(hidden_channels, num_outputs, kernel_size=1)
 
     def forward(self, maps: Sequence[Tensor]) -> Tensor:
-        size = maps[0].shape[-2:]
-        resized = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-        return self.classifier(self.fuse(torch.cat(resized, dim=1)))
+        """``maps``: NHWC (B, h_i, w_i, c_i), finest first -> logits (B, K, h_0, w_0)."""
+        conv, norm, act = self.fuse
+        weights = conv.weight.flatten(1).split(self.in_channels, dim=1)
+        by_size: dict[tuple[int, int], Tensor] = {}  # scales of one size share one resize (strides 32/32)
+        for m, w in zip(maps, weights):
+            term = F.linear(m, w)  # NHWC (B, h_i, w_i, hidden)
+            key = tuple(m.shape[1:3])
+            by_size[key] = by_size[key] + term if key in by_size else term
+        size = tuple(maps[0].shape[1:3])
+        # (B, hidden, h_0, w_0), stored channels-last
+        fused = (by_size.pop(size) + conv.bias).permute(0, 3, 1, 2)
+        for term in by_size.values():
+            fused = fused + F.interpolate(term.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+        return self.classifier(act(norm(fused))).contiguous()
 
 
 class TaskDecoder(nn.Module):
@@ -63,6 +82,5 @@ class TaskDecoder(nn.Module):
         self.head = HRNetHead(channels, hidden_channels, num_outputs)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        # features[i]: (B, h_i, w_i, C_i) NHWC -> reduced (B, c_i, h_i, w_i) NCHW
-        maps = [F.linear(f, r.weight.flatten(1)).permute(0, 3, 1, 2) for f, r in zip(features, self.reducers)]
-        return self.head(maps)
+        # features[i]: (B, h_i, w_i, C_i) NHWC -> reduced (B, h_i, w_i, c_i) NHWC
+        return self.head([F.linear(f, r.weight.flatten(1)) for f, r in zip(features, self.reducers)])

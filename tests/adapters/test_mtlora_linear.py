@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtlora_dist.adapters.dropout import DropMask
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 
 TASKS = ("a", "b", "c")
@@ -121,7 +122,8 @@ def test_dropout_hits_shared_input_only_and_shares_mask_with_task_branches():
     torch.manual_seed(3)
     out = layer(x).unflatten(0, (2, 64))
     torch.manual_seed(3)
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    dropped = DropMask(x.shape, 0.5).apply(x)  # the layer's one draw, replayed
+    assert 0.3 < (dropped == 0).float().mean() < 0.7
     p = F.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(out[0], p + 4.0 * (dropped @ layer.lora_shared_A.T @ layer.lora_shared_B.T))
     torch.testing.assert_close(out[1], p + 4.0 * (dropped @ layer.lora_tasks_A["a"].T @ layer.lora_tasks_B["a"].T))
