@@ -130,6 +130,7 @@ def main() -> None:
         "plain_frozen_swin_step_s": statistics.median(t_plain),
         "adapter_overhead_backbone": statistics.median(backbone_only) / statistics.median(t_plain),
         "gflop_per_step": gflop,
+        "repeat_times_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "adapter_flop_ratio_backbone": gflop["backbone"] / gflop["plain"],
         "host_memory_kept": host_memory_kept,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",

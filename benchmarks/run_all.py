@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/performance.md")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mtlora-bench-"))
-    repeats = ["--repeats", "2" if args.quick else "5"]
+    repeats = ["--repeats", "2" if args.quick else "7"]
     model_args = ["--config", "configs/pascal_swin_t_r64.yaml", "--batch", "2", "--size", "224", *repeats]
     data_args = ["--num-samples", "64" if args.quick else "256", "--repeats", "1" if args.quick else "3"]
     ckpt_args = ["--model", "benchmarks.model_factories:swin_t_r64"]

@@ -5,9 +5,10 @@ times than the math needs: autograd keeps a dropout mask as large as the input, 
 low-rank product in separate passes, and in backward adds the LoRA input-gradient to the frozen one
 in yet another pass. Here the low-rank product is accumulated into the frozen output by one
 ``addmm_``, the input gradient of both paths is one ``addmm``, the dropout mask is a
-:class:`~mtlora_dist.adapters.dropout.DropMask`, and only ``drop(x)`` and the rank-r activation
-``A drop(x)`` are saved. Frozen weights get no gradient; every trainable tensor (A, B, a trainable
-scale, and W or b if a user unfreezes them) gets the exact one.
+:class:`~mtlora_dist.adapters.dropout.DropMask` whose 1/(1-p) scale rides on the rank-r side, and
+only ``x`` with dropout's zeros and the rank-r activation are saved. Frozen weights get no gradient;
+every trainable tensor (A, B, a trainable scale, and W or b if a user unfreezes them) gets the exact
+one (``tests/adapters/test_fused.py`` gradchecks every combination).
 """
 
 from __future__ import annotations
