@@ -53,7 +53,6 @@ class DropMask:
         if not 0.0 < p < 1.0:
             raise ValueError(f"dropout rate must be in (0, 1), got {p}")
         self.shape = torch.Size(shape)
-        self.p = float(p)
         self.scale = 1.0 / (1.0 - p)
         device = torch.device(device)
         if positions is None:
@@ -95,16 +94,14 @@ class _MaskedScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return ctx.mask.apply(grad.contiguous()), None
+        return ctx.mask.apply(grad), None
 
 
-def lora_dropout(x: Tensor, p: float, training: bool = True, mask: DropMask | None = None) -> Tensor:
-    """Dropout with :class:`DropMask`; ``mask`` reuses a draw (it must match ``x``'s shape)."""
+def lora_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Dropout with one :class:`DropMask` draw, applied to ``x`` and to its gradient."""
     if not training or p == 0.0:
         return x
-    if mask is None:
-        mask = DropMask(x.shape, p, x.device)
-    return _MaskedScale.apply(x, mask)
+    return _MaskedScale.apply(x, DropMask(x.shape, p, x.device))
 
 
 class LoRADropout(nn.Module):

@@ -3,8 +3,8 @@
 glibc serves allocations above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 returns them to the kernel on ``free``; PyTorch's CPU allocator does not cache. A CPU training
 step allocates and frees the same large activations every step, so every step touches fresh
-pages: ~80,000 minor faults per Swin-T step at 224 px, batch 2, which made the step 1.3x slower
-on our 2-core machines (benchmarks/model_step.py, docs/performance.md). Serving every allocation
+pages: ~80,000 minor faults per Swin-T step at 224 px, batch 2, which made the step about 1.4x
+slower on our 2-core machines (benchmarks/model_step.py, docs/performance.md). Serving every allocation
 from the heap and never trimming it below 1 GiB keeps the pages mapped after the first steps.
 
 The cost is that the process keeps its peak heap until it exits. Set ``MTLORA_KEEP_FREED_MEMORY=0``
