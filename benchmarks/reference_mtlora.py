@@ -23,10 +23,10 @@ def ref_linear(layer, x: Tensor, x_tasks: dict[str, Tensor] | None = None):
     x_drop = F.dropout(x, layer.lora_dropout.p, layer.training)  # nn.Dropout, as the official code
     shared = p
     if layer.shared_rank:
-        shared = p + layer.lora_shared_scale * (x_drop @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
+        shared = p + layer.lora_shared_scale.to(p.dtype) * (x_drop @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
     if not layer.tasks:
         return shared, None
-    scales = layer._task_scales()
+    scales = layer._task_scales().to(p.dtype)  # scales may stay fp32 under bf16 weights: keep the activation dtype
     outs = {}
     for i, t in enumerate(layer.tasks):
         z = x_drop if x_tasks is None else x_tasks[t]
@@ -121,3 +121,25 @@ def ref_model(model, images: Tensor) -> dict[str, Tensor]:
         logits = ref_decoder(model.decoders[task], [f[k] for f in features])
         out[task] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return out
+
+
+# Largest |ours - reference| allowed, relative to the largest |reference| output (at least 1): the two
+# compute the same math in a different order, so they differ by rounding of the activation dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def max_difference(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, float]:
+    """(max |ours - ref| over every task's output, the scale it is judged against), in fp32."""
+    diff = max((ours[t].float() - ref[t].float()).abs().max().item() for t in ref)
+    scale = max(max(ref[t].float().abs().max().item() for t in ref), 1.0)
+    return diff, scale
+
+
+def check_agreement(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> float:
+    """The max difference, after refusing outputs that differ by more than their dtype's rounding."""
+    diff, scale = max_difference(ours, ref)
+    dtype = next(iter(ref.values())).dtype
+    if not diff <= TOLERANCE[dtype] * scale:  # also refuses NaN
+        raise SystemExit(f"outputs differ: max |ours - reference| = {diff:.3e} > {TOLERANCE[dtype]:g} x {scale:.3g} "
+                         f"({dtype})")
+    return diff

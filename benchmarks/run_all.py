@@ -21,12 +21,15 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import subprocess_env  # noqa: E402
 
 
 def _run(name: str, args: list[str], out: Path) -> dict | list:
     cmd = [sys.executable, f"benchmarks/{name}.py", *args, "--json", str(out)]
     print("+", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    subprocess.run(cmd, cwd=REPO, check=True, env=subprocess_env())
     return json.loads(out.read_text())
 
 
@@ -99,9 +102,21 @@ def _zero_section(rows: list, cmd: str) -> str:
 
 
 def _gpu_section() -> str:
-    return ("## GPU\n\nNo GPU has been lent to this project yet, so the H100 figures (Swin-B/L at 448 px, bf16, "
-            "ZeRO-2: images/s, peak memory, MFU, and each attempt with checkpointing or compile) are still to "
-            "be taken; the commands are in [benchmarks/README.md](../benchmarks/README.md).\n")
+    return """## GPU figures still to be taken
+
+No GPU has been lent to this project yet, so the H100/H200 figures are still to be taken: Swin-B (batch
+16, 32) and Swin-L (batch 8, and 16 with activation checkpointing) at 448 px, bf16, ZeRO-2: images/s,
+peak memory, MFU (model FLOPs once, without the checkpointing recompute) and HFU; 30 Swin-B steps through
+`deepspeed --num_gpus 1 launch/train.py` with an evaluation and a checkpoint; our model step against the
+per-task loop on the GPU; loader samples/s with 8 and 16 workers, pageable vs pinned batches; and
+`torch.compile`. Before any of them, correctness on CUDA: fp64 gradcheck of the fused ops, bf16 vs fp32,
+dropout rates, checkpointing + dropout gradients, control collectives beside an NCCL group.
+
+One prepared command takes them all in 8 minutes (each step its own subprocess under a time budget):
+`bash benchmarks/gpu_session.sh` on the device machine, with the wheels of `benchmarks/build_wheels.sh`
+carried in `.whl/`. It writes `session.jsonl`, `summary.md` and `steps.log`; its CPU smoke mode
+(`SMOKE=1`) runs in CI. How to run it: [benchmarks/README.md](../benchmarks/README.md).
+"""
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers importable as modules
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not __import__("torch").cuda.is_available():  # a GPU machine must get DeepSpeed's CUDA accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from s3_server import S3Server  # noqa: E402

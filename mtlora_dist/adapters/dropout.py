@@ -8,8 +8,14 @@ the small rates LoRA uses (0.05) almost every draw says "keep". :class:`DropMask
 ``nn.Dropout`` (exactly, up to float64 rounding of ``u``) from ``p * numel`` draws instead of
 ``numel``, about 10x faster at p = 0.05. On other devices a plain keep-mask is drawn in one kernel.
 
-A mask is drawn once per forward and applied twice, to the input and to its gradient, so it is
-kept by the autograd function that uses it (positions take 0.4 bytes an element at p = 0.05).
+A mask is applied twice, to the input in forward and to its gradient in backward. It is not kept
+between the two: a :class:`DropMask` holds only a seed (drawn from the default CPU generator, so
+``torch.manual_seed`` and checkpointing's ``preserve_rng_state`` replay it) and redraws the same
+elements from a generator of its own each time it is applied. A kept mask would be a Python
+attribute of the autograd context, which gradient checkpointing cannot free (positions take 0.4 bytes
+an element at p = 0.05, a keep-mask 1 byte; issue 13 puts it at ~29 % of Swin-B's activation memory
+with checkpointing on). Redrawing costs one more draw per layer and step, in backward (~2 ms for a
+(6272, 384) input as positions on the 2-core CPU machine).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ __all__ = ["DropMask", "LoRADropout", "lora_dropout"]
 _SIGMAS = 6.0
 
 
-def _dropped_positions(numel: int, p: float, device: torch.device) -> Tensor:
+def _dropped_positions(numel: int, p: float, device: torch.device,
+                       generator: torch.Generator | None = None) -> Tensor:
     """Sorted flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes."""
     log_keep = math.log1p(-p)
     chunks, last = [], -1  # last: index of the last dropped element drawn so far
@@ -34,7 +41,7 @@ def _dropped_positions(numel: int, p: float, device: torch.device) -> Tensor:
         remaining = numel - 1 - last
         mean = remaining * p
         count = int(mean + _SIGMAS * math.sqrt(mean * (1.0 - p)) + 16)
-        u = torch.rand(count, dtype=torch.float64, device=device)
+        u = torch.rand(count, dtype=torch.float64, device=device, generator=generator)
         gaps = torch.log1p(-u).div_(log_keep).ceil_().clamp_min_(1).long()  # Geometric(p) on {1, 2, ...}
         positions = gaps.cumsum_(0).add_(last)
         chunks.append(positions)
@@ -43,22 +50,49 @@ def _dropped_positions(numel: int, p: float, device: torch.device) -> Tensor:
     return positions[: int(torch.searchsorted(positions, numel))]
 
 
+def _draw_seed() -> int:
+    """A seed for one mask, from the default CPU generator (no device sync, replayed by its state)."""
+    return int(torch.randint(2**63 - 1, (), dtype=torch.int64))
+
+
 class DropMask:
-    """One dropout draw for a tensor of ``shape``: which elements are zeroed, and the 1/(1-p) scale."""
+    """One dropout draw for a tensor of ``shape``: which elements are zeroed, and the 1/(1-p) scale.
+
+    Holds no tensor: the draw is a seed, and :attr:`positions` / :attr:`keep` are drawn again from it
+    on each use (the same elements every time), so an autograd context that keeps the mask keeps a few
+    integers, not a tensor that gradient checkpointing could not free.
+    """
 
     def __init__(self, shape: Sequence[int], p: float, device: torch.device | str = "cpu",
-                 positions: bool | None = None) -> None:
+                 positions: bool | None = None, seed: int | None = None) -> None:
         """``positions``: draw dropped positions (default on a CPU) or a dense keep-mask (default on
-        accelerators, where one fused kernel draws it)."""
+        accelerators, where one fused kernel draws it). ``seed``: the draw, else one from the default
+        generator."""
         if not 0.0 < p < 1.0:
             raise ValueError(f"dropout rate must be in (0, 1), got {p}")
         self.shape = torch.Size(shape)
+        self.p = float(p)
         self.scale = 1.0 / (1.0 - p)
-        device = torch.device(device)
-        if positions is None:
-            positions = device.type == "cpu"
-        self.positions: Tensor | None = _dropped_positions(self.shape.numel(), p, device) if positions else None
-        self.keep: Tensor | None = None if positions else torch.rand(self.shape, device=device) >= p
+        self.device = torch.device(device)
+        self.use_positions = self.device.type == "cpu" if positions is None else bool(positions)
+        self.seed = _draw_seed() if seed is None else int(seed)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.seed)
+
+    @property
+    def positions(self) -> Tensor | None:
+        """Sorted flat indices of the dropped elements (position sampling), drawn anew from the seed."""
+        if not self.use_positions:
+            return None
+        return _dropped_positions(self.shape.numel(), self.p, self.device, self._generator())
+
+    @property
+    def keep(self) -> Tensor | None:
+        """Bool keep-mask of ``shape`` (dense sampling), drawn anew from the seed."""
+        if self.use_positions:
+            return None
+        return torch.rand(self.shape, device=self.device, generator=self._generator()) >= self.p
 
     def apply(self, x: Tensor) -> Tensor:
         """A new tensor: ``x`` scaled by 1/(1-p), with the dropped elements set to zero."""
@@ -72,7 +106,7 @@ class DropMask:
         """
         if x.shape != self.shape:
             raise ValueError(f"dropout mask drawn for shape {tuple(self.shape)} applied to {tuple(x.shape)}")
-        if self.keep is not None:
+        if not self.use_positions:
             return x.mul_(self.keep)
         x = x.contiguous()
         x.view(-1).index_fill_(0, self.positions, 0)
@@ -80,8 +114,7 @@ class DropMask:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The mask as a tensor of 0 and 1/(1-p) (for tests and reference implementations)."""
-        device = self.positions.device if self.keep is None else self.keep.device
-        return self.apply(torch.ones(self.shape, dtype=dtype, device=device))
+        return self.apply(torch.ones(self.shape, dtype=dtype, device=self.device))
 
 
 class _MaskedScale(torch.autograd.Function):

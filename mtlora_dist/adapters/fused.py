@@ -6,12 +6,22 @@ low-rank product in separate passes, and in backward adds the LoRA input-gradien
 in yet another pass. Here the low-rank product is accumulated into the frozen output by one
 ``addmm_``, the input gradient of both paths is one ``addmm``, the dropout mask is a
 :class:`~mtlora_dist.adapters.dropout.DropMask` whose 1/(1-p) scale rides on the rank-r side, and
-only ``x`` with dropout's zeros and the rank-r activation are saved. Frozen weights get no gradient;
-every trainable tensor (A, B, a trainable scale, and W or b if a user unfreezes them) gets the exact
-one (``tests/adapters/test_fused.py`` gradchecks every combination).
+only ``x`` with dropout's zeros and the rank-r activation are saved (the mask itself is a seed on
+the context, redrawn in backward, so checkpointing frees all the op holds). Frozen weights get no
+gradient; every trainable tensor (A, B, a trainable scale, and W or b if a user unfreezes them) gets
+the exact one (``tests/adapters/test_fused.py`` gradchecks every combination).
+
+Under ``torch.autocast`` (any device type) the ops behave like ``torch.amp.custom_fwd(cast_inputs=)``
+with ``custom_bwd``: the floating inputs are cast to the autocast dtype, and forward and backward run
+in that dtype with autocast off (the in-place and ``out=`` GEMMs need one dtype); gradients come back
+in each input's own dtype (fp32 for fp32 parameters). Outside autocast nothing is cast
+(``tests/adapters/test_autocast.py``).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -21,9 +31,64 @@ from mtlora_dist.adapters.dropout import DropMask
 __all__ = ["lora_linear", "task_lora_linear"]
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs lower-precision ops in on ``device_type`` now, or None when it is off."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    """Autocast's rule: floating tensors on ``device_type`` except float64 go to ``dtype``."""
+    if (isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type
+            and value.dtype is not torch.float64):
+        return value.to(dtype)
+    return value
+
+
+def _no_autocast(device_type: str):
+    """Autocast off on ``device_type`` (a no-op context when it already is)."""
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _amp_forward(ctx, body: Callable, args: Sequence, device_type: str):
+    """Run ``body(ctx, *args)``; under autocast with its floating tensors cast and autocast off.
+
+    Records on ``ctx`` what :func:`_amp_backward` needs to run backward the same way.
+    """
+    dtype = _autocast_dtype(device_type)
+    ctx.amp_device, ctx.amp_dtype = device_type, dtype
+    if dtype is None:
+        return body(ctx, *args)
+    ctx.input_dtypes = [a.dtype if isinstance(a, Tensor) else None for a in args]
+    with torch.autocast(device_type, enabled=False):
+        return body(ctx, *(_cast(a, device_type, dtype) for a in args))
+
+
+def _amp_backward(ctx, body: Callable, grad_out: Tensor) -> tuple:
+    """Run ``body(ctx, grad_out)`` with autocast off; after an autocast forward, in its dtype, with each
+    gradient cast back to its input's dtype."""
+    if ctx.amp_dtype is None:
+        with _no_autocast(ctx.amp_device):
+            return body(ctx, grad_out)
+    with torch.autocast(ctx.amp_device, enabled=False):
+        grads = body(ctx, grad_out.to(ctx.amp_dtype))
+    return tuple(g if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.input_dtypes))
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):  # type: ignore[override]
+        return _amp_forward(ctx, _LoRALinear._forward, (x, weight, bias, lora_a, lora_b, scale, mask), x.device.type)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return _amp_backward(ctx, _LoRALinear._backward, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (N, d_in)
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
@@ -38,7 +103,7 @@ class _LoRALinear(torch.autograd.Function):
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def _backward(ctx, grad_out):
         x2, x_kept, h, weight, lora_a, lora_b, s = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_lb, need_s, _ = ctx.needs_input_grad
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
@@ -95,6 +160,17 @@ class _TaskLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale,  # type: ignore[override]
                 mask, task_input, shared_in_tasks):
+        args = (x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask, task_input,
+                shared_in_tasks)
+        return _amp_forward(ctx, _TaskLoRALinear._forward, args, x.device.type)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return _amp_backward(ctx, _TaskLoRALinear._backward, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask, task_input,
+                 shared_in_tasks):
         # x: (1+T, N, d_in) stacked streams when task_input, else the shared input (N, d_in)
         num_tasks, rank, d_in = task_a.shape
         x0, z = (x[0], x[1:]) if task_input else (x, None)
@@ -131,7 +207,7 @@ class _TaskLoRALinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def _backward(ctx, grad_out):
         x0, x0_kept, z, h_sh, h_t, weight, shared_a, shared_b, s_sh, task_a, task_bt, s_t = ctx.saved_tensors
         need = ctx.needs_input_grad
         num_tasks, rank, d_in = task_a.shape

@@ -14,14 +14,23 @@ Policies (details in ``docs/data.md``):
 * **Epochs.** ``set_epoch(e)`` moves to epoch ``e`` (keeping the position if ``e`` is already the
   current epoch, so a restored loader resumes mid-epoch under the usual ``for epoch: set_epoch(epoch)``
   loop); iterating again after a finished epoch moves on to the next one by itself.
+* **Workers.** One ``DataLoader`` per loader, made on first use, with persistent workers: they start
+  once and stay alive across epochs. Each worker reads the position the loader sets before every
+  iteration from shared memory (see :class:`~mtlora_dist.data.streaming.ShardStream`), so epochs,
+  ``set_epoch`` and ``load_state_dict`` reach workers that were started earlier. ``num_workers=None``
+  sizes the count from the CPUs (:func:`default_num_workers`); batches are pinned when the device is
+  CUDA (:func:`should_pin_memory`) so the trainer's ``non_blocking`` copies are asynchronous.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from mtlora_dist.data.errors import DataError
@@ -31,22 +40,70 @@ from mtlora_dist.data.streaming import STAT_KEYS, ShardStream, StreamConfig
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks
 
-__all__ = ["ShardLoader", "build_loader", "STATE_VERSION"]
+__all__ = ["ShardLoader", "build_loader", "STATE_VERSION", "available_cpus", "local_world_size",
+           "default_num_workers", "should_pin_memory"]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _LAYOUT_KEYS = ("seed", "world_size", "num_workers", "batch_size", "num_samples", "shuffle")
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what SLURM and cgroup cpusets restrict) where
+    the platform has one, else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def local_world_size() -> int:
+    """Ranks sharing this machine's CPUs: ``LOCAL_WORLD_SIZE`` (torchrun), else ``LOCAL_SIZE`` (the
+    deepspeed launcher sets only that one), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def default_num_workers(cpus: int | None = None, local_ranks: int | None = None) -> int:
+    """Workers per loader when ``num_workers`` is automatic: the CPUs of one rank minus one for the
+    training process, at least 1 and at most ``MAX_AUTO_WORKERS``, and never more than the CPUs this
+    rank has (``cpus``: :func:`available_cpus`; ``local_ranks``: :func:`local_world_size`)."""
+    cpus = available_cpus() if cpus is None else max(1, int(cpus))
+    local_ranks = local_world_size() if local_ranks is None else max(1, int(local_ranks))
+    per_rank = max(1, cpus // local_ranks)
+    return max(1, min(MAX_AUTO_WORKERS, per_rank - 1))
+
+
+def should_pin_memory(pin_memory: bool | None = None) -> bool:
+    """Whether batches are pinned: ``pin_memory`` when given, else whether CUDA is available (the
+    trainer trains on CUDA whenever it is, and pinned batches make its ``non_blocking`` copies
+    asynchronous; on the CPU pinning would only cost time)."""
+    return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
 
 class ShardLoader:
     """Iterable over the batches of one epoch for one rank; see the module docstring."""
 
-    def __init__(self, cfg: StreamConfig, prefetch_factor: int = 2) -> None:
+    def __init__(self, cfg: StreamConfig, prefetch_factor: int = 2, pin_memory: bool = False,
+                 auto_workers: bool = False) -> None:
         self.cfg = cfg
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = bool(pin_memory)
+        self.auto_workers = auto_workers  # the worker count was chosen for this machine, not by the user
         self._epoch = 0
         self._consumed = 0
         self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._stream: ShardStream | None = None
+        self._loader: DataLoader | None = None
+
+    @property
+    def num_workers(self) -> int:
+        return self.cfg.num_workers
 
     @property
     def manifest(self) -> Manifest:
@@ -73,16 +130,38 @@ class ShardLoader:
         if epoch != self._epoch:
             self._epoch, self._consumed = int(epoch), 0
 
+    def rewind(self) -> None:
+        """Start the current epoch again at its first batch: an evaluation that stopped after
+        ``eval.max_batches`` must not make the next one begin where it stopped."""
+        self._consumed = 0
+
+    def _dataloader(self) -> DataLoader:
+        """The one DataLoader of this loader; its workers, once started, serve every later epoch."""
+        if self._loader is None:
+            self._stream = ShardStream(self.cfg, self._epoch, self._consumed)
+            workers = self.cfg.num_workers
+            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True} if workers > 0 else {}
+            # a private generator: the DataLoader draws its worker base seed from it, not from the global
+            # torch RNG that the training loop checkpoints (the data order never depends on it)
+            self._loader = DataLoader(self._stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                                      generator=torch.Generator(), **extra)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        loader, self._loader, self._stream = self._loader, None, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._consumed >= len(self):
             self._epoch, self._consumed = self._epoch + 1, 0
-        stream = ShardStream(self.cfg, self._epoch, self._consumed)
-        if self.cfg.num_workers > 0:
-            batches = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                      prefetch_factor=self.prefetch_factor, persistent_workers=False))
-        else:
-            batches = iter(stream)
-        for batch in batches:
+        loader = self._dataloader()
+        assert self._stream is not None
+        # before iter(): the workers read it when the DataLoader tells them a new iteration starts
+        self._stream.set_position(self._epoch, self._consumed)
+        for batch in iter(loader):
             for key, value in batch.pop("__stats__").items():
                 self._stats[key] += value
             self._consumed += 1
@@ -107,6 +186,14 @@ class ShardLoader:
         that is an error, otherwise the loader restarts at the next epoch boundary (with a warning)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown data loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        saved_workers = state.get("num_workers")
+        others_match = all(state.get(k) == v for k, v in self._layout().items() if k != "num_workers")
+        if (self.auto_workers and others_match and isinstance(saved_workers, int) and saved_workers >= 1
+                and saved_workers != self._layout()["num_workers"]):
+            # an automatic count follows the saved run's: the order of an epoch depends on it
+            log.info("data loader: using the checkpoint's %d workers instead of the automatic %d so the data "
+                     "position resumes exactly", saved_workers, self.cfg.num_workers)
+            self._set_workers(saved_workers)
         mismatch = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
         if mismatch:
@@ -122,6 +209,10 @@ class ShardLoader:
             raise ValueError(f"saved position {consumed} is outside the epoch's {len(self)} batches")
         self._epoch, self._consumed = epoch, consumed
 
+    def _set_workers(self, num_workers: int) -> None:
+        self.close()
+        self.cfg = dataclasses.replace(self.cfg, num_workers=num_workers)
+
 
 def build_loader(
     url: str,
@@ -131,7 +222,7 @@ def build_loader(
     split: str,
     img_size: tuple[int, int],
     batch_size: int,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -144,12 +235,17 @@ def build_loader(
     prefetch_samples: int = 16,
     max_consecutive_failures: int = 3,
     prefetch_factor: int = 2,
+    pin_memory: bool | None = None,
 ) -> ShardLoader:
     """A :class:`ShardLoader` over the shards at ``url`` (a folder or ``s3://`` prefix with ``manifest.json``).
 
     ``split`` chooses the policy: ``"train"`` shuffles, augments and drops the remainder; ``"val"``
     keeps the file order, only resizes, and covers every sample exactly once (``valid`` marks padding).
     ``augment``/``shuffle`` override those defaults.
+
+    ``num_workers``: worker processes (0: decode in this process); ``None`` sizes it from the CPUs
+    (:func:`default_num_workers`). ``pin_memory``: pin batches for fast, asynchronous host-to-GPU
+    copies; ``None`` means "when CUDA is available" (:func:`should_pin_memory`).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got '{split}'")
@@ -159,6 +255,9 @@ def build_loader(
         raise ValueError(f"protocol must be 'original' or 'official', got '{protocol}'")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    auto_workers = num_workers is None
+    if auto_workers:
+        num_workers = default_num_workers()
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
     check_tasks(dataset, tasks)
@@ -177,6 +276,10 @@ def build_loader(
         drop_last=train, protocol=protocol, on_error=on_error, storage=storage, shuffle_buffer=shuffle_buffer,
         prefetch_samples=prefetch_samples, max_consecutive_failures=max_consecutive_failures,
     )
-    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor)
+    pin = should_pin_memory(pin_memory)
+    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers)
     len(loader)  # fail now if the data cannot fill one batch per rank
+    log.info("%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s", split, rank, num_workers,
+             f" (automatic: {available_cpus()} CPUs, {local_world_size()} local rank(s))" if auto_workers else "",
+             ", persistent" if num_workers > 0 else "", "on" if pin else "off")
     return loader

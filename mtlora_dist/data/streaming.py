@@ -232,39 +232,65 @@ def _one_thread() -> Iterator[None]:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one epoch for one rank; each DataLoader worker yields its share (see ``plan``)."""
+    """Batches of one epoch for one rank; each DataLoader worker yields its share (see ``plan``).
 
-    def __init__(self, cfg: StreamConfig, epoch: int, batches_consumed: int = 0) -> None:
+    The position (epoch, batches consumed) lives in a shared-memory tensor: a persistent DataLoader
+    worker keeps the copy of this object it started with, so attributes set in the main process after
+    that would never reach it, but the tensor's storage is shared. The loader sets the position before
+    each ``iter(DataLoader)``; every worker reads it once per ``__iter__`` (the DataLoader calls that in
+    each worker when a new iteration starts) and uses that snapshot for the whole epoch.
+    """
+
+    def __init__(self, cfg: StreamConfig, epoch: int = 0, batches_consumed: int = 0) -> None:
         self.cfg = cfg
-        self.epoch = epoch
-        self.batches_consumed = batches_consumed
+        self._position = torch.tensor([int(epoch), int(batches_consumed)], dtype=torch.int64).share_memory_()
 
-    def plan(self, worker: int) -> WorkerPlan:
+    def set_position(self, epoch: int, batches_consumed: int) -> None:
+        """Where the next ``__iter__`` (in this process or in any worker) starts."""
+        self._position.copy_(torch.tensor([int(epoch), int(batches_consumed)], dtype=torch.int64))
+
+    @property
+    def position(self) -> tuple[int, int]:
+        epoch, consumed = self._position.tolist()
+        return int(epoch), int(consumed)
+
+    @property
+    def epoch(self) -> int:
+        return self.position[0]
+
+    @property
+    def batches_consumed(self) -> int:
+        return self.position[1]
+
+    def plan(self, worker: int, epoch: int | None = None, batches_consumed: int | None = None) -> WorkerPlan:
         cfg = self.cfg
+        now_epoch, now_consumed = self.position
         return make_worker_plan(
             cfg.manifest.num_samples, world_size=cfg.world_size, rank=cfg.rank,
             num_workers=max(1, cfg.num_workers), worker=worker, batch_size=cfg.batch_size, seed=cfg.seed,
-            epoch=self.epoch, shuffle=cfg.shuffle, drop_last=cfg.drop_last, shuffle_buffer=cfg.shuffle_buffer,
-            batches_consumed=self.batches_consumed,
+            epoch=now_epoch if epoch is None else epoch, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
+            shuffle_buffer=cfg.shuffle_buffer,
+            batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, consumed = self.position  # one snapshot for the whole epoch
         info = get_worker_info()
         if info is None:
-            return self._batches(self.plan(0))
+            return self._batches(self.plan(0, epoch, consumed), epoch)
         # The DataLoader collects round robin starting at its worker 0, but the next batch of a resumed
         # epoch (number c) belongs to plan worker c % K: rotate so that DataLoader worker 0 plays it.
-        return self._batches(self.plan((info.id + self.batches_consumed) % info.num_workers))
+        return self._batches(self.plan((info.id + consumed) % info.num_workers, epoch, consumed), epoch)
 
     # ------------------------------------------------------------------------------------------ worker
 
-    def _prepare(self, event: tuple, valid: bool) -> dict[str, Any]:
+    def _prepare(self, event: tuple, valid: bool, epoch: int) -> dict[str, Any]:
         _, shard, idx, key, members = event
         cfg = self.cfg
         sample = decode_sample(key, members, cfg.tasks)
         with _one_thread():
             if cfg.augment:
-                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, self.epoch, shard, idx, 0xA06]))
+                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, shard, idx, 0xA06]))
                 out = train_transform(sample, cfg.tasks, cfg.img_size, AUGMENT[cfg.manifest.dataset], rng)
             else:
                 out = eval_transform(sample, cfg.tasks, cfg.img_size, cfg.protocol)
@@ -272,7 +298,7 @@ class ShardStream(IterableDataset):
         return out
 
     def _samples(self, plan: WorkerPlan, reader: _ShardReader, slots: list[tuple[int, int]],
-                 stats: Counter[str]) -> Iterator[dict[str, Any]]:
+                 stats: Counter[str], epoch: int) -> Iterator[dict[str, Any]]:
         """Transformed samples in plan order; a lost one is replaced by a marked copy of a good one."""
         events = _Pending(reader, slots)
         good: tuple | None = None  # the last event that decoded
@@ -282,7 +308,7 @@ class ShardStream(IterableDataset):
             out = None
             if event[0] == "sample":
                 try:
-                    out = self._prepare(event, valid)
+                    out = self._prepare(event, valid, epoch)
                 except SampleDecodeError as exc:
                     url = self.cfg.manifest.shard_url(slot[0])
                     if self.cfg.on_error == "raise":
@@ -293,28 +319,28 @@ class ShardStream(IterableDataset):
                 good = event
                 yield out
                 for _ in range(owed):
-                    yield self._prepare(good, False)
+                    yield self._prepare(good, False, epoch)
                 owed = 0
             elif good is not None:
-                yield self._prepare(good, False)
+                yield self._prepare(good, False, epoch)
             else:
                 owed += 1
         if owed:
             raise TooManyFailuresError(
-                f"rank {self.cfg.rank}: no sample of this worker's share of epoch {self.epoch} could be read; "
+                f"rank {self.cfg.rank}: no sample of this worker's share of epoch {epoch} could be read; "
                 "see the warnings above for the shards and causes"
             )
 
-    def _batches(self, plan: WorkerPlan) -> Iterator[dict[str, Any]]:
+    def _batches(self, plan: WorkerPlan, epoch: int) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
-        order = shard_order(len(cfg.manifest.shards), cfg.seed, self.epoch, cfg.shuffle)
+        order = shard_order(len(cfg.manifest.shards), cfg.seed, epoch, cfg.shuffle)
         slots = locate(plan.positions, [s.num_samples for s in cfg.manifest.shards], order)
         reader = _ShardReader(cfg, _segments(slots, order))
         reader.start()
         stats: Counter[str] = Counter(samples_resume_skipped=plan.skipped)
         reported: Counter[str] = Counter()
         try:
-            samples = self._samples(plan, reader, slots, stats)
+            samples = self._samples(plan, reader, slots, stats, epoch)
             for size in plan.batch_sizes:
                 items = [next(samples) for _ in range(size)]
                 stats["samples_yielded"] += size

@@ -37,9 +37,9 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from mtlora_dist import comm
 from mtlora_dist.engine.safe_load import (
     ChecksumMismatchError,
     FileRecord,
@@ -113,35 +113,10 @@ def frozen_fingerprint(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------- distributed
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if _world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if _world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * _world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _agree(error: BaseException | None, what: str) -> None:
     """Collective: if any rank failed, every rank raises, so none is left waiting in a later collective.
     A rank that failed raises its own exception; the others raise :class:`CheckpointError` naming it."""
-    messages = [m for m in _all_gather(None if error is None else _describe(error)) if m]
+    messages = [m for m in comm.all_gather_object(None if error is None else _describe(error)) if m]
     if not messages:
         return
     if error is not None:
@@ -159,7 +134,7 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
 
 
 def _describe(error: BaseException) -> str:
-    return f"rank {_rank()}: {type(error).__name__}: {error}"
+    return f"rank {comm.rank()}: {type(error).__name__}: {error}"
 
 
 # ------------------------------------------------------------------------------------- fingerprints
@@ -266,9 +241,9 @@ class Checkpointer:
         _agree(self._run_rank0(lambda: self._prepare_tag(tag)), f"could not prepare {self.url(tag)}")
         records, error = _attempt(lambda: self._write_rank_files(engine, ce, tag, client_state))
         _agree(error, f"checkpoint {self.url(tag)} was not written")
-        files = {name: rec for part in _all_gather(records) for name, rec in part.items()}
+        files = {name: rec for part in comm.all_gather_object(records) for name, rec in part.items()}
         error = self._run_rank0(lambda: self._commit(engine, tag, step, files))
-        message = _broadcast(None if error is None else _describe(error))
+        message = comm.broadcast_object(None if error is None else _describe(error))
         if message:
             raise CheckpointError(f"checkpoint {self.url(tag)} was not completed: {message}") from error
         self._last_saved = tag
@@ -290,13 +265,13 @@ class Checkpointer:
         (``self.loaded_world_size`` says what the saving run had).
         """
         choice, error = None, None
-        if _rank() == 0:
+        if comm.rank() == 0:
             try:
                 self._abort_stale_uploads()
                 choice = self._choose(tag)
             except Exception as err:  # noqa: BLE001 - raised on every rank below
                 error, choice = err, {"error": _describe(err)}
-        choice = _broadcast(choice)
+        choice = comm.broadcast_object(choice)
         if choice is None:
             return None
         if "error" in choice:
@@ -336,7 +311,7 @@ class Checkpointer:
         """Where DeepSpeed writes: the shared checkpoints folder, or this rank's staging folder for S3."""
         if not self.remote:
             return self._root_path
-        staging = os.path.join(self.local_cache, f"stage-rank{_rank():05d}")
+        staging = os.path.join(self.local_cache, f"stage-rank{comm.rank():05d}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         return staging
@@ -348,10 +323,10 @@ class Checkpointer:
         tag_dir = os.path.normpath(os.path.join(root, tag))
         ce.expected, ce.written = None, {}
         engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
-        ce.save_plain(client_state, os.path.join(tag_dir, CLIENT_STATE_DIR, f"rank_{_rank():05d}.pt"))
+        ce.save_plain(client_state, os.path.join(tag_dir, CLIENT_STATE_DIR, f"rank_{comm.rank():05d}.pt"))
         records = {os.path.relpath(path, tag_dir).replace(os.sep, "/"): rec
                    for path, rec in ce.written.items() if path.startswith(tag_dir + os.sep)}
-        if len(records) < 2 and _rank() == 0:  # rank 0 writes at least model states and its client state
+        if len(records) < 2 and comm.rank() == 0:  # rank 0 writes at least model states and its client state
             raise CheckpointError(f"DeepSpeed wrote no files into {tag_dir} through engine.checkpoint_engine")
         if self.remote:
             for name in records:
@@ -384,7 +359,7 @@ class Checkpointer:
             "format": FORMAT,
             "tag": tag,
             "step": int(step),
-            "world_size": _world_size(),
+            "world_size": comm.world_size(),
             "zero_stage": int(engine.zero_optimization_stage()),
             "created_unix": time.time(),
             "versions": {"deepspeed": deepspeed.__version__, "torch": torch.__version__},
@@ -429,7 +404,7 @@ class Checkpointer:
 
     def _restore(self, engine: Any, tag: str, marker: dict[str, Any]) -> dict:
         """Every rank: fetch and verify the files it needs, load them into the engine, read its client state."""
-        same_world = int(marker["world_size"]) == _world_size()
+        same_world = int(marker["world_size"]) == comm.world_size()
         if not same_world:
             _require_reshardable(engine)
         # DeepSpeed's elastic_checkpoint option makes every rank read every shard, even at the same size.
@@ -483,7 +458,7 @@ class Checkpointer:
         return needed
 
     def _client_state_name(self, marker: dict[str, Any], same_world: bool) -> str:
-        name = f"{CLIENT_STATE_DIR}/rank_{(_rank() if same_world else 0):05d}.pt"
+        name = f"{CLIENT_STATE_DIR}/rank_{(comm.rank() if same_world else 0):05d}.pt"
         if name not in marker["files"]:
             raise CheckpointError(f"the checkpoint has no client state {name}")
         return name
@@ -492,7 +467,7 @@ class Checkpointer:
         """Local folder holding ``<tag>/<needed files>``, checksums verified. For S3 they are downloaded to
         this rank's cache; a local run directory is read in place."""
         if self.remote:
-            load_root = os.path.join(self.local_cache, f"load-rank{_rank():05d}")
+            load_root = os.path.join(self.local_cache, f"load-rank{comm.rank():05d}")
             shutil.rmtree(load_root, ignore_errors=True)
             for name in needed:
                 local = os.path.join(load_root, tag, name)
@@ -595,7 +570,7 @@ class Checkpointer:
     @staticmethod
     def _run_rank0(fn: Callable[[], Any]) -> BaseException | None:
         """Run ``fn`` on rank 0; returns its exception (``None`` on success and on other ranks)."""
-        return _attempt(fn)[1] if _rank() == 0 else None
+        return _attempt(fn)[1] if comm.rank() == 0 else None
 
 
 def _multipart_uploads(fs: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -641,7 +616,7 @@ def _relink_optimizer_fragments(engine: Any) -> None:
 
 def _dp_rank() -> int:
     """Data-parallel rank; equal to the global rank here (no tensor or pipeline parallelism)."""
-    return _rank()
+    return comm.rank()
 
 
 def _require_reshardable(engine: Any) -> None:

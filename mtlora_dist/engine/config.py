@@ -54,7 +54,7 @@ class DataConfig:
     val_url: str | None = None
     batch_size: int = 8  # per rank, per micro-step
     eval_batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers per loader; null = from the CPUs (docs/data.md)
     on_error: str = "skip"  # skip (counted) | raise
     eval_protocol: str = "original"  # original | official
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)

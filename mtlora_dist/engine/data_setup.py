@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-import torch.distributed as dist
 
+from mtlora_dist import comm
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.synthetic import generate
 from mtlora_dist.engine.config import ConfigError, DataConfig
@@ -33,6 +33,5 @@ def prepare_data(data: DataConfig, info: DistInfo) -> tuple[str, str]:
         generate(data.dataset, os.path.join(root, "raw"), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed)
         for split, url in urls.items():
             convert(data.dataset, os.path.join(root, "raw"), split, url, shard_size_mb=syn.shard_size_mb)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     return urls["train"], urls["val"]

@@ -3,17 +3,33 @@ optimizer state and the frozen backbone never enters a checkpoint."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from mtlora_dist.engine.config import DeepSpeedSettings, OptimConfig
 from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
+from mtlora_dist.models.precision import align_buffers
 
 __all__ = ["deepspeed_config", "initialize_engine", "model_dtype"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TESTED_DEEPSPEED = ("0.18", "0.20")  # [low, high): pyproject.toml pins the same range
+log = logging.getLogger("mtlora_dist")
+
+
+def check_deepspeed_version(version: str) -> bool:
+    """Warn (once per engine) when DeepSpeed is outside the tested range; releases differ in how they
+    cast buffers and in the checkpoint internals resume relies on."""
+    low, high = (Version(v) for v in TESTED_DEEPSPEED)
+    if low <= Version(version) < high:
+        return True
+    log.warning("DeepSpeed %s is outside the tested range >=%s,<%s; reinstall with pip install "
+                "'deepspeed>=%s,<%s' if training or resuming fails", version, *TESTED_DEEPSPEED, *TESTED_DEEPSPEED)
+    return False
 
 
 def model_dtype(settings: DeepSpeedSettings) -> torch.dtype:
@@ -54,6 +70,7 @@ def initialize_engine(model: nn.Module, optim: OptimConfig, settings: DeepSpeedS
     that DeepSpeed steps (and checkpoints) with the optimizer."""
     import deepspeed
 
+    check_deepspeed_version(deepspeed.__version__)
     config = deepspeed_config(settings, micro_batch, world_size)
     base_lr, warmup_lr, min_lr = scaled_lrs(optim, config["train_batch_size"])
     groups = param_groups(model, optim.weight_decay)
@@ -61,4 +78,5 @@ def initialize_engine(model: nn.Module, optim: OptimConfig, settings: DeepSpeedS
     warmup = optim.warmup_steps or int(round(optim.warmup_fraction * total_steps))
     scheduler = warmup_cosine(optimizer, base_lr, warmup_lr, min_lr, warmup, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    align_buffers(engine.module, model_dtype(settings))  # DeepSpeed releases differ in casting buffers
     return engine

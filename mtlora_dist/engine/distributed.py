@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtlora_dist import comm
 from mtlora_dist.engine.host_memory import keep_freed_memory
 
 __all__ = ["DistInfo", "init_distributed", "device_for", "free_port"]
@@ -48,7 +49,7 @@ def _first_slurm_host() -> str:
 
 
 def _export_launcher_env(local_rank_arg: int | None) -> None:
-    """Fill in the torch.distributed variables from whichever launcher started us."""
+    """Fill in the process-group variables (RANK, WORLD_SIZE, ...) from whichever launcher started us."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"] = env["SLURM_PROCID"]
@@ -85,7 +86,8 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
+    if not comm.is_distributed():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+    comm.init_control_group()  # host-side control collectives (NCCL refuses CPU tensors)
+    return DistInfo(comm.rank(), comm.world_size(), local_rank, device)

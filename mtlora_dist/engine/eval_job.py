@@ -13,8 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.distributed as dist
-
+from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
 from mtlora_dist.engine.config import TrainConfig
 from mtlora_dist.engine.data_setup import prepare_data
@@ -41,14 +40,6 @@ class EvalOutcome:
     files: dict[str, str] = field(default_factory=dict)  # what rank 0 wrote
 
 
-def _broadcast(value: Any) -> Any:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | None = None, split: str = "val",
                         local_rank: int | None = None) -> EvalOutcome:
     """Evaluate ``checkpoint`` (a run directory: its newest complete checkpoint; or ``checkpoints/step_X``)
@@ -60,7 +51,7 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | Non
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"[%(asctime)s r{info.rank}] %(message)s", datefmt="%H:%M:%S")
     storage = cfg.data.storage
-    ref: CheckpointRef = _broadcast(resolve_checkpoint(checkpoint, storage) if info.is_main else None)
+    ref: CheckpointRef = comm.broadcast_object(resolve_checkpoint(checkpoint, storage) if info.is_main else None)
     urls = dict(zip(("train", "val"), prepare_data(cfg.data, info)))
     dtype = model_dtype(cfg.deepspeed)
     model = restore_model(cfg, ref, storage, dtype=dtype).to(info.device)

@@ -27,6 +27,8 @@ def evaluate(engine, loader, evaluator: MultiTaskEvaluator, device: torch.device
     was_training = module.training
     module.eval()
     evaluator.reset()
+    if hasattr(loader, "rewind"):
+        loader.rewind()  # every evaluation sees the same batches, also with max_batches
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break

@@ -41,6 +41,7 @@ from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.safe_load import safe_torch_load
 from mtlora_dist.engine.trainer import run_fingerprint
 from mtlora_dist.models import MultiTaskSwin, build_model
+from mtlora_dist.models.precision import align_buffers
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 
 __all__ = ["CheckpointRef", "resolve_checkpoint", "restore_model", "run_config", "split_cli_keys"]
@@ -172,8 +173,9 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
     reproduces the training run's evaluation; the frozen fingerprint is taken in it, as the trainer took it)."""
     seed_everything(cfg.seed)  # the trainer builds right after this, so random frozen weights match too
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
-    for param in model.parameters():  # as DeepSpeed casts for bf16/fp16: parameters only, buffers stay fp32
+    for param in model.parameters():  # as DeepSpeed casts for bf16/fp16, then the buffers as training had them
         param.data = param.data.to(dtype)
+    align_buffers(model, dtype)
     _check_matches(ref, cfg, model)
     client = _read_file(ref, CLIENT_STATE, storage, allow_deepspeed=False)
     if client.get("frozen") and client["frozen"] != frozen_fingerprint(model):

@@ -1,16 +1,15 @@
 """Graceful stop on SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit.
 
 SLURM sends USR1 (``--signal=B:USR1@grace``) or TERM before it kills a job; the handler only sets a
-flag. Ranks agree on the flag with one all-reduce per step, so every rank stops at the same step and
-the checkpoint collective is entered by all of them.
+flag. Ranks agree on the flag with one host-side all-reduce per step (``comm.any_rank``), so every
+rank stops at the same step and the checkpoint collective is entered by all of them.
 """
 
 from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from mtlora_dist import comm
 
 __all__ = ["TerminationFlag"]
 
@@ -28,10 +27,7 @@ class TerminationFlag:
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return comm.any_rank(self.received is not None)
 
     @property
     def name(self) -> str:

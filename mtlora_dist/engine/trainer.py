@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
 from mtlora_dist.engine.checkpoint import Checkpointer, frozen_fingerprint
 from mtlora_dist.engine.config import TrainConfig, to_yaml
@@ -129,9 +129,10 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: int) -> dict[str, float]:
-    """One optimizer step over ``accumulation`` micro-batches; returns mean per-task losses."""
-    sums: dict[str, float] = {}
+def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: int) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``accumulation`` micro-batches; returns mean per-task losses as tensors
+    on the device. Reading one is a host sync, so only log steps read them (``_host_values``)."""
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(accumulation):
         batch = to_device(next(batches), info.device, dtype)
         outputs = engine(batch["image"])
@@ -139,8 +140,15 @@ def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: i
         engine.backward(total)
         engine.step()
         for name, value in {"loss": total.detach(), **per_task}.items():
-            sums[name] = sums.get(name, 0.0) + float(value) / accumulation
+            share = value / accumulation
+            sums[name] = sums[name] + share if name in sums else share
     return sums
+
+
+def _host_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """All losses to Python floats in one device-to-host copy."""
+    values = torch.stack([v.float().reshape(()) for v in losses.values()]).tolist()
+    return dict(zip(losses, values))
 
 
 def _endless(loader):
@@ -200,9 +208,11 @@ def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, 
     return state
 
 
-def _log_train(logger: RunLogger, bar, step: int, losses: dict, engine, rate: float, loader) -> None:
+def _log_train(logger: RunLogger, bar, step: int, losses: dict[str, torch.Tensor], engine, rate: float,
+               loader) -> None:
+    losses = _host_values(losses)
     lr = engine.get_lr()[0]
-    data_stats = _sum_over_ranks(loader.stats)  # collective: skipped/corrupt samples of every rank
+    data_stats = comm.sum_counts(loader.stats)  # collective: skipped/corrupt samples of every rank
     bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
               "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": data_stats}
@@ -212,19 +222,10 @@ def _log_train(logger: RunLogger, bar, step: int, losses: dict, engine, rate: fl
 def _broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics, which drift apart per rank
     without SyncBatchNorm), so evaluations agree with each other and with what a checkpoint holds."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if comm.world_size() > 1:  # nothing to agree on in a group of one
         for buffer in module.buffers():
             if buffer.is_floating_point() or buffer.dtype == torch.int64:
-                dist.broadcast(buffer.data, src=0)
-
-
-def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(counts)
-    keys = sorted(counts)
-    values = torch.tensor([counts[k] for k in keys], dtype=torch.int64)
-    dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
+                comm.broadcast_(buffer.data, src=0)
 
 
 def _log_eval(logger: RunLogger, step: int, results: dict, evaluator: MultiTaskEvaluator) -> None:
@@ -241,5 +242,4 @@ def _setup_logging(info: DistInfo) -> None:
                         format=f"[%(asctime)s r{info.rank}] %(message)s", datefmt="%H:%M:%S")
     if not info.is_main:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()

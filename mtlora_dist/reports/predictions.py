@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 
+from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
 from mtlora_dist.engine.evaluate import to_device
 from mtlora_dist.export.predict import decode
@@ -95,7 +95,7 @@ class PredictionReport:
         draws, writes ``<out_dir>/predictions_step_XXXXXXXX.png`` and logs it to wandb through ``logger``.
         Returns the PNG's URL on rank 0."""
         logits = self.predict(model, device, dtype)
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if comm.rank() != 0:
             return None
         url = join(out_dir, f"predictions_step_{step:08d}.png")
         local = save_png(self.render(logits), url, self.storage)

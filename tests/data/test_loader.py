@@ -146,6 +146,18 @@ def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
     assert len(sizes) > 1  # original, varied resolutions
 
 
+def test_rewind_restarts_an_abandoned_validation_pass(pascal_shards):
+    """An evaluation capped at a few batches breaks out of the loop; the next one starts over."""
+    loader = build_loader(pascal_shards["val"], dataset="pascal_context", tasks=["semseg"], split="val",
+                          img_size=(48, 64), batch_size=2, num_workers=1)
+    first_pass = [valid_keys([b]) for _, b in zip(range(2), loader)]
+    loader.rewind()
+    second_pass = [valid_keys([b]) for _, b in zip(range(2), loader)]
+    third_pass = [valid_keys([b]) for _, b in zip(range(2), loader)]  # no rewind: continues
+    assert second_pass == first_pass
+    assert third_pass != first_pass
+
+
 def test_official_protocol_resizes_labels(pascal_shards):
     loader = build_loader(pascal_shards["val"], dataset="pascal_context", tasks=["semseg", "human_parts"], split="val",
                           img_size=(48, 64), batch_size=4, protocol="official")

@@ -37,6 +37,14 @@ def test_bf16_trains_checkpoints_and_resumes_on_cpu(tmp_path):
     assert val and math.isfinite(val[-1]["tasks"]["normals"]["mean"])
 
 
+def test_bf16_with_a_static_image_size_trains(tmp_path):
+    """timm's precomputed fp32 shifted-window masks (dynamic_img_size=false) meet bf16 attention."""
+    _run(tmp_path, "model.dynamic_img_size=false", "max_steps=2")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if r["split"] == "train")
+
+
 def test_zero2_offload_config_trains_on_cpu(tmp_path):
     _run(tmp_path, "deepspeed=zero2_offload")  # optimizer state and step on the CPU, bf16 weights
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from mtlora_dist import comm
 from mtlora_dist.tasks.registry import IGNORE_INDEX, TaskSpec
 
 __all__ = ["Metric"]
@@ -58,12 +57,8 @@ class Metric:
 
         Every rank must call it (it is a collective), in the same order across metrics.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return
         for key in self.state:  # dict order is the same on every rank
-            tensor = self.state[key].to(_comm_device(self.state[key].device)).contiguous()
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            self.state[key] = tensor
+            self.state[key] = comm.all_reduce(self.state[key])
 
     def reduced(self) -> Metric:
         """A copy with the state summed over ranks; this metric keeps its local state, so calling it
@@ -72,9 +67,3 @@ class Metric:
         other.all_reduce()
         return other
 
-
-def _comm_device(current: torch.device) -> torch.device:
-    """NCCL only reduces CUDA tensors; a rank that saw no batch still holds CPU state."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return current

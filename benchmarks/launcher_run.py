@@ -1,0 +1,109 @@
+"""A short real training run through the project's launcher, and what its run directory shows.
+
+    python benchmarks/launcher_run.py --config configs/pascal_swin_b.yaml --steps 30 --launcher deepspeed \
+        --run-dir /tmp/mtlora-launcher [--json out.json] [key=value ...]
+
+Runs ``launch/train.py`` (under ``deepspeed --num_gpus 1`` or plain ``python``) on the built-in
+synthetic data for ``--steps`` optimizer steps, with one evaluation and one checkpoint at the last
+step and wandb off, then reads the run directory as a user would: the training losses in
+``metrics.jsonl`` (finite, and falling from the first five steps to the last five when there are
+ten or more), the evaluation record, and the newest *complete* checkpoint as the project's own
+``Checkpointer`` defines it (marker written, every listed file present with its size). Exit status 0
+when all of that holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
+
+from common import emit, subprocess_env  # noqa: E402
+
+
+def launcher_prefix(launcher: str) -> list[str]:
+    """The command that starts ``launch/train.py``: DeepSpeed's launcher on one GPU, or plain python."""
+    if launcher == "python":
+        return [sys.executable]
+    from mtlora_dist.engine.distributed import free_port
+
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
+
+
+def train_command(args: argparse.Namespace) -> list[str]:
+    steps = args.steps
+    return [*launcher_prefix(args.launcher), os.path.join(REPO, "launch", "train.py"), "--config", args.config,
+            "data=synthetic", f"data.synthetic.root={args.run_dir}-data", f"run_dir={args.run_dir}",
+            f"max_steps={steps}", f"eval.every={steps}", f"eval.max_batches={args.eval_batches}",
+            f"checkpoint.every={steps}", "logging.log_every=1", "logging.progress_bar=false",
+            "logging.wandb.enabled=false", *args.overrides]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def judge_losses(losses: list[float]) -> dict:
+    """Finite, and (with ten or more) lower over the last five steps than over the first five."""
+    finite = bool(losses) and all(math.isfinite(v) for v in losses)
+    judged = len(losses) >= 10
+    first, last = (statistics.mean(losses[:5]), statistics.mean(losses[-5:])) if judged else (None, None)
+    return {"losses_finite": finite, "loss_first5": first, "loss_last5": last,
+            "loss_falling": (last < first) if judged else None}
+
+
+def complete_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint's tag, by the Checkpointer's own definition."""
+    from mtlora_dist.engine.checkpoint import Checkpointer
+
+    return Checkpointer(run_dir).latest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--launcher", choices=("deepspeed", "python"), default="deepspeed")
+    parser.add_argument("--run-dir", default="/tmp/mtlora-launcher-run")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("overrides", nargs="*", help="more key=value overrides for launch/train.py")
+    args = parser.parse_args()
+    shutil.rmtree(args.run_dir, ignore_errors=True)  # a fresh run, not a resume of an earlier one
+
+    cmd = train_command(args)
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    returncode = subprocess.run(cmd, cwd=REPO, env=subprocess_env(WANDB_MODE="disabled")).returncode
+    seconds = time.perf_counter() - start
+    records = read_metrics(args.run_dir)
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "val"]
+    result = {
+        "command": " ".join(cmd), "returncode": returncode, "seconds": seconds, "steps": len(train),
+        "train_losses": [r["loss"] for r in train], **judge_losses([r["loss"] for r in train]),
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in train[1:]) if len(train) > 1 else None,
+        "eval_steps": [r["step"] for r in evals], "delta_m": evals[-1].get("delta_m") if evals else None,
+        "checkpoint": complete_checkpoint(args.run_dir),
+    }
+    result["passed"] = bool(returncode == 0 and len(train) == args.steps and result["losses_finite"]
+                            and result["loss_falling"] is not False and evals and result["checkpoint"])
+    emit(result, args.json)
+    sys.exit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Worker processes, pinned memory and persistent workers: the automatic worker count, the pin
+decision, and exact per-epoch positions when the same workers serve several epochs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import pytest
+import torch
+
+import mtlora_dist.data.loader as loader_mod
+from mtlora_dist.data.loader import default_num_workers, should_pin_memory
+from mtlora_dist.data.manifest import read_manifest
+from mtlora_dist.data.plan import locate, make_worker_plan, shard_order
+from mtlora_dist.data.tarshards import iter_tar_samples
+from mtlora_dist.engine.config import ConfigError, DataConfig, load_config
+
+from datatest_utils import PASCAL, keys_of, pascal_loader
+
+NO_ACCELERATOR = "ignore:'pin_memory' argument is set as true but no accelerator is found"
+
+
+# --------------------------------------------------------------------------------- worker count
+
+
+@pytest.mark.parametrize(("cpus", "local_ranks", "expected"), [
+    (1, 1, 1),     # one CPU: still one worker (decoding overlaps the step), never 0 by default
+    (2, 1, 1),
+    (3, 1, 2),
+    (10, 2, 4),    # 5 CPUs per rank, one left for the training process
+    (16, 1, 8),    # capped
+    (64, 8, 7),
+    (16, 8, 1),
+    (4, 8, 1),     # fewer CPUs than local ranks
+])
+def test_default_num_workers_rule(cpus, local_ranks, expected):
+    n = default_num_workers(cpus=cpus, local_ranks=local_ranks)
+    assert n == expected
+    assert n <= max(1, cpus // local_ranks)  # never more workers than this rank's CPUs
+
+
+def test_default_num_workers_reads_affinity_and_local_world_size(monkeypatch):
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)  # the node has more; the cpuset wins
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers() == 5
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_num_workers() == 8
+    monkeypatch.setenv("LOCAL_SIZE", "3")  # the deepspeed launcher's name for it
+    assert loader_mod.local_world_size() == 3 and default_num_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")  # torchrun's wins
+    assert loader_mod.local_world_size() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not-a-number")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert loader_mod.local_world_size() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS/Windows: os.cpu_count()
+    monkeypatch.setattr(os, "cpu_count", lambda: 24)
+    assert loader_mod.available_cpus() == 24 and default_num_workers() == 5
+
+
+def test_build_loader_sizes_workers_automatically_and_explicit_wins(pascal_shards, monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    with caplog.at_level(logging.INFO, logger="mtlora_dist"):
+        auto = pascal_loader(pascal_shards["train"], num_workers=None, pin_memory=False)
+    assert auto.num_workers == 3 and auto.auto_workers
+    assert auto.state_dict()["num_workers"] == 3
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("mtlora_dist")]
+    assert len(messages) == 1
+    assert "3 worker process(es) (automatic: 4 CPUs, 1 local rank(s)), persistent" in messages[0]
+    assert "pinned memory off" in messages[0]
+    explicit = pascal_loader(pascal_shards["train"], num_workers=2)
+    assert explicit.num_workers == 2 and not explicit.auto_workers
+    with pytest.raises(ValueError, match="num_workers >= 0"):
+        pascal_loader(pascal_shards["train"], num_workers=-1)
+
+
+def test_config_accepts_the_automatic_default_and_an_int():
+    assert DataConfig().num_workers is None
+    assert load_config(None, ["data.num_workers=null"]).data.num_workers is None
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+    with pytest.raises(ConfigError, match="num_workers"):
+        load_config(None, ["data.num_workers=many"])
+    here = os.path.dirname(__file__)
+    paper = os.path.join(here, "..", "..", "configs", "pascal_swin_t_r16.yaml")
+    cfg = load_config(paper, ["data.train_url=/x", "data.val_url=/y"])
+    assert cfg.data.num_workers is None  # the real-data configs size workers from the CPUs
+
+
+# ---------------------------------------------------------------------------------------- pinning
+
+
+def test_pin_decision_follows_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert should_pin_memory(None) is True and should_pin_memory(False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert should_pin_memory(None) is False and should_pin_memory(True) is True
+
+
+class _Recorder(torch.utils.data.DataLoader):
+    made: list[dict] = []
+
+    def __init__(self, *args, **kwargs):
+        type(self).made.append(kwargs)
+        super().__init__(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings(NO_ACCELERATOR)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_is_pinned_and_persistent(pascal_shards, monkeypatch, workers):
+    monkeypatch.setattr(loader_mod, "DataLoader", _Recorder)
+    _Recorder.made = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)  # "the device is CUDA"
+        loader = pascal_loader(pascal_shards["train"], num_workers=workers)
+    assert loader.pin_memory  # iterated without the patch: torch warns that it cannot pin, and does not
+    for _ in range(2):  # two epochs, one DataLoader
+        assert len(list(loader)) == len(loader)
+    assert len(_Recorder.made) == 1
+    made = _Recorder.made[0]
+    assert made["pin_memory"] is True and made["num_workers"] == workers
+    assert made.get("persistent_workers", False) is (workers > 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not pascal_loader(pascal_shards["train"], num_workers=workers).pin_memory
+
+
+def test_workers_stay_alive_across_epochs(pascal_shards):
+    loader = pascal_loader(pascal_shards["train"], num_workers=2, batch_size=4)
+    pids = []
+    for _ in range(3):
+        assert len(list(loader)) == len(loader)
+        workers = loader._loader._iterator._workers
+        assert all(w.is_alive() for w in workers)
+        pids.append([w.pid for w in workers])
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+
+
+# ------------------------------------------------------------------------------- exact positions
+
+
+def _planned_batches(url: str, *, epoch: int, num_workers: int, batch_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1, shuffle_buffer: int = 128) -> list[list[str]]:
+    """The keys of every batch of ``epoch``, straight from the plan (independent of any loader)."""
+    manifest = read_manifest(url)
+    names = []
+    for shard in manifest.shards:
+        with open(os.path.join(url, shard.name), "rb") as f:
+            names.append([key for key, _ in iter_tar_samples(f)])
+    order = shard_order(len(manifest.shards), seed, epoch, True)
+    batches: dict[int, list[str]] = {}
+    for worker in range(num_workers):
+        plan = make_worker_plan(manifest.num_samples, world_size=world_size, rank=rank, num_workers=num_workers,
+                                worker=worker, batch_size=batch_size, seed=seed, epoch=epoch, shuffle=True,
+                                drop_last=True, shuffle_buffer=shuffle_buffer)
+        keys = [names[s][i] for s, i in locate(plan.positions, [s.num_samples for s in manifest.shards], order)]
+        for j, size in zip(plan.batch_indices, plan.batch_sizes, strict=True):
+            batches[j], keys = keys[:size], keys[size:]
+    return [batches[j] for j in range(len(batches))]
+
+
+def _batch_keys(batches) -> list[list[str]]:
+    return [list(b["__key__"]) for b in batches]
+
+
+def _roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_persistent_workers_yield_the_planned_samples_every_epoch(pascal_shards):
+    url, kw = pascal_shards["train"], {"num_workers": 2, "batch_size": 2, "seed": 11}
+    plans = [_planned_batches(url, epoch=e, num_workers=2, batch_size=2, seed=11) for e in range(5)]
+    loader = pascal_loader(url, **kw)
+    seen = []
+    for epoch in range(4):  # the trainer's way: iterate again, the loader moves on by itself
+        batches = list(loader)
+        assert loader.epoch == epoch and loader._loader.persistent_workers
+        assert _batch_keys(batches) == plans[epoch]
+        keys = keys_of(batches)
+        assert len(keys) == len(set(keys)) == PASCAL["num_train"]  # no duplicate, none missing
+        seen.append(keys)
+    assert all(sorted(k) == sorted(seen[0]) for k in seen)
+    assert len({tuple(k) for k in seen}) == len(seen)  # a new order every epoch
+
+    # set_epoch and load_state_dict on a loader whose workers are already running reach them too
+    loader.set_epoch(1)
+    assert _batch_keys(list(loader)) == plans[1]
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]  # abandon epoch 2 after 3 batches
+    assert _batch_keys(first) == plans[2][:3]
+    del it
+    assert _batch_keys(list(loader)) == plans[2][3:]  # iterating again continues the unfinished epoch
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batches_consumed": 5})
+    assert _batch_keys(list(loader)) == plans[0][5:]
+    assert _batch_keys(list(loader)) == plans[1]
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_resume_mid_epoch_with_persistent_workers(pascal_shards, k):
+    url, kw = pascal_shards["train"], {"num_workers": 2, "batch_size": 2, "seed": 11}
+    plans = [_planned_batches(url, epoch=e, num_workers=2, batch_size=2, seed=11) for e in range(4)]
+    first = pascal_loader(url, **kw)
+    assert _batch_keys(list(first)) == plans[0]
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    state = _roundtrip(first.state_dict())
+    assert (state["epoch"], state["batches_consumed"]) == (1, k)
+    del it
+    first.close()
+
+    resumed = pascal_loader(url, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the usual loop: keeps the position
+    assert _batch_keys(list(resumed)) == plans[1][k:]
+    assert _batch_keys(list(resumed)) == plans[2]  # the same workers go on to the next epochs
+    assert _batch_keys(list(resumed)) == plans[3]
+    assert resumed.stats["samples_resume_skipped"] == 2 * k
+
+
+def test_automatic_count_follows_the_checkpoint(pascal_shards, monkeypatch):
+    url = pascal_shards["train"]
+    plans = [_planned_batches(url, epoch=e, num_workers=2, batch_size=2, seed=11) for e in range(2)]
+    first = pascal_loader(url, num_workers=2, batch_size=2, seed=11)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    del it
+    first.close()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # auto: 3 workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    resumed = pascal_loader(url, num_workers=None, batch_size=2, seed=11)
+    assert resumed.num_workers == 3
+    resumed.load_state_dict(state)  # strict: exact, with the saved run's 2 workers
+    assert resumed.num_workers == 2
+    assert _batch_keys(list(resumed)) == plans[0][3:]
+    assert _batch_keys(list(resumed)) == plans[1]
+    explicit = pascal_loader(url, num_workers=3, batch_size=2, seed=11)
+    with pytest.raises(ValueError, match="num_workers: saved 2, now 3"):
+        explicit.load_state_dict(state)
+    other = pascal_loader(url, num_workers=None, batch_size=4, seed=11)  # exactness is lost anyway
+    with pytest.raises(ValueError, match="num_workers: saved 2, now 3, batch_size: saved 2, now 4"):
+        other.load_state_dict(state)
+    assert other.num_workers == 3
