@@ -8,13 +8,16 @@ trainable head) of about the given sizes; ``--model`` takes ``module:callable`` 
 whose frozen parameters already have ``requires_grad=False`` (e.g. the real MTLoRA Swin). Runs as one
 rank on the CPU (DeepSpeed ZeRO-2, AdamW, fp32) unless started by the ``deepspeed`` launcher.
 
-Expected size of ours: trainable parameters x 16 bytes = 4 (module weights) + 4 (fp32 master copy kept by
-ZeRO) + 8 (Adam's two moments), plus a few KB of metadata and the trainer's client state.
+Expected size of ours: trainable parameters x 12 bytes = 4 (the fp32 master copy; the training-dtype weights
+are derived from it) + 8 (Adam's two moments), plus buffers, a few KB of metadata and the pieces' state.
+``--s3`` also times a save to a loopback S3 server: how long the loop is held (the local snapshot) and how
+long the background upload takes after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
@@ -28,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-BYTES_PER_TRAINABLE = {"weights": 4, "fp32_master": 4, "adam_moments": 8}
+BYTES_PER_TRAINABLE = {"fp32_master": 4, "adam_moments": 8}
 
 
 class SyntheticAdapted(nn.Module):
@@ -90,12 +93,35 @@ def folder_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.name.endswith(".py"))
 
 
-def measure(model: nn.Module, workdir: str, stage: int = 2) -> dict[str, Any]:
-    """Save ``model`` both ways under ``workdir`` and return the sizes (bytes) and parameter counts."""
-    import deepspeed
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    from mtlora_dist.engine.checkpoint import Checkpointer
+
+@contextlib.contextmanager
+def _s3_run_dir():
+    """A loopback S3 server (rclone, as the tests start it); yields (run_dir URL, storage options)."""
+    from s3_server import KEY, SECRET, S3Server
+
+    from mtlora_dist.storage.fs import StorageOptions
+
+    server = S3Server("rclone", Path(tempfile.mkdtemp(prefix="bench-s3-")) / "data").start()
+    try:
+        server.make_bucket("bench")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        yield "s3://bench/run", StorageOptions(endpoint_url=server.endpoint, key=KEY, secret=SECRET)
+    finally:
+        server.stop()
+
+
+def measure(model: nn.Module, workdir: str, stage: int = 2, s3: bool = False) -> dict[str, Any]:
+    """Save ``model`` our way and DeepSpeed's under ``workdir``; sizes (bytes), save/load seconds, and
+    with ``s3`` how long a save to a loopback S3 server holds the loop (the upload runs beside it)."""
+    import deepspeed
+
+    from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 
     init_single_process()
     config = {"train_micro_batch_size_per_gpu": 1,
@@ -103,27 +129,35 @@ def measure(model: nn.Module, workdir: str, stage: int = 2) -> dict[str, Any]:
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable_params}], config=config)
-    # One optimizer step so Adam's moments exist (torch creates them lazily). A zero loss built from the
-    # parameters themselves needs no knowledge of the model's inputs.
+    ours_dir = os.path.join(workdir, "ours")
+    ckpt = Checkpointer(ours_dir, engine, policy=SavePolicy(keep_last=1))
+    # One optimizer step so Adam's moments are real. A zero loss built from the parameters themselves
+    # needs no knowledge of the model's inputs.
     engine.backward(sum((p * 0).sum() for p in trainable_params))
     engine.step()
-    ours_dir = os.path.join(workdir, "ours")
-    start = time.perf_counter()
-    url = Checkpointer(ours_dir, keep_last=1).save(engine, 1, {"step": 1})
-    save_s = time.perf_counter() - start
-    start = time.perf_counter()
-    Checkpointer(ours_dir, keep_last=1).load(engine)
-    load_s = time.perf_counter() - start
+    url = ckpt.save(1)
+    save_s = ckpt.blocked_s[-1]
+    load_s = _timed(lambda: Checkpointer(ours_dir, engine, policy=SavePolicy(keep_last=1)).resume())
+    result: dict[str, Any] = {"save_s": save_s, "load_s": load_s}
+    if s3:
+        with _s3_run_dir() as (run_dir, storage):
+            remote = Checkpointer(run_dir, engine, policy=SavePolicy(keep_last=1), storage=storage)
+            remote.save(1)  # the first save also aborts stale multipart uploads (one more request)
+            remote.wait()
+            remote.save(2)
+            upload_s = _timed(remote.wait)
+            result.update(s3_first_blocked_s=remote.blocked_s[0], s3_blocked_s=remote.blocked_s[1],
+                          s3_upload_after_s=upload_s,
+                          s3_load_s=_timed(lambda: Checkpointer(run_dir, engine, storage=storage).resume()))
     default_dir = os.path.join(workdir, "default")
-    engine.checkpoint_engine = TorchCheckpointEngine(engine._config)  # DeepSpeed as shipped
-    engine.save_checkpoint(default_dir, tag="default")
+    engine.save_checkpoint(default_dir, tag="default")  # DeepSpeed as shipped, for the size comparison
     frozen, trainable = count(model)
     marker = json.loads(Path(url, "COMPLETE.json").read_text())
     expected = trainable * sum(BYTES_PER_TRAINABLE.values())
     ours = folder_bytes(url)  # every file, marker included
     return {"frozen_params": frozen, "trainable_params": trainable, "zero_stage": stage,
             "world_size": marker["world_size"], "ours_bytes": ours, "default_bytes": folder_bytes(default_dir),
-            "expected_bytes": expected, "ours_vs_expected": ours / expected, "save_s": save_s, "load_s": load_s}
+            "expected_bytes": expected, "ours_vs_expected": ours / expected, **result}
 
 
 def _load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -148,17 +182,21 @@ def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
         "",
         "| checkpoint | size | bytes per trainable parameter |",
         "|---|---|---|",
-        f"| ours: trainable state, marker and client state (`exclude_frozen_parameters=True`) | "
+        f"| ours: trainable state (fp32 masters, Adam moments, buffers), marker and state | "
         f"{_mib(result['ours_bytes'])} | "
         f"{result['ours_bytes'] / result['trainable_params']:.2f} |",
-        f"| expected: trainable x (4 weights + 4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} "
-        f"| 16.00 |",
+        f"| expected: trainable x (4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} "
+        f"| 12.00 |",
         f"| DeepSpeed default `save_checkpoint` (frozen weights included) | {_mib(result['default_bytes'])} | "
         f"{result['default_bytes'] / result['trainable_params']:.2f} |",
         "",
         f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
         f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default. "
-        f"Save {result['save_s']:.2f} s, load {result['load_s']:.2f} s (local disk).",
+        f"Save {result['save_s']:.2f} s, load {result['load_s']:.2f} s (local disk)."
+        + (f" To S3 (loopback): the loop is held {result['s3_blocked_s']:.2f} s per save (the first one "
+           f"{result['s3_first_blocked_s']:.2f} s), the upload takes "
+           f"{result['s3_upload_after_s']:.2f} s more beside training; load {result['s3_load_s']:.2f} s."
+           if "s3_blocked_s" in result else ""),
         "",
         "",
     ])
@@ -169,7 +207,8 @@ def main() -> None:
     parser.add_argument("--frozen", type=int, default=28_000_000, help="synthetic model: frozen parameters")
     parser.add_argument("--trainable", type=int, default=1_500_000, help="synthetic model: trainable parameters")
     parser.add_argument("--model", default="", help="module:callable building the model instead")
-    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--s3", action="store_true", help="also time a save to a loopback S3 server")
     parser.add_argument("--label", default="", help="section title in the doc (default: the model)")
     parser.add_argument("--write-doc", default="", help="append the figures to this markdown file")
     parser.add_argument("--json", default="", help="also write the figures to this file")
@@ -185,7 +224,7 @@ def main() -> None:
     dist.broadcast_object_list(box, src=0)  # one folder for all ranks: a local run dir is shared
     workdir = box[0]
     try:
-        result = measure(model, workdir, args.stage)
+        result = measure(model, workdir, args.stage, args.s3)
     finally:
         dist.barrier()
         if dist.get_rank() == 0:

@@ -67,9 +67,10 @@ def judge_losses(losses: list[float]) -> dict:
 
 def complete_checkpoint(run_dir: str) -> str | None:
     """The newest complete checkpoint's tag, by the Checkpointer's own definition."""
-    from mtlora_dist.engine.checkpoint import Checkpointer
+    from mtlora_dist.checkpoint import CheckpointStore
 
-    return Checkpointer(run_dir).latest()
+    found = CheckpointStore(run_dir.rstrip("/") + "/checkpoints").newest_complete()
+    return found[0] if found else None
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def _checkpoint_section(r: dict, cmd: str) -> str:
 | checkpoint | size (MiB) |
 |---|---|
 | ours (trainable state only) | {r['ours_bytes'] / mib:.1f} |
-| expected: trainable x 16 bytes (weights, fp32 master, 2 Adam moments) | {r['expected_bytes'] / mib:.1f} |
+| expected: trainable x 12 bytes (fp32 master, 2 Adam moments) | {r['expected_bytes'] / mib:.1f} |
 | DeepSpeed default (frozen backbone included) | {r['default_bytes'] / mib:.1f} |
 
 Ours is {r['ours_vs_expected']:.3f}x the expected size; save {r['save_s']:.2f} s, load {r['load_s']:.2f} s (local disk).

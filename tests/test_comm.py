@@ -34,7 +34,6 @@ def _control_paths(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("cuda:gloo", rank=rank, world_size=2)
     from mtlora_dist import comm
-    from mtlora_dist.engine.checkpoint import CheckpointError, _agree
     from mtlora_dist.engine.signals import TerminationFlag
 
     out: dict = {}
@@ -52,10 +51,6 @@ def _control_paths(rank: int, port: int, results) -> None:
     out["object"] = comm.broadcast_object({"tag": "step_7"} if rank == 0 else None)
     out["gathered"] = comm.all_gather_object(rank * 2)
     comm.barrier()
-    try:  # the checkpointer's agreement step: a failure on rank 0 reaches every rank
-        _agree(OSError("disk full") if rank == 0 else None, "save")
-    except (CheckpointError, OSError) as error:
-        out["agreed_error"] = "disk full" in str(error)
     results[rank] = out
     dist.destroy_process_group()
 
@@ -70,7 +65,6 @@ def test_control_collectives_work_in_a_group_that_refuses_cpu_tensors():
         assert got["counts"] == {"skipped": 3, "corrupt": 10}
         assert got["object"] == {"tag": "step_7"}
         assert got["gathered"] == [0, 2]
-        assert got["agreed_error"] is True
 
 
 def _device_choice(rank: int, port: int, results) -> None:

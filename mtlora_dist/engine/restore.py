@@ -1,16 +1,16 @@
 """Rebuild a trained model from a checkpoint, for evaluation and export (no optimizer, no DeepSpeed engine).
 
-A checkpoint holds the trainable weights only (``mp_rank_00_model_states.pt``, entry ``module``, plus
-persistent buffers such as BatchNorm statistics); the frozen backbone is rebuilt exactly as the trainer
+A checkpoint holds the trainable state only (``trainable.safetensors``: fp32 ``param/<name>`` and
+``buffer/<name>`` such as BatchNorm statistics); the frozen backbone is rebuilt exactly as the trainer
 built it: ``seed_everything(cfg.seed)`` then ``build_model`` (random init, or ``model.pretrained``).
 Three checks make a wrong rebuild an error instead of wrong numbers:
 
 - the run's config fingerprint (backbone, tasks, dataset, adapter mode) and every trainable parameter's
   name and shape, from the checkpoint's marker;
-- the sha256 of every file read, from the marker (files are read with ``weights_only=True``);
-- the frozen-weights fingerprint the trainer stored in its client state (same pretrained file, same seed).
+- the sha256 of every file read, from the marker (safetensors and JSON only: nothing is unpickled);
+- the frozen-weights fingerprint in the marker (same pretrained file, same seed).
 
-Only ZeRO-1/2 checkpoints hold their weights in the model states file; ZeRO-3 ones are refused.
+Checkpoints of every ZeRO stage and world size load the same way.
 """
 
 from __future__ import annotations
@@ -26,30 +26,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlora_dist.engine.checkpoint import (
-    CHECKPOINTS_DIR,
-    FORMAT,
-    MARKER_NAME,
+from mtlora_dist.checkpoint.format import (
+    MARKER,
+    TRAINABLE,
     CheckpointError,
     CheckpointMismatchError,
-    Checkpointer,
     fingerprint_differences,
     frozen_fingerprint,
+    tensors_from_bytes,
 )
+from mtlora_dist.checkpoint.storage import CheckpointStore
 from mtlora_dist.engine.config import TrainConfig, load_config
 from mtlora_dist.engine.rng import seed_everything
-from mtlora_dist.engine.safe_load import safe_torch_load
 from mtlora_dist.engine.trainer import run_fingerprint
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.models.precision import align_buffers
-from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
+from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 
 __all__ = ["CheckpointRef", "resolve_checkpoint", "restore_model", "run_config", "split_cli_keys"]
 
 log = logging.getLogger("mtlora_dist")
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-CLIENT_STATE = "client_state/rank_00000.pt"
+CHECKPOINTS_DIR = "checkpoints"
 _MASKED = "***"  # what to_yaml writes in place of credentials
 
 
@@ -89,36 +87,22 @@ def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> Check
     url = str(url).rstrip("/")
     fs, path = url_to_fs(url, storage)
     fs.invalidate_cache()
-    if fs.exists(f"{path}/{MARKER_NAME}"):
+    if fs.exists(f"{path}/{MARKER}"):
         parent, tag = posixpath.split(url)
         if posixpath.basename(parent) != CHECKPOINTS_DIR:
             raise CheckpointError(f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
                                   "of a run directory; pass the run directory or <run_dir>/checkpoints/step_X")
-        return CheckpointRef(posixpath.dirname(parent), tag, _read_marker(url, tag, storage))
+        marker = CheckpointStore(parent, storage).marker(tag)
+        if marker is None:
+            raise CheckpointError(f"{url} is not a complete checkpoint: its {MARKER} is unreadable or lists "
+                                  "files that are missing or of another size")
+        return CheckpointRef(posixpath.dirname(parent), tag, marker)
     run_dir = posixpath.dirname(url) if posixpath.basename(url) == CHECKPOINTS_DIR else url
-    tag = Checkpointer(run_dir, storage=storage).latest()
-    if tag is None:
+    found = CheckpointStore(join(run_dir, CHECKPOINTS_DIR), storage).newest_complete()
+    if found is None:
         raise CheckpointError(f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
-                              f"its {MARKER_NAME} is written); pass a run directory or a checkpoints/step_X folder")
-    return CheckpointRef(run_dir, tag, _read_marker(join(run_dir, CHECKPOINTS_DIR, tag), tag, storage))
-
-
-def _read_marker(url: str, tag: str, storage: StorageOptions | None) -> dict[str, Any]:
-    fs, path = url_to_fs(join(url, MARKER_NAME), storage)
-    try:
-        marker = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise CheckpointError(f"{url} has no readable {MARKER_NAME}: it is not a complete checkpoint ({err})") from None
-    if marker.get("format") != FORMAT or marker.get("tag") != tag:
-        raise CheckpointError(f"{url}/{MARKER_NAME} is not a {FORMAT} marker for '{tag}'")
-    if int(marker.get("zero_stage", 0)) >= 3:
-        raise CheckpointError(f"{url} is a ZeRO-3 checkpoint: its weights are partitioned across the optimizer "
-                              "shards, which evaluation and export do not read. Train with ZeRO stage 1 or 2 "
-                              "(the MTLoRA trainable state is small).")
-    missing = [name for name in (MODEL_STATES, CLIENT_STATE) if name not in marker.get("files", {})]
-    if missing:
-        raise CheckpointError(f"{url}/{MARKER_NAME} lists no {missing}")
-    return marker
+                              f"its {MARKER} is written); pass a run directory or a checkpoints/step_X folder")
+    return CheckpointRef(run_dir, *found)
 
 
 def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -139,18 +123,6 @@ def run_config(checkpoint: str, config: str | None = None, overrides: list[str] 
         if getattr(cfg.data.storage, key) == _MASKED:
             setattr(cfg.data.storage, key, None)
     return cfg
-
-
-def _read_file(ref: CheckpointRef, name: str, storage: StorageOptions | None, allow_deepspeed: bool) -> Any:
-    """One checkpoint file, checksum-verified and loaded with ``weights_only=True`` (downloaded first if remote)."""
-    url, sha256 = join(ref.url, name), ref.marker["files"][name]["sha256"]
-    if not is_remote(url):
-        return safe_torch_load(url_to_fs(url)[1], expected_sha256=sha256, allow_deepspeed=allow_deepspeed)
-    fs, path = url_to_fs(url, storage)
-    with tempfile.TemporaryDirectory(prefix="mtlora-restore-") as tmp:
-        local = os.path.join(tmp, os.path.basename(name))
-        fs.get_file(path, local)
-        return safe_torch_load(local, expected_sha256=sha256, allow_deepspeed=allow_deepspeed)
 
 
 def _trainable_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -177,18 +149,20 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
         param.data = param.data.to(dtype)
     align_buffers(model, dtype)
     _check_matches(ref, cfg, model)
-    client = _read_file(ref, CLIENT_STATE, storage, allow_deepspeed=False)
-    if client.get("frozen") and client["frozen"] != frozen_fingerprint(model):
+    frozen = ref.marker.get("frozen")
+    if frozen and int(ref.marker.get("zero_stage", 0)) < 3 and frozen != frozen_fingerprint(model):
         raise CheckpointMismatchError(
             f"the frozen backbone rebuilt here differs from the one {ref.url} was trained on: use the same "
             f"model.pretrained file and seed as the training run (here: seed {cfg.seed}, "
             f"pretrained {cfg.model.pretrained!r})")
-    states = _read_file(ref, MODEL_STATES, storage, allow_deepspeed=True)
-    result = model.load_state_dict(states["module"], strict=False)
+    store = CheckpointStore(join(ref.run_dir, CHECKPOINTS_DIR), storage)
+    tensors = tensors_from_bytes(store.read(ref.tag, TRAINABLE, ref.marker))
+    weights = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith(("param/", "buffer/"))}
+    result = model.load_state_dict(weights, strict=False)
     trainable = set(_trainable_shapes(model))
     missing = sorted(trainable & set(result.missing_keys))
     if missing or result.unexpected_keys:
-        raise CheckpointMismatchError(f"{ref.url}/{MODEL_STATES} does not fit the model: missing trainable "
+        raise CheckpointMismatchError(f"{ref.url}/{TRAINABLE} does not fit the model: missing trainable "
                                       f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
-    log.info("restored %s (step %d) with %d tensors", ref.url, ref.step, len(states["module"]))
+    log.info("restored %s (step %d) with %d tensors", ref.url, ref.step, len(weights))
     return model.eval()

@@ -2,8 +2,9 @@
 
 Only rank 0 logs. ``metrics.jsonl`` is kept locally and re-uploaded whole when the run directory is
 remote (object stores have no append), at every evaluation, checkpoint and at the end.
-wandb is offline unless configured; the run id is stored in checkpoints so a resumed run continues
-the same wandb run. The config sent to wandb has credentials masked.
+wandb is offline unless configured. The logger is a checkpoint piece: the run id and metrics.jsonl
+are stored in each checkpoint, so a resumed run continues the same wandb run and its log holds every
+step exactly once, cut back to the checkpoint it resumed from (wandb drops steps it has already seen). The config sent to wandb has credentials masked.
 """
 
 from __future__ import annotations
@@ -16,25 +17,12 @@ import time
 import uuid
 from typing import Any
 
+from mtlora_dist.storage.atomic import atomic_write, atomic_write_text
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, redact, url_to_fs
 
-__all__ = ["RunLogger", "write_text"]
+__all__ = ["RunLogger"]
 
 log = logging.getLogger("mtlora_dist")
-
-
-def write_text(url: str, text: str, storage: StorageOptions | None = None) -> None:
-    """Write a small text file atomically: a temporary name then a rename (a single PUT on S3)."""
-    fs, path = url_to_fs(url, storage)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    if is_remote(url):
-        with fs.open(path, "w") as fh:
-            fh.write(text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _clean(value: Any) -> Any:
@@ -50,7 +38,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str, *, enabled: bool, storage: StorageOptions | None = None,
                  wandb_cfg=None, config: dict | None = None, run_id: str | None = None,
-                 local_dir: str | None = None) -> None:
+                 local_dir: str | None = None, start: bool = True) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.storage = storage
@@ -59,16 +47,41 @@ class RunLogger:
                                        if self.remote else run_dir)
         self.metrics_path = os.path.join(self.local_dir, "metrics.jsonl")
         self.run_id = run_id
+        self.wandb_cfg, self.config = wandb_cfg, config or {}
         self._wandb = None
         if not enabled:
             return
         os.makedirs(self.local_dir, exist_ok=True)
-        if self.remote:  # continue the remote file on resume
+        if self.remote:  # continue the remote file (a resume replaces it with the checkpoint's copy)
             fs, path = url_to_fs(join(run_dir, "metrics.jsonl"), storage)
             if fs.exists(path):
                 fs.get(path, self.metrics_path)
-        if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
-            self._start_wandb(wandb_cfg, config or {})
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start wandb (after a resume has restored the run id, so the same wandb run continues)."""
+        cfg = self.wandb_cfg
+        if self.enabled and cfg is not None and cfg.enabled and cfg.mode != "disabled" and self._wandb is None:
+            self._start_wandb(cfg, self.config)
+
+    # -- checkpoint piece: the log agrees with the checkpoint it resumes from -------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The wandb run id and metrics.jsonl as of this checkpoint."""
+        text = ""
+        if self.enabled and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as fh:
+                text = fh.read()
+        return {"run_id": self.run_id or "", "metrics": text}
+
+    def load_state_dict(self, state: dict[str, Any], same_world: bool = True) -> None:
+        """Cut the log back to the checkpoint: records of steps after it (a killed run's) are dropped,
+        and steps the remote copy missed are back."""
+        self.run_id = state.get("run_id") or self.run_id
+        if not self.enabled:
+            return
+        atomic_write_text(self.metrics_path, state.get("metrics", ""))
+        self.flush()
 
     def _start_wandb(self, cfg, config: dict) -> None:
         import wandb
@@ -107,10 +120,10 @@ class RunLogger:
             self._call_wandb(lambda: self._wandb.log({key: wandb.Image(path)}, step=step))
 
     def flush(self) -> None:
-        """Upload metrics.jsonl when the run directory is remote."""
+        """Upload metrics.jsonl when the run directory is remote (one PUT: readers never see half)."""
         if self.enabled and self.remote and os.path.exists(self.metrics_path):
-            fs, path = url_to_fs(join(self.run_dir, "metrics.jsonl"), self.storage)
-            fs.put_file(self.metrics_path, path)
+            with open(self.metrics_path, "rb") as fh:
+                atomic_write(join(self.run_dir, "metrics.jsonl"), fh.read(), self.storage)
 
     def close(self) -> None:
         self.flush()

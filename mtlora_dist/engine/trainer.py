@@ -17,17 +17,19 @@ from tqdm import tqdm
 
 from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
-from mtlora_dist.engine.checkpoint import Checkpointer, frozen_fingerprint
+from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 from mtlora_dist.engine.config import TrainConfig, to_yaml
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
 from mtlora_dist.engine.evaluate import evaluate, to_device
-from mtlora_dist.engine.rng import rng_state, seed_everything, set_rng_state
-from mtlora_dist.engine.run_logger import RunLogger, write_text
+from mtlora_dist.engine.rng import seed_everything
+from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
+from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.models import build_model
 from mtlora_dist.reports import PredictionReport, save_curves
+from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
@@ -66,13 +68,19 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
 
-    checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.checkpoint.keep_last, storage=cfg.data.storage,
-                                fingerprint=run_fingerprint(cfg, model), local_cache=cfg.checkpoint.local_cache)
-    state = _resume(cfg, checkpointer, engine, train_loader, info)
     logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
-                       config=asdict(cfg), run_id=state.get("wandb_run_id"))
+                       config=asdict(cfg), start=False)
+    checkpointer = Checkpointer(cfg.run_dir, engine, policy=SavePolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last),
+                                fingerprint=run_fingerprint(cfg, model), storage=cfg.data.storage,
+                                local_cache=cfg.checkpoint.local_cache)
+    checkpointer.register("data", DataPosition(train_loader), per_rank=True)
+    checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
+    checkpointer.register("run_log", logger, per_rank=False)
+    if cfg.checkpoint.resume and checkpointer.resume() is not None:
+        log.info("resumed from step %d", engine.global_steps)
+    logger.start()  # wandb continues the restored run id
     if info.is_main:
-        write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
+        atomic_write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
         log.info("run_dir %s | %d rank(s) | %d steps | restart count %s", cfg.run_dir, info.world_size, total_steps,
                  os.environ.get("SLURM_RESTART_COUNT", "0"))
 
@@ -83,13 +91,6 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
-
-    def save() -> None:
-        _broadcast_buffers(engine.module)
-        client = {"data": train_loader.state_dict(), "rng": rng_state(), "wandb_run_id": logger.run_id or "",
-                  "frozen": frozen_fingerprint(engine.module)}
-        checkpointer.save(engine, engine.global_steps, client)
-        logger.flush()
 
     bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not (info.is_main and cfg.logging.progress_bar),
                dynamic_ncols=True, file=sys.stdout)
@@ -112,14 +113,17 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
                 report.write(engine, step, join(cfg.run_dir, "reports"), info.device, dtype, logger)
         # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
         stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total_steps or stopping:
-            save()
+        if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
+            _broadcast_buffers(engine.module)  # the checkpoint holds rank 0's BatchNorm statistics
+            checkpointer.save(step)
+            logger.flush()
         if stopping:
             preempted = step != job_end
             log.info("stopping at step %d (%s); resume by running the same command", step,
                      "steps_per_job reached" if step == job_end else stop.name)
             break
     bar.close()
+    checkpointer.wait()  # a background upload to object storage must land before the job ends
     if info.is_main:
         curves = save_curves(logger.metrics_path, join(cfg.run_dir, "reports", "curves.png"), cfg.data.storage)
         if curves:
@@ -184,28 +188,6 @@ def run_fingerprint(cfg: TrainConfig, model) -> dict:
         "tasks": list(cfg.data.tasks),
         "adapter_mode": cfg.adapter.mode,
     }
-
-
-def _resume(cfg: TrainConfig, checkpointer: Checkpointer, engine, train_loader, info: DistInfo) -> dict:
-    if not cfg.checkpoint.resume:
-        return {}
-    state = checkpointer.load(engine)
-    if not state:
-        return {}
-    if state.get("frozen") and state["frozen"] != frozen_fingerprint(engine.module):
-        raise RuntimeError("the frozen backbone differs from the one this checkpoint was trained on; "
-                           "check model.pretrained (same file as the original run) and model.backbone")
-    same_world = checkpointer.loaded_world_size == info.world_size
-    # another number of ranks changes every rank's share of the data: continue at the next epoch boundary
-    train_loader.load_state_dict(state["data"], strict=same_world)
-    if same_world:
-        set_rng_state(state["rng"])
-    else:
-        seed_everything(cfg.seed + info.rank + 7919 * engine.global_steps)
-        log.warning("resumed on %d ranks from a checkpoint of %d ranks: data continues at the next epoch",
-                    info.world_size, checkpointer.loaded_world_size)
-    log.info("resumed from step %d", engine.global_steps)
-    return state
 
 
 def _log_train(logger: RunLogger, bar, step: int, losses: dict[str, torch.Tensor], engine, rate: float,

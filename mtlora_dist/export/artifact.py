@@ -19,14 +19,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mtlora_dist.adapters.inject import AdapterConfig
 from mtlora_dist.export.merge import MergeSummary, to_inference
 from mtlora_dist.models import ModelConfig, MultiTaskSwin, build_model
 from mtlora_dist.models.trainable import TrainableConfig
+from mtlora_dist.storage.atomic import atomic_write
 
 __all__ = ["FORMAT", "InferenceModel", "ModelSpec", "load", "save"]
 
@@ -98,8 +100,7 @@ def save(net: MultiTaskSwin, spec: ModelSpec, summary: MergeSummary, out_dir: st
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, WEIGHTS)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    save_file(state, weights + ".tmp", metadata={"format": FORMAT})
-    os.replace(weights + ".tmp", weights)
+    atomic_write(weights, safetensors.torch.save(state, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "spec": spec.to_dict(),
@@ -109,9 +110,7 @@ def save(net: MultiTaskSwin, spec: ModelSpec, summary: MergeSummary, out_dir: st
         **(extra or {}),
     }
     path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(manifest, indent=1).encode())
     return out_dir
 
 

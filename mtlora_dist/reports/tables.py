@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mtlora_dist.engine.run_logger import write_text
+from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import StorageOptions, join
 
 __all__ = ["markdown_table", "write_results"]
@@ -48,6 +48,6 @@ def write_results(report: dict[str, Any], out_dir: str, stem: str,
                   storage: StorageOptions | None = None) -> dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir`` (local or remote); returns their URLs."""
     urls = {"json": join(out_dir, f"{stem}.json"), "markdown": join(out_dir, f"{stem}.md")}
-    write_text(urls["json"], json.dumps(report, indent=2, sort_keys=False) + "\n", storage)
-    write_text(urls["markdown"], markdown_table(report), storage)
+    atomic_write_text(urls["json"], json.dumps(report, indent=2, sort_keys=False) + "\n", storage)
+    atomic_write_text(urls["markdown"], markdown_table(report), storage)
     return urls

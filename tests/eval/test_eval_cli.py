@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mtlora_dist.engine.checkpoint import CheckpointMismatchError
+from mtlora_dist.checkpoint import CheckpointMismatchError
 from mtlora_dist.engine.config import load_config
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model, run_config, split_cli_keys
 from mtlora_dist.storage.fs import url_to_fs
