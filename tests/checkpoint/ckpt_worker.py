@@ -80,16 +80,19 @@ def make_engine(stage: int = 2, model: nn.Module | None = None):
 
 
 def full_state(engine) -> dict:
-    """Gathered fp32 masters and Adam moments of every trainable parameter (collective)."""
+    """Gathered fp32 masters and Adam moments of every trainable parameter (collective). ZeRO-0 keeps
+    them where torch does: the parameter itself and torch's optimizer state."""
     out = {}
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
-            out[f"param/{name}"] = safe_get_full_fp32_param(param).clone()
+            master = safe_get_full_fp32_param(param)
+            out[f"param/{name}"] = (param.detach() if master is None else master).clone()
             for key in ("exp_avg", "exp_avg_sq"):
-                out[f"{key}/{name}"] = safe_get_full_optimizer_state(param, key).clone()
+                moment = safe_get_full_optimizer_state(param, key)
+                out[f"{key}/{name}"] = (base.state[param][key] if moment is None else moment).clone()
             with deepspeed.zero.GatheredParameters([param]):
                 out[f"module/{name}"] = param.detach().clone()
-    base = engine.optimizer.optimizer
     out["adam_step"] = sorted({float(s["step"]) for s in base.state.values() if "step" in s})
     out["lr"] = [g["lr"] for g in engine.optimizer.param_groups]
     out["scheduler"] = engine.lr_scheduler.state_dict()["last_epoch"]

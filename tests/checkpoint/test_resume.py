@@ -1,5 +1,5 @@
 """Checkpointing with real DeepSpeed ranks (gloo on the CPU): same-world resume equivalence, elastic
-resume 2 -> 1 -> 2 at ZeRO 1, 2 and 3, saves killed before the marker and during the background upload
+resume 2 -> 1 -> 2 at ZeRO 0, 1, 2 and 3, saves killed before the marker and during the background upload
 to S3, and a run log that holds every step exactly once after a kill and a resume.
 
 Each ZeRO stage has one uninterrupted 2-rank reference run (8 steps, a checkpoint every 2) that the
@@ -111,7 +111,7 @@ def reference_run(base: Path, stage: int) -> dict:
             "stage": stage}
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=["zero1", "zero2", "zero3"])
+@pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def reference(request, tmp_path_factory):
     """Uninterrupted 2-rank run of one ZeRO stage, 8 steps, saving every 2 locally (keeps the last 3)."""
     return reference_run(tmp_path_factory.mktemp(f"zero{request.param}_ref"), request.param)
