@@ -24,6 +24,7 @@ from mtlora_dist.data.formats import READERS, get_reader
 from mtlora_dist.data.labels import CLASS_NAMES
 from mtlora_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from mtlora_dist.data.tarshards import TarShardWriter
+from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 from mtlora_dist.tasks.registry import get_task
@@ -131,7 +132,8 @@ def convert(
         shards=shards,
     )
     text = manifest.to_json()
-    retry_call(lambda: fs.pipe_file(manifest_path, text.encode()), url=join(out_url, MANIFEST_NAME), options=storage)
+    manifest_url = join(out_url, MANIFEST_NAME)  # written last and atomically: readers never see half a manifest
+    retry_call(lambda: atomic_write(manifest_url, text.encode(), storage), url=manifest_url, options=storage)
     return json.loads(text)
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from mtlora_dist.data.edges import label_edges
 from mtlora_dist.data.labels import HUMAN_PART, PERSON_CLASS, VOC_CLASSES
+from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.tasks.registry import DATASET_TASKS, IGNORE_INDEX
 
 __all__ = ["Scene", "make_scene", "generate", "ensure_synthetic", "sample_ids", "main"]
@@ -425,8 +426,7 @@ def generate(dataset: str, root: str, num_train: int, num_val: int, seed: int = 
         _write_split(root, dataset, split, ids, objects)
         splits[split] = ids
     info = {"dataset": dataset, "num_train": num_train, "num_val": num_val, "seed": seed, "size": size}
-    with open(marker, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
+    atomic_write_text(marker, json.dumps(info, indent=1, sort_keys=True))  # last: a killed run is regenerated
     return info
 
 
