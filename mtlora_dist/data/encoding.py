@@ -26,6 +26,7 @@ and every decoder error becomes :class:`SampleDecodeError`.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -105,6 +106,38 @@ def _decode_png8(data: bytes) -> np.ndarray:
         raise SampleDecodeError(f"corrupt PNG: {exc}") from exc
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(r"^\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), "
+                         r"'shape': \(((?:\d+, ?)*\d*)\), \}\s*$")
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` array parsed strictly: the header by a regular expression, the data by ``frombuffer``.
+
+    ``np.load`` parses the header with ``ast.literal_eval``: corrupt headers escape as tokenizer errors,
+    and in forked DataLoader workers CPython 3.11's AST constructor can fail with "AST constructor
+    recursion depth mismatch". Anything malformed here is a :class:`SampleDecodeError`."""
+    if len(data) < 10 or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
+        raise SampleDecodeError("corrupt .npy: bad magic or version")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes
+    header_len = int.from_bytes(data[8:start], "little")
+    match = _NPY_HEADER.match(data[start:start + header_len].decode("latin1"))
+    if match is None:
+        raise SampleDecodeError("corrupt .npy: unreadable header")
+    descr, fortran, shape_text = match.groups()
+    try:
+        dtype = np.dtype(descr)
+    except TypeError as exc:
+        raise SampleDecodeError(f"corrupt .npy: bad dtype {descr!r}") from exc
+    shape = tuple(int(x) for x in shape_text.replace(" ", "").split(",") if x)
+    body = memoryview(data)[start + header_len:]
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype.hasobject or len(body) != count * dtype.itemsize:
+        raise SampleDecodeError(f"corrupt .npy: {len(body)} data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran == "True" else "C")
+
+
 def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
     def encode(array: np.ndarray) -> bytes:
         buf = io.BytesIO()
@@ -112,10 +145,7 @@ def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[
         return buf.getvalue()
 
     def decode(data: bytes) -> np.ndarray:
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise SampleDecodeError(f"corrupt .npy: {exc}") from exc
+        array = read_npy(data)
         if array.dtype != np.dtype(dtype) or array.ndim != ndim or (channels and array.shape[-1] != channels):
             raise SampleDecodeError(f"expected a {np.dtype(dtype)} array with {ndim} dims, got {array.dtype} {array.shape}")
         return array.astype(np.float32)
