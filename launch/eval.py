@@ -8,38 +8,45 @@ curves and a prediction grid.
 
 ``checkpoint=`` (required), ``out=`` (default ``<run_dir>/eval``) and ``split=`` (``val``, or ``train``
 evaluated without augmentation) are not config keys; every other ``key=value`` overrides the config, which is
-``--config`` or, without it, the run's saved ``config.yaml``. Exit status 2 on a configuration error.
+``--config`` or, without it, the run's saved ``config.yaml``. ``--cfg job`` prints the resolved config and exits. Exit status 2 on a known failure
+(configuration, data or storage, checkpoint missing or of another configuration), with one message.
 """
 
 from __future__ import annotations
 
-import argparse
-
-import _cli  # noqa: F401  (puts the checkout on sys.path)
+import _cli
 
 EXTRA_KEYS = ("checkpoint", "out", "split")
 
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="a YAML under configs/ (default: the run's config.yaml)")
+    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: the run's config.yaml)",
+                                overrides_help="checkpoint=PATH [out=DIR] [split=val] [key=value ...]")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*", help="checkpoint=PATH [out=DIR] [split=val] [key=value ...]")
-    args = parser.parse_args(argv)
+    args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError
-    from mtlora_dist.engine.restore import run_config, split_cli_keys
+    from mtlora_dist.engine.config import ConfigError, check_data
+    from mtlora_dist.engine.config import run_config, run_dir_of
 
-    extra, overrides = split_cli_keys(args.overrides, EXTRA_KEYS)
+    extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint"):
         raise ConfigError("checkpoint=PATH is required: a run directory or <run_dir>/checkpoints/step_XXXXXXXX")
     cfg = run_config(extra["checkpoint"], args.config, overrides)
+    if args.cfg:
+        _cli.print_config(cfg)
+        return
+    check_data(cfg.data)
 
-    from mtlora_dist.engine.eval_job import evaluate_checkpoint
+    _cli.quiet_third_party()
+    from mtlora_dist.checkpoint import CheckpointMismatchError
+    from mtlora_dist.reports.eval_job import evaluate_checkpoint
 
-    evaluate_checkpoint(cfg, extra["checkpoint"], out_dir=extra.get("out"), split=extra.get("split", "val"),
-                        local_rank=args.local_rank)
+    try:
+        evaluate_checkpoint(cfg, extra["checkpoint"], out_dir=extra.get("out"), split=extra.get("split", "val"),
+                            local_rank=args.local_rank)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(_cli.explain_mismatch(err, cfg, run_dir_of(extra["checkpoint"]))) from None
 
 
 if __name__ == "__main__":

@@ -5,23 +5,28 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
-import _cli  # noqa: F401  (puts the checkout on sys.path)
-from mtlora_dist.engine.config import load_config  # noqa: E402
-from mtlora_dist.models import build_model  # noqa: E402
-from mtlora_dist.models.params import format_report, parameter_report  # noqa: E402
+import _cli
 
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML under configs/")
+    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: configs/quickstart.yaml)",
+                                overrides_help="key=value overrides")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    args = _cli.parse(parser, argv)
+
+    from mtlora_dist.engine.config import load_config
+
     cfg = load_config(args.config, args.overrides)
+    if args.cfg:
+        _cli.print_config(cfg)
+        return
+
+    from mtlora_dist.models import build_model
+    from mtlora_dist.models.params import format_report, parameter_report
+
     cfg.model.pretrained = None  # counting needs shapes, not weights
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     report = parameter_report(model)

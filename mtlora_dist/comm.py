@@ -16,11 +16,21 @@ the default group crashes every run of two or more GPUs at its first step. Two k
 Everything is a no-op without an initialised process group, and runs the real collective otherwise,
 also in a group of one, so a one-GPU run exercises the same path as a multi-node one.
 ``tests/test_comm.py`` checks that no other module calls a ``torch.distributed`` collective.
+
+**Lost peers.** When a rank dies, its sockets close and the next collective of every other rank fails
+with a transport error (gloo: "Connection closed by peer"). :func:`peer_loss_as_error` turns that into
+one :class:`PeerLostError` naming the dead rank, so a survivor exits at once with a message instead of
+a traceback, and never waits for its launcher's SIGKILL (the deepspeed launcher and torchrun give up
+on a terminated rank after 30 s).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import socket
+import time
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,11 +39,13 @@ from torch import Tensor
 __all__ = [
     "is_distributed", "rank", "world_size", "init_control_group", "control_group", "comm_device",
     "all_reduce", "broadcast_", "any_rank", "sum_counts", "broadcast_object", "all_gather_object", "barrier",
+    "PeerLostError", "peer_loss_as_error", "broadcast_buffers",
 ]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 _control: dist.ProcessGroup | None = None
 _control_of: dist.ProcessGroup | None = None  # the default group the control group was made for
+_peers: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered once with the control group
 
 
 def is_distributed() -> bool:
@@ -65,6 +77,7 @@ def init_control_group() -> None:
         return
     _control = world if "cpu" in _device_types(world) else dist.new_group(backend="gloo")
     _control_of = world
+    _peers[:] = all_gather_object((socket.gethostname(), os.getpid()))
 
 
 def control_group() -> dist.ProcessGroup:
@@ -110,6 +123,15 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return tensor.copy_(work)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics, which drift apart per rank
+    without SyncBatchNorm), so evaluations agree with each other and with what a checkpoint holds."""
+    if world_size() > 1:  # nothing to agree on in a group of one
+        for buffer in module.buffers():
+            if buffer.is_floating_point() or buffer.dtype == torch.int64:
+                broadcast_(buffer.data, src=src)
+
+
 # -- control collectives (host values, control group) -------------------------------------------
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
@@ -152,3 +174,70 @@ def barrier() -> None:
     """Wait until every rank gets here."""
     if is_distributed():
         dist.barrier(group=control_group())
+
+
+# -- lost peers ------------------------------------------------------------------------------------
+class PeerLostError(RuntimeError):
+    """Another rank of the job stopped while this one needed it; nothing more can be computed or saved."""
+
+
+# What the transports say when the other end of a connection is gone (gloo, NCCL, the TCP store).
+_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                      "remote process exited", "communicator was aborted", "Socket Timeout")
+
+
+def _is_peer_loss(err: BaseException) -> bool:
+    if world_size() < 2 or not isinstance(err, (RuntimeError, ConnectionError)):
+        return False
+    return any(marker in str(err) for marker in _PEER_LOST_MARKERS)
+
+
+def _process_gone(pid: int) -> bool:
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _dead_ranks(wait_s: float) -> list[int]:
+    """Ranks on this host whose process has exited (a dying rank may still be printing: wait a little)."""
+    host, me = socket.gethostname(), rank()
+    local = [(r, pid) for r, (h, pid) in enumerate(_peers) if h == host and r != me]
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [r for r, pid in local if _process_gone(pid)]
+        if dead or not local or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.1)
+
+
+def _peer_lost_message(err: BaseException, wait_s: float) -> str:
+    dead = _dead_ranks(wait_s)
+    if dead:
+        who = ", ".join(f"rank {r} (pid {_peers[r][1]})" for r in dead) + (" has" if len(dead) == 1 else " have")
+        who += " exited"
+        where = f"the output of rank {dead[0]}"
+    else:
+        remote = sorted({h for h, _ in _peers if h != socket.gethostname()})
+        who = f"a rank on another host ({', '.join(remote)}) has stopped" if remote else "a peer rank has stopped"
+        where = "the other ranks' output"
+    said = next((m for m in _PEER_LOST_MARKERS if m in str(err)), type(err).__name__)
+    return (f"rank {rank()}: {who} (the connection to it: {said}). Stopping this rank too, without a checkpoint; "
+            f"the newest complete checkpoint in run_dir stands. Find the first error in {where}, then run the "
+            "same command to resume.")
+
+
+@contextlib.contextmanager
+def peer_loss_as_error(wait_s: float = 3.0) -> Iterator[None]:
+    """Inside this block, a collective that fails because another rank is gone raises one
+    :class:`PeerLostError` naming that rank (found by pid on this host) instead of a transport error."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except Exception as err:  # noqa: BLE001  (DeepSpeed's collectives raise plain RuntimeErrors)
+        if not _is_peer_loss(err):
+            raise
+        raise PeerLostError(_peer_lost_message(err, wait_s)) from None

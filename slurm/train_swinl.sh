@@ -15,6 +15,10 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    echo "error: run this through sbatch, not directly: sbatch $0 [key=value ...] (docs/slurm.md)" >&2
+    exit 2
+fi
 export MTLORA_CONFIG=${MTLORA_CONFIG:-configs/pascal_swin_l.yaml}
 
 # sbatch runs a copy of this file from slurmd's spool folder: launch.sh lies beside the submitted

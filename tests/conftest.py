@@ -17,6 +17,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from s3_server import S3Server  # noqa: E402
 
 
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def single_rank_group():
+    """A one-rank gloo process group in the test process (DeepSpeed engines need one), reused if one
+    exists, then undone with the environment it set."""
+    import socket
+
+    import deepspeed
+    import deepspeed.ops
+    import torch.distributed as dist
+
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    created, saved = not dist.is_initialized(), {k: os.environ.get(k) for k in names}
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the CPU shm op
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    if created:
+        dist.destroy_process_group()
+    _restore_environment(saved)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A running S3 server for the whole session; its client variables are exported."""
@@ -26,11 +59,7 @@ def s3_server(tmp_path_factory):
     os.environ.update(server.env)
     yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    _restore_environment(saved)
 
 
 @pytest.fixture

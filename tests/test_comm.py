@@ -29,11 +29,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(rank: int, port: int, backend: str):
+    """Join a two-rank group in a spawned process; returns the package's comm module."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    from mtlora_dist import comm
+
+    return comm
+
+
 def _control_paths(rank: int, port: int, results) -> None:
     """One rank of a ``cuda:gloo`` group: the group refuses CPU tensors, the package's control paths work."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("cuda:gloo", rank=rank, world_size=2)
-    from mtlora_dist import comm
+    comm = _join(rank, port, "cuda:gloo")
     from mtlora_dist.engine.signals import TerminationFlag
 
     out: dict = {}
@@ -55,11 +62,15 @@ def _control_paths(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_control_collectives_work_in_a_group_that_refuses_cpu_tensors():
+def _on_two_ranks(worker) -> list[dict]:
+    """Run ``worker(rank, port, results)`` in two spawned processes; their results in rank order."""
     results = mp.Manager().dict()
-    mp.spawn(_control_paths, args=(_free_port(), results), nprocs=2, join=True)
-    for rank in (0, 1):
-        got = results[rank]
+    mp.spawn(worker, args=(_free_port(), results), nprocs=2, join=True)
+    return [results[rank] for rank in (0, 1)]
+
+
+def test_control_collectives_work_in_a_group_that_refuses_cpu_tensors():
+    for got in _on_two_ranks(_control_paths):
         assert got["refused"] is True
         assert got["before_signal"] is False and got["after_signal"] is True
         assert got["counts"] == {"skipped": 3, "corrupt": 10}
@@ -68,10 +79,7 @@ def test_control_collectives_work_in_a_group_that_refuses_cpu_tensors():
 
 
 def _device_choice(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    from mtlora_dist import comm
-
+    comm = _join(rank, port, "gloo")
     comm.init_control_group()
     reduced = comm.all_reduce(torch.tensor([rank + 1.0]), op="max")
     buffer = torch.full((3,), float(rank))
@@ -82,10 +90,7 @@ def _device_choice(rank: int, port: int, results) -> None:
 
 
 def test_device_collectives_and_the_control_group_under_gloo():
-    results = mp.Manager().dict()
-    mp.spawn(_device_choice, args=(_free_port(), results), nprocs=2, join=True)
-    for rank in (0, 1):
-        got = results[rank]
+    for rank, got in enumerate(_on_two_ranks(_device_choice)):
         assert got["device"] == "cpu" and got["reduced"] == [2.0]
         assert got["buffer"] == [1.0, float(rank), 1.0]
         assert got["control_is_world"] is True  # gloo takes CPU tensors: no second group

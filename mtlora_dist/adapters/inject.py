@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from mtlora_dist.adapters.mtlora_linear import SHARED_MODES, MTLoRALinear
+from mtlora_dist.adapters.config import AdapterConfig
+from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 
 __all__ = ["AdapterConfig", "inject_adapters", "mtlora_layers"]
 
@@ -25,35 +25,6 @@ _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 # stacked by the block), attention projections see the shared attention output.
 _TASK_INPUT_SUFFIXES = ("mlp.fc1", "mlp.fc2")
 _TASK_CAPABLE_SUFFIXES = ("attn.proj",) + _TASK_INPUT_SUFFIXES
-
-
-@dataclass
-class AdapterConfig:
-    """MTLoRA settings; the defaults are the paper's per-task configs (spec Part A 1).
-
-    Ranks and scales take a number, a list with one entry per stage, or (for tasks) a mapping from
-    task name to either. ``task_scale: null`` means "same as the shared scale", as in the official code.
-    """
-
-    mode: str = "matrix"
-    shared_rank: Any = 64
-    task_rank: Any = 4
-    shared_scale: Any = 4.0
-    task_scale: Any = None
-    dropout: float = 0.05
-    trainable_scale_shared: bool = False
-    trainable_scale_per_task: bool = False
-    ta_targets: list[str] = field(default_factory=lambda: [
-        "layers.*.blocks.*.attn.qkv", "layers.*.blocks.*.attn.proj",
-        "layers.*.blocks.*.mlp.fc1", "layers.*.blocks.*.mlp.fc2",
-    ])
-    ts_targets: list[str] = field(default_factory=lambda: [
-        "layers.*.blocks.last.attn.proj", "layers.*.blocks.last.mlp.fc1", "layers.*.blocks.last.mlp.fc2",
-    ])
-
-    def __post_init__(self) -> None:
-        if self.mode not in SHARED_MODES + ("add",):
-            raise ValueError(f"adapter.mode '{self.mode}' is not one of {list(SHARED_MODES)}")
 
 
 def _stage_value(value: Any, stage: int, what: str) -> Any:

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlora_dist.adapters.config import SHARED_MODES
 from mtlora_dist.adapters.dropout import LoRADropout
 from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
 
 __all__ = ["MTLoRALinear", "SHARED_MODES"]
 
-SHARED_MODES = ("matrix", "matrixv2", "addition", "lora_only")
 
 
 def _per_task(value: float | int | Mapping[str, float | int], tasks: Sequence[str], what: str) -> list:

@@ -36,7 +36,7 @@ TRAINABLE = "trainable.safetensors"
 CLIENT = "client.safetensors"
 STATE = "state.json"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
-_MAX_LISTED = 20
+_MAX_LISTED = 5  # per kind of difference: the config keys, not 200 tensor names, tell what changed
 
 
 class CheckpointError(RuntimeError):

@@ -44,6 +44,7 @@ from mtlora_dist.checkpoint.format import (
 )
 from mtlora_dist.checkpoint.storage import CheckpointStore, Uploader
 from mtlora_dist.storage.fs import StorageOptions, join
+from mtlora_dist.storage.retry import StorageUnavailableError, is_transient, unreachable_message
 
 __all__ = ["Checkpointer", "SavePolicy", "Stateful"]
 
@@ -172,19 +173,22 @@ class Checkpointer:
     def resume(self) -> int | None:
         """Restore the newest complete checkpoint into the engine and every registered piece; returns its
         step, or ``None`` when there is none (a fresh start)."""
-        choice = None
+        choice, failure = None, None
         if comm.rank() == 0:
             try:
                 self.store.abort_stale_uploads()
                 found = self.store.newest_complete()
                 choice = {"tag": found[0], "marker": found[1]} if found else None
-            except CheckpointError as err:
-                choice = {"error": str(err)}
+            except Exception as err:  # noqa: BLE001 - every rank learns of it below (no rank left waiting)
+                failure = err
+                choice = {"error": self._lookup_failure(err), "unreachable": is_transient(err)}
         choice = comm.broadcast_object(choice)
+        if failure is not None and not isinstance(failure, CheckpointError) and not is_transient(failure):
+            raise failure  # a bug: its own traceback (the other ranks raise the message below)
         if choice is None:
             return None
         if "error" in choice:
-            raise CheckpointError(choice["error"])
+            raise (StorageUnavailableError if choice["unreachable"] else CheckpointError)(choice["error"])
         tag, marker = choice["tag"], choice["marker"]
         self._check_fingerprint(tag, marker)
         tensors = tensors_from_bytes(self.store.read(tag, TRAINABLE, marker))
@@ -196,6 +200,13 @@ class Checkpointer:
         self.loaded_world_size, self._last_saved = int(marker["world_size"]), int(marker["step"])
         log.info("resumed from %s (step %s, saved by %s ranks)", self.store.url(tag), marker["step"], marker["world_size"])
         return int(marker["step"])
+
+    def _lookup_failure(self, err: BaseException) -> str:
+        if isinstance(err, CheckpointError):
+            return str(err)
+        if is_transient(err):  # the endpoint is down or unreachable: say where and what to check
+            return unreachable_message(self.store.root, err, 1, self.store.storage)
+        return f"looking for checkpoints under {self.store.root} failed: {type(err).__name__}: {err}"
 
     def _restore_pieces(self, state: dict, client: dict, saved_world: int) -> None:
         same_world = saved_world == comm.world_size()

@@ -5,13 +5,18 @@ Every section maps one-to-one onto a constructor: ``model`` -> :class:`ModelConf
 :class:`AdapterConfig`, ``trainable`` -> :class:`TrainableConfig`, ``data.storage`` ->
 :class:`StorageOptions`, and so on. The schema is registered with Hydra's ConfigStore as
 ``mtlora_schema``; every primary YAML lists it first in its ``defaults``, so an override of any
-schema key works without ``+`` and an unknown key is refused.
+schema key works without ``+`` and an unknown key is refused (``+key=`` too, except inside the open
+mappings such as ``deepspeed.extra``).
+
+This module imports neither torch nor DeepSpeed: the entry points check a config in well under a
+second before loading them.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,24 +26,57 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mtlora_dist.adapters.inject import AdapterConfig
-from mtlora_dist.models.multitask import ModelConfig
-from mtlora_dist.models.trainable import TrainableConfig
-from mtlora_dist.storage.fs import StorageOptions, redact
+from mtlora_dist.adapters.config import AdapterConfig
+from mtlora_dist.choices import StrEnum
+from mtlora_dist.models.config import ModelConfig, TrainableConfig
+from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
 
-__all__ = ["TrainConfig", "load_config", "ConfigError", "to_yaml"]
+__all__ = ["TrainConfig", "load_config", "run_config", "run_dir_of", "ConfigError", "to_yaml", "check_data", "group_options", "PACKAGE_CONFIGS",
+           "SECRET_ENV_HINT", "refuse_secret_overrides"]
 
 DEFAULT_TASKS = ["semseg", "human_parts", "sal", "normals"]
+PACKAGE_CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
+SECRET_ENV_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead (or pass "
+                   "data.storage.key='${oc.env:MY_KEY_VARIABLE}', which puts only the variable's name on the command line)")
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the key and the fix in the message."""
 
 
+# skip: a corrupt sample or shard is counted and skipped; raise: it stops the run. (The functional form
+# because ``raise`` is a keyword; OmegaConf takes a choice by its member name.)
+OnError = StrEnum("OnError", {"skip": "skip", "raise": "raise"})
+
+
+class EvalProtocol(StrEnum):
+    original = "original"  # labels at their own size (the paper's numbers)
+    official = "official"  # labels resized to the input, as the official code evaluates
+
+
+class LrScaling(StrEnum):
+    linear = "linear"  # every lr times global_batch / 512, as the official code does
+    none = "none"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
 @dataclass
 class SyntheticDataConfig:
-    """Synthetic PASCAL-Context/NYUD-layout data made on first use when no shards are given."""
+    """Synthetic PASCAL-Context/NYUD-layout data made on first use, when ``enabled`` (``data=synthetic``,
+    the quickstart's data) and no ``train_url``/``val_url`` is given."""
 
+    enabled: bool = False
     root: str = "data/synthetic"
     num_train: int = 96
     num_val: int = 32
@@ -50,13 +88,13 @@ class SyntheticDataConfig:
 class DataConfig:
     dataset: str = "pascal_context"
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    train_url: str | None = None  # webdataset shards (folder or s3:// prefix with manifest.json); null -> synthetic
+    train_url: str | None = None  # webdataset shards (folder or s3:// prefix with manifest.json)
     val_url: str | None = None
     batch_size: int = 8  # per rank, per micro-step
     eval_batch_size: int = 8
     num_workers: int | None = None  # DataLoader workers per loader; null = from the CPUs (docs/data.md)
-    on_error: str = "skip"  # skip (counted) | raise
-    eval_protocol: str = "original"  # original | official
+    on_error: OnError = OnError.skip
+    eval_protocol: EvalProtocol = EvalProtocol.original
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -71,7 +109,7 @@ class OptimConfig:
     base_lr: float = 5e-4
     warmup_lr: float = 5e-7
     min_lr: float = 5e-6
-    lr_scaling: str = "linear"  # linear | none
+    lr_scaling: LrScaling = LrScaling.linear
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -85,7 +123,7 @@ class DeepSpeedSettings:
 
     zero_stage: int = 2
     offload_optimizer: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: Precision = Precision.fp32
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +134,7 @@ class WandbConfig:
     enabled: bool = True
     project: str = "mtlora-dist"
     entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     name: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -146,15 +184,43 @@ class TrainConfig:
 
 ConfigStore.instance().store(name="mtlora_schema", node=TrainConfig)
 
+# Choices that are numbers (an Enum field would show and take member names): checked after composing.
 _CHOICES = {
-    "data.on_error": ("skip", "raise"),
-    "data.eval_protocol": ("original", "official"),
-    "optim.lr_scaling": ("linear", "none"),
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
-    "logging.wandb.mode": ("offline", "online", "disabled"),
-    "model.pyramid": ("official", "timm"),
 }
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+
+
+def _per_stage(value: Any, kind: type) -> bool:
+    return _is_number(value, kind) or (isinstance(value, list) and bool(value) and all(_is_number(v, kind) for v in value))
+
+
+def _check_adapter(adapter: AdapterConfig, tasks: list[str]) -> None:
+    """Ranks and scales hold a positive number, a list with one per stage, or (``task_*``) a mapping from
+    task name to either; ``task_scale: null`` means the shared scale. OmegaConf has no union fields, so
+    the schema types them ``Any`` and this check types them once, when the config is composed."""
+    shape = "a positive {}, a list of them (one per stage){}"
+    fields = (("shared_rank", int, False), ("shared_scale", float, False), ("task_rank", int, True),
+              ("task_scale", float, True))
+    for name, kind, per_task in fields:
+        value = getattr(adapter, name)
+        if name == "task_scale" and value is None:
+            continue
+        if per_task and isinstance(value, dict):
+            unknown = sorted(set(value) - set(tasks))
+            if unknown:
+                raise ConfigError(f"config key 'adapter.{name}' names task(s) {unknown} that are not trained; "
+                                  f"tasks: {list(tasks)}")
+            ok = all(_per_stage(v, kind) for v in value.values())
+        else:
+            ok = _per_stage(value, kind)
+        if not ok:
+            what = shape.format("integer" if kind is int else "number",
+                                ", or a mapping from task name to either" if per_task else "")
+            raise ConfigError(f"config key 'adapter.{name}' is {value!r}; expected {what}")
 
 
 def _check_choices(cfg: TrainConfig) -> None:
@@ -166,41 +232,122 @@ def _check_choices(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' is {value!r}; valid choices: {list(valid)}")
 
 
-def _explain(err: Exception, overrides: list[str]) -> str:
-    """Hydra/OmegaConf errors name the key; add the valid keys at that level."""
-    msg = str(err).strip().splitlines()[0]
-    key = getattr(err, "full_key", None) or ""
-    if not key:
-        quoted = re.search(r"'([A-Za-z_][\w.]*)'", msg)
-        key = quoted.group(1) if quoted else ""
-    node = OmegaConf.structured(TrainConfig)
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    try:
-        section = OmegaConf.select(node, parent) if parent else node
-        valid = sorted(section.keys()) if hasattr(section, "keys") else []
-    except Exception:  # the parent itself may be the unknown key
-        valid = []
-    hint = f"; valid keys{' under ' + parent if parent else ''}: {valid}" if valid else ""
-    return f"invalid configuration: {msg}{hint} (overrides: {overrides})"
+def check_data(data: DataConfig) -> None:
+    """A recipe trains on the shards it names; generated data only when asked for (``data=synthetic``, which
+    the quickstart uses) and no URLs are given. Checked by the train and eval entry points, not by
+    :func:`load_config` (export and parameter counts need no data)."""
+    missing = [f"data.{key}" for key in ("train_url", "val_url") if not getattr(data, key)]
+    if not missing or (len(missing) == 2 and data.synthetic.enabled):
+        return
+    raise ConfigError(
+        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: this recipe trains on "
+        f"{data.dataset} shards. Pass {'them' if len(missing) == 2 else 'both'}, e.g.\n"
+        f"  data.train_url=s3://my-bucket/{data.dataset}/train data.val_url=s3://my-bucket/{data.dataset}/val\n"
+        "(a folder or s3:// prefix holding manifest.json, written by launch/convert.py; docs/data.md)"
+        + ("" if data.synthetic.enabled else ", or add data=synthetic to try the recipe on generated data"))
+
+
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """A credential typed on the command line is printed by the deepspeed launcher (``cmd = ...``), kept
+    in shell history and recorded by job schedulers before this code runs: the entry points refuse it
+    (without echoing it). Overrides passed to :func:`load_config` from Python are not checked."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+        if sep and is_secret_key(leaf) and value.strip() not in ("", "null") and not value.startswith("${oc.env:"):
+            raise ConfigError(f"'{key.lstrip('+~')}' is a credential and must not be given on the command line "
+                              f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
+                              "was shared, rotate it")
+
+
+def _refuse_hydra_settings(overrides: list[str]) -> None:
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key == "hydra" or key.startswith("hydra."):
+            raise ConfigError(f"'{key}' is a Hydra application setting; these entry points compose the config "
+                              "with Hydra but are not Hydra apps: the output folder is run_dir=..., and a sweep "
+                              "is one command per point (a shell loop or a SLURM array, docs/slurm.md)")
+
+
+def _search_path_override(config_dir: str) -> list[str]:
+    """Group folders (model/, adapter/, ...) are looked up beside the config file first, then in the
+    package's configs/, so a copied recipe works outside configs/."""
+    if os.path.realpath(config_dir) == os.path.realpath(PACKAGE_CONFIGS) or not os.path.isdir(PACKAGE_CONFIGS):
+        return []
+    return [f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]"]
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """Compose ``path`` (a YAML under ``configs/``) with ``overrides`` and validate it against the schema."""
+    from mtlora_dist.engine.config_errors import explain  # the error path only
+
     overrides = list(overrides or [])
-    path = os.path.abspath(path or os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.yaml"))
+    path = os.path.abspath(path or os.path.join(PACKAGE_CONFIGS, "quickstart.yaml"))
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML under configs/")
+        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML under configs/ "
+                          f"(available: {sorted(group_options([PACKAGE_CONFIGS]).get('', []))})")
+    _refuse_hydra_settings(overrides)
+    config_dir = os.path.dirname(path)
     try:
-        with initialize_config_dir(config_dir=os.path.dirname(path), version_base=None):
-            composed = compose(config_name=os.path.splitext(os.path.basename(path))[0], overrides=overrides)
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), composed)
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            composed = compose(config_name=os.path.splitext(os.path.basename(path))[0],
+                               overrides=overrides + _search_path_override(config_dir))
+        # A plain container: keys added with '+' would otherwise ride along into the dataclass unchecked.
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(composed))
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain(err, overrides)) from None
+        raise ConfigError(explain(err, overrides, [config_dir, PACKAGE_CONFIGS])) from None
+    except ValueError as err:  # a dataclass's own check (e.g. AdapterConfig.mode)
+        raise ConfigError(f"invalid configuration: {err}") from None
     _check_choices(cfg)
+    _check_adapter(cfg.adapter, cfg.data.tasks)
     return cfg
+
+
+def group_options(config_dirs: list[str]) -> dict[str, list[str]]:
+    """``{group: [option, ...]}`` over the config folders (``''``: the primary recipes)."""
+    found: dict[str, set[str]] = {}
+    for root in config_dirs:
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            full = os.path.join(root, entry)
+            if os.path.isdir(full):
+                found.setdefault(entry, set()).update(
+                    os.path.splitext(f)[0] for f in os.listdir(full) if f.endswith(".yaml"))
+            elif entry.endswith(".yaml"):
+                found.setdefault("", set()).add(os.path.splitext(entry)[0])
+    return {group: sorted(options) for group, options in sorted(found.items())}
 
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML with credentials masked (what is saved in the run directory)."""
     return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+
+
+_MASKED = "***"  # what to_yaml writes in place of credentials
+
+
+def run_dir_of(checkpoint: str) -> str:
+    """The run directory of ``checkpoint=`` (a run directory, its checkpoints/ folder or one step folder)."""
+    return re.sub(r"/checkpoints(/step_\d+)?$", "", str(checkpoint).rstrip("/"))
+
+
+def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config for evaluating or exporting ``checkpoint``: the YAML ``config`` if given, else the one the
+    run saved (``<run_dir>/config.yaml``), with ``overrides`` applied. A saved config has its credentials
+    masked; they come from the environment (``AWS_*``) again."""
+    if config:
+        return load_config(config, overrides)
+    run_dir = run_dir_of(checkpoint)
+    fs, path = url_to_fs(join(run_dir, "config.yaml"))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
+    with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
+        local = os.path.join(tmp, "run_config.yaml")
+        fs.get_file(path, local)
+        cfg = load_config(local, overrides)
+    for key in ("key", "secret"):
+        if getattr(cfg.data.storage, key) == _MASKED:
+            setattr(cfg.data.storage, key, None)
+    return cfg

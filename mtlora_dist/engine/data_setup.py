@@ -1,15 +1,16 @@
-"""Where the training data comes from: configured shards, or synthetic data made on first use."""
+"""Where the training data comes from: configured shards, or synthetic data made on first use when the
+config asks for it (``data=synthetic``, the quickstart's data) and names no shards. A recipe without shards
+is refused, never silently trained on generated data."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-
 from mtlora_dist import comm
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.synthetic import generate
-from mtlora_dist.engine.config import ConfigError, DataConfig
+from mtlora_dist.engine.config import DataConfig, check_data
 from mtlora_dist.engine.distributed import DistInfo
 
 __all__ = ["prepare_data"]
@@ -18,12 +19,10 @@ log = logging.getLogger("mtlora_dist")
 
 
 def prepare_data(data: DataConfig, info: DistInfo) -> tuple[str, str]:
-    """Return (train_url, val_url). With no ``data.train_url``, rank 0 generates the synthetic dataset
+    """Return (train_url, val_url). Without URLs and with ``data.synthetic.enabled``, rank 0 generates the synthetic dataset
     and its shards under ``data.synthetic.root`` once; the other ranks wait for it."""
+    check_data(data)  # the entry points checked it before importing torch; callers of the API get it here
     if data.train_url:
-        if not data.val_url:
-            raise ConfigError("data.val_url is not set; point it at the validation shards (or clear "
-                              "data.train_url to use the built-in synthetic data)")
         return data.train_url, data.val_url
     syn = data.synthetic
     root = os.path.abspath(os.path.join(syn.root, data.dataset))

@@ -1,14 +1,24 @@
-"""Distributed evaluation: every rank evaluates its share, the metric state is summed across ranks."""
+"""Distributed evaluation: every rank evaluates its share, the metric state is summed across ranks.
+
+:class:`Validation` is the one component the training loop calls at an evaluation step: rank 0's
+buffers to every rank, the metrics, their log lines, then whatever reports the entry point plugged in
+(prediction grids and curves live in ``reports/``, above the engine, and reach the loop as a
+:class:`TrainingReports`).
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
+from mtlora_dist import comm
 from mtlora_dist.data.batch import normalize_image
+from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 
-__all__ = ["evaluate", "to_device"]
+__all__ = ["evaluate", "to_device", "Validation", "TrainingReports", "ReportsFactory"]
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -45,3 +55,47 @@ def evaluate(engine, loader, evaluator: MultiTaskEvaluator, device: torch.device
     results = evaluator.compute()
     module.train(was_training)
     return results
+
+
+class TrainingReports(Protocol):
+    """What a training run shows people besides its metrics (``reports.TrainingReporter``)."""
+
+    def after_evaluation(self, model, step: int, logger: RunLogger, device: torch.device,
+                         dtype: torch.dtype) -> None:
+        """Called on every rank after each evaluation (a forward may be a collective under ZeRO-3)."""
+
+    def at_end(self, logger: RunLogger, step: int) -> None:
+        """Called on every rank once the loop is done."""
+
+
+ReportsFactory = Callable[..., "TrainingReports | None"]  # (cfg, val_url) -> reports, or None for none
+
+
+class Validation:
+    """Evaluation at ``every`` steps and at the last one; call :meth:`run` on every rank."""
+
+    def __init__(self, loader, evaluator: MultiTaskEvaluator, logger: RunLogger, *, every: int, max_batches: int,
+                 device: torch.device, dtype: torch.dtype, reports: TrainingReports | None = None) -> None:
+        self.loader, self.evaluator, self.logger = loader, evaluator, logger
+        self.every, self.max_batches = every, max_batches
+        self.device, self.dtype = device, dtype
+        self.reports = reports
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == total_steps
+
+    def run(self, engine, step: int) -> dict:
+        comm.broadcast_buffers(engine.module)  # BatchNorm statistics drift apart per rank without SyncBN
+        results = evaluate(engine, self.loader, self.evaluator, self.device, self.dtype, self.max_batches)
+        if self.logger.enabled:
+            tasks = {t: results[t] for t in self.evaluator.tasks}
+            self.logger.log({"step": step, "split": "val", "tasks": tasks, "delta_m": results.get("delta_m")},
+                            console=f"evaluation at step {step}\n{self.evaluator.table(results)}")
+            self.logger.flush()
+        if self.reports is not None:
+            self.reports.after_evaluation(engine, step, self.logger, self.device, self.dtype)
+        return results
+
+    def finish(self, step: int) -> None:
+        if self.reports is not None:
+            self.reports.at_end(self.logger, step)

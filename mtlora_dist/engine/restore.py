@@ -15,40 +15,28 @@ Checkpoints of every ZeRO stage and world size load the same way.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mtlora_dist.checkpoint.format import (
-    MARKER,
-    TRAINABLE,
-    CheckpointError,
-    CheckpointMismatchError,
-    fingerprint_differences,
-    frozen_fingerprint,
-    tensors_from_bytes,
-)
+from mtlora_dist.checkpoint import format as ckpt
 from mtlora_dist.checkpoint.storage import CheckpointStore
-from mtlora_dist.engine.config import TrainConfig, load_config
+from mtlora_dist.engine.config import TrainConfig
 from mtlora_dist.engine.rng import seed_everything
-from mtlora_dist.engine.trainer import run_fingerprint
+from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.models.precision import align_buffers
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 
-__all__ = ["CheckpointRef", "resolve_checkpoint", "restore_model", "run_config", "split_cli_keys"]
+__all__ = ["CheckpointRef", "resolve_checkpoint", "restore_model"]
 
 log = logging.getLogger("mtlora_dist")
 
 CHECKPOINTS_DIR = "checkpoints"
-_MASKED = "***"  # what to_yaml writes in place of credentials
 
 
 @dataclass(frozen=True)
@@ -68,73 +56,35 @@ class CheckpointRef:
         return int(self.marker["step"])
 
 
-def split_cli_keys(args: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
-    """Take ``key=value`` arguments whose key is in ``keys`` (e.g. ``checkpoint=``, ``out=``: not config
-    keys) out of ``args``; the rest are config overrides."""
-    picked, rest = {}, []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in keys:
-            picked[key] = value
-        else:
-            rest.append(arg)
-    return picked, rest
-
-
 def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> CheckpointRef:
     """``url`` is a run directory (its newest complete checkpoint is taken), its ``checkpoints/`` folder,
     or one ``checkpoints/step_XXXXXXXX`` folder (which must be complete)."""
     url = str(url).rstrip("/")
     fs, path = url_to_fs(url, storage)
     fs.invalidate_cache()
-    if fs.exists(f"{path}/{MARKER}"):
+    if fs.exists(f"{path}/{ckpt.MARKER}"):
         parent, tag = posixpath.split(url)
         if posixpath.basename(parent) != CHECKPOINTS_DIR:
-            raise CheckpointError(f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
+            raise ckpt.CheckpointError(f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
                                   "of a run directory; pass the run directory or <run_dir>/checkpoints/step_X")
         marker = CheckpointStore(parent, storage).marker(tag)
         if marker is None:
-            raise CheckpointError(f"{url} is not a complete checkpoint: its {MARKER} is unreadable or lists "
+            raise ckpt.CheckpointError(f"{url} is not a complete checkpoint: its {ckpt.MARKER} is unreadable or lists "
                                   "files that are missing or of another size")
         return CheckpointRef(posixpath.dirname(parent), tag, marker)
     run_dir = posixpath.dirname(url) if posixpath.basename(url) == CHECKPOINTS_DIR else url
     found = CheckpointStore(join(run_dir, CHECKPOINTS_DIR), storage).newest_complete()
     if found is None:
-        raise CheckpointError(f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
-                              f"its {MARKER} is written); pass a run directory or a checkpoints/step_X folder")
+        raise ckpt.CheckpointError(f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
+                              f"its {ckpt.MARKER} is written); pass a run directory or a checkpoints/step_X folder")
     return CheckpointRef(run_dir, *found)
 
 
-def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The config for evaluating or exporting ``checkpoint``: the YAML ``config`` if given, else the one the
-    run saved (``<run_dir>/config.yaml``), with ``overrides`` applied. A saved config has its credentials
-    masked; they come from the environment (``AWS_*``) again."""
-    if config:
-        return load_config(config, overrides)
-    run_dir = resolve_checkpoint(checkpoint).run_dir
-    fs, path = url_to_fs(join(run_dir, "config.yaml"))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
-    with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
-        local = os.path.join(tmp, "run_config.yaml")
-        fs.get_file(path, local)
-        cfg = load_config(local, overrides)
-    for key in ("key", "secret"):
-        if getattr(cfg.data.storage, key) == _MASKED:
-            setattr(cfg.data.storage, key, None)
-    return cfg
-
-
-def _trainable_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _check_matches(ref: CheckpointRef, cfg: TrainConfig, model: nn.Module) -> None:
-    current = {"config": json.loads(json.dumps(run_fingerprint(cfg, model), sort_keys=True, default=str)),
-               "trainable": _trainable_shapes(model)}
-    problems = fingerprint_differences(ref.marker.get("fingerprint", {}), current)
+    current = {"config": ckpt.normalize(run_fingerprint(cfg)), "trainable": ckpt.trainable_shapes(model)}
+    problems = ckpt.fingerprint_differences(ref.marker.get("fingerprint", {}), current)
     if problems:
-        raise CheckpointMismatchError(
+        raise ckpt.CheckpointMismatchError(
             f"checkpoint {ref.url} was trained with another model or configuration:\n  " + "\n  ".join(problems)
             + "\nUse the run's own config (omit --config to read <run_dir>/config.yaml) or the matching --config.")
 
@@ -150,19 +100,19 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
     align_buffers(model, dtype)
     _check_matches(ref, cfg, model)
     frozen = ref.marker.get("frozen")
-    if frozen and int(ref.marker.get("zero_stage", 0)) < 3 and frozen != frozen_fingerprint(model):
-        raise CheckpointMismatchError(
+    if frozen and int(ref.marker.get("zero_stage", 0)) < 3 and frozen != ckpt.frozen_fingerprint(model):
+        raise ckpt.CheckpointMismatchError(
             f"the frozen backbone rebuilt here differs from the one {ref.url} was trained on: use the same "
             f"model.pretrained file and seed as the training run (here: seed {cfg.seed}, "
             f"pretrained {cfg.model.pretrained!r})")
     store = CheckpointStore(join(ref.run_dir, CHECKPOINTS_DIR), storage)
-    tensors = tensors_from_bytes(store.read(ref.tag, TRAINABLE, ref.marker))
+    tensors = ckpt.tensors_from_bytes(store.read(ref.tag, ckpt.TRAINABLE, ref.marker))
     weights = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith(("param/", "buffer/"))}
     result = model.load_state_dict(weights, strict=False)
-    trainable = set(_trainable_shapes(model))
+    trainable = set(ckpt.trainable_shapes(model))
     missing = sorted(trainable & set(result.missing_keys))
     if missing or result.unexpected_keys:
-        raise CheckpointMismatchError(f"{ref.url}/{TRAINABLE} does not fit the model: missing trainable "
+        raise ckpt.CheckpointMismatchError(f"{ref.url}/{ckpt.TRAINABLE} does not fit the model: missing trainable "
                                       f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
     log.info("restored %s (step %d) with %d tensors", ref.url, ref.step, len(weights))
     return model.eval()

@@ -4,7 +4,8 @@ Only rank 0 logs. ``metrics.jsonl`` is kept locally and re-uploaded whole when t
 remote (object stores have no append), at every evaluation, checkpoint and at the end.
 wandb is offline unless configured. The logger is a checkpoint piece: the run id and metrics.jsonl
 are stored in each checkpoint, so a resumed run continues the same wandb run and its log holds every
-step exactly once, cut back to the checkpoint it resumed from (wandb drops steps it has already seen). The config sent to wandb has credentials masked.
+step exactly once, cut back to the checkpoint it resumed from (wandb drops steps it has already seen). The config sent to
+wandb has credentials masked and wandb records no command line; an offline run ends with its ``wandb sync`` line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from mtlora_dist.storage.atomic import atomic_write, atomic_write_text
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, redact, url_to_fs
+from mtlora_dist.storage.retry import retry_call
 
 __all__ = ["RunLogger"]
 
@@ -53,9 +55,10 @@ class RunLogger:
             return
         os.makedirs(self.local_dir, exist_ok=True)
         if self.remote:  # continue the remote file (a resume replaces it with the checkpoint's copy)
-            fs, path = url_to_fs(join(run_dir, "metrics.jsonl"), storage)
-            if fs.exists(path):
-                fs.get(path, self.metrics_path)
+            url = join(run_dir, "metrics.jsonl")
+            fs, path = url_to_fs(url, storage)
+            # the run's first request to a remote run_dir: an unreachable endpoint ends here with one message
+            retry_call(lambda: fs.get(path, self.metrics_path) if fs.exists(path) else None, url=url, options=storage)
         if start:
             self.start()
 
@@ -89,7 +92,7 @@ class RunLogger:
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags),
                                  mode=cfg.mode, id=self.run_id, resume="allow", dir=self.local_dir,
-                                 config=redact(config), settings=wandb.Settings(silent=True))
+                                 config=redact(config), settings=wandb.Settings(**_wandb_settings(wandb)))
 
     def log(self, record: dict[str, Any], *, console: str | None = None) -> None:
         """Append one JSON object (must contain ``step``) and mirror it to wandb."""
@@ -128,8 +131,18 @@ class RunLogger:
     def close(self) -> None:
         self.flush()
         if self._wandb is not None:
+            offline_dir = self._wandb.settings.sync_dir if self.wandb_cfg.mode == "offline" else None
             self._call_wandb(self._wandb.finish)
+            if offline_dir and self._wandb is not None:
+                log.info("wandb run saved offline in %s; upload it with: wandb sync %s", offline_dir, offline_dir)
             self._wandb = None
+
+
+def _wandb_settings(wandb) -> dict[str, Any]:
+    """Quiet, and no run metadata: wandb records the command line (``sys.argv``) there, and a launcher's
+    arguments are not ours to publish. The config it gets is the masked one."""
+    fields = getattr(wandb.Settings, "model_fields", {})
+    return {"silent": True, **{name: True for name in ("x_disable_meta", "disable_meta") if name in fields}}
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

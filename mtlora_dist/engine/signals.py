@@ -1,34 +1,90 @@
-"""Graceful stop on SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit.
+"""Graceful stop on SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 3.
 
-SLURM sends USR1 (``--signal=B:USR1@grace``) or TERM before it kills a job; the handler only sets a
-flag. Ranks agree on the flag with one host-side all-reduce per step (``comm.any_rank``), so every
-rank stops at the same step and the checkpoint collective is entered by all of them.
+Every launcher we document delivers a stop differently, and the trainer has to win against each one's
+kill timer (the deepspeed launcher and torchrun SIGKILL a rank 30 s after their SIGTERM):
+
+- a terminal's Ctrl-C sends SIGINT to the whole foreground process group: launcher, ranks and their
+  DataLoader workers;
+- the deepspeed launcher answers SIGINT/SIGTERM by sending SIGTERM to every rank's process tree,
+  workers included, one rank at a time; torchrun sends SIGTERM to each rank's process group;
+- Slurm sends USR1 or TERM to every process of a step (``slurm/launch.sh`` forwards USR1).
+
+So the handler only sets a flag; ranks agree on it with one host-side all-reduce per step
+(``comm.any_rank``), which makes every rank stop at the same step even when only one was signalled,
+and enter the checkpoint collective together. DataLoader workers leave the stop to their rank
+(``data/worker_signals.py``), so a signal to the process tree no longer kills the workers under the
+training step.
+
+One stop arrives without a signal: the deepspeed runner has no handler on a single node, so a SIGTERM
+sent to it alone (``kill <pid of deepspeed>``) ends the runner and leaves its ranks training, orphaned.
+Each rank therefore also watches the launcher processes above it (deepspeed's runner and per-node
+launcher, torchrun) and treats one that has gone as a stop request.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+
+import psutil  # a DeepSpeed dependency
 
 from mtlora_dist import comm
 
-__all__ = ["TerminationFlag"]
+__all__ = ["TerminationFlag", "STOP_SIGNALS"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_LAUNCHERS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "bin/torchrun")
+
+
+def launcher_processes() -> list[psutil.Process]:
+    """The deepspeed or torchrun processes this rank runs under (none under ``python`` or ``srun``)."""
+    found = []
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1:
+            if any(name in " ".join(proc.cmdline()) for name in _LAUNCHERS):
+                found.append(proc)
+            proc = proc.parent()
+    except psutil.Error:
+        pass
+    return found
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 class TerminationFlag:
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    """Installs the stop handlers; ``should_stop()`` is the collective the loop asks once per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.received: int | None = None
-        for sig in self.SIGNALS:
+        self.launcher_gone = False
+        self.announce = announce  # one line on stderr when the first signal arrives (rank 0)
+        self._launchers = launcher_processes()
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
-    def _handle(self, signum, _frame) -> None:
-        self.received = signum
+    def _handle(self, signum: int, _frame) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if first and self.announce:
+            # os.write: no locks taken inside a signal handler (logging could be mid-write)
+            os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing this step, then a checkpoint "
+                        "and exit 3\n".encode())
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal (a collective: call it on all ranks)."""
-        return comm.any_rank(self.received is not None)
+        """True on every rank once any rank got a signal or lost its launcher (a collective: call it on
+        all ranks)."""
+        if self.received is None and not self.launcher_gone:
+            self.launcher_gone = any(_gone(p) for p in self._launchers)
+        return comm.any_rank(self.received is not None or self.launcher_gone)
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "signal on another rank"
+        if self.received:
+            return signal.Signals(self.received).name
+        return "the launcher exited" if self.launcher_gone else "signal on another rank"

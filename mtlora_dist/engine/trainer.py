@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
@@ -21,21 +19,22 @@ from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 from mtlora_dist.engine.config import TrainConfig, to_yaml
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
-from mtlora_dist.engine.evaluate import evaluate, to_device
+from mtlora_dist.engine.fingerprint import run_fingerprint
+from mtlora_dist.engine.evaluate import ReportsFactory, Validation, to_device
+from mtlora_dist.engine.console import Progress, setup_logging
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.models import build_model
-from mtlora_dist.reports import PredictionReport, save_curves
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
 
-__all__ = ["train", "run_fingerprint", "EXIT_PREEMPTED", "TrainResult"]
+__all__ = ["train", "EXIT_PREEMPTED", "TrainResult"]
 
 # Exit status of launch/train.py after a signal-triggered checkpoint: "requeue me" (distinct from 0 =
 # finished and 1 = a real error, which must not be requeued).
@@ -52,11 +51,19 @@ class TrainResult:
     results: dict  # the last evaluation
 
 
-def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
-    """Run (or resume) the job described by ``cfg``."""
+def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFactory | None = None) -> TrainResult:
+    """Run (or resume) the job described by ``cfg``; ``reports(cfg, val_url)`` makes what is drawn after
+    each evaluation and at the end (``reports.TrainingReporter``). Raises ``comm.PeerLostError`` when
+    another rank of the job dies, so this rank stops at once instead of waiting for its launcher's kill."""
     info = init_distributed(local_rank)
-    stop = TerminationFlag()  # early, so a stop signal during set-up is still handled at the first step
-    _setup_logging(info)
+    stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
+    setup_logging(info.rank)
+    comm.barrier()
+    with comm.peer_loss_as_error():
+        return _run(cfg, info, stop, reports)
+
+
+def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None) -> TrainResult:
     train_url, val_url = prepare_data(cfg.data, info)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -64,20 +71,24 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
     seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
     train_loader = _loader(cfg, info, train_url, "train")
     val_loader = _loader(cfg, info, val_url, "val")
-    report = PredictionReport.from_config(cfg, val_url)  # None when eval.visual_samples is 0
     total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
 
     logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
                        config=asdict(cfg), start=False)
     checkpointer = Checkpointer(cfg.run_dir, engine, policy=SavePolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last),
-                                fingerprint=run_fingerprint(cfg, model), storage=cfg.data.storage,
+                                fingerprint=run_fingerprint(cfg), storage=cfg.data.storage,
                                 local_cache=cfg.checkpoint.local_cache)
     checkpointer.register("data", DataPosition(train_loader), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+    if engine.global_steps >= total_steps:
+        log.info("%s is already complete (step %d of %d): nothing to train. To train longer, pass a larger "
+                 "max_steps (e.g. max_steps=%d); for a fresh run, pass another run_dir.", cfg.run_dir,
+                 engine.global_steps, total_steps, 2 * total_steps)
+        return TrainResult(engine.global_steps, total_steps, False, {})
     logger.start()  # wandb continues the restored run id
     if info.is_main:
         atomic_write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
@@ -85,49 +96,45 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> TrainResult:
                  os.environ.get("SLURM_RESTART_COUNT", "0"))
 
     loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
+    dtype = model_dtype(cfg.deepspeed)
     evaluator = MultiTaskEvaluator(cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines),
                                    protocol=cfg.data.eval_protocol)
-    dtype = model_dtype(cfg.deepspeed)
+    validation = Validation(val_loader, evaluator, logger, every=cfg.eval.every, max_batches=cfg.eval.max_batches,
+                            device=info.device, dtype=dtype, reports=reports(cfg, val_url) if reports else None)
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
 
-    bar = tqdm(total=total_steps, initial=engine.global_steps, disable=not (info.is_main and cfg.logging.progress_bar),
-               dynamic_ncols=True, file=sys.stdout)
+    progress = Progress(total_steps, engine.global_steps, enabled=info.is_main, bar=cfg.logging.progress_bar)
     tick, samples = time.perf_counter(), 0
     job_end = engine.global_steps + cfg.steps_per_job if cfg.steps_per_job else total_steps
-    while engine.global_steps < min(total_steps, job_end):
-        losses = _train_step(engine, batches, loss_fn, info, dtype, cfg.deepspeed.gradient_accumulation_steps)
-        step = engine.global_steps
-        samples += cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * info.world_size
-        bar.update(1)
-        if step % cfg.logging.log_every == 0 or step == total_steps:
-            rate = samples / (time.perf_counter() - tick)
-            _log_train(logger, bar, step, losses, engine, rate, train_loader)
-            tick, samples = time.perf_counter(), 0
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
-            _broadcast_buffers(engine.module)
-            results = evaluate(engine, val_loader, evaluator, info.device, dtype, cfg.eval.max_batches)
-            _log_eval(logger, step, results, evaluator)
-            if report is not None:  # every rank runs the forward (ZeRO-3 gathers weights); rank 0 draws
-                report.write(engine, step, join(cfg.run_dir, "reports"), info.device, dtype, logger)
-        # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
-        stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
-        if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
-            _broadcast_buffers(engine.module)  # the checkpoint holds rank 0's BatchNorm statistics
-            checkpointer.save(step)
-            logger.flush()
-        if stopping:
-            preempted = step != job_end
-            log.info("stopping at step %d (%s); resume by running the same command", step,
-                     "steps_per_job reached" if step == job_end else stop.name)
-            break
-    bar.close()
+    with progress.routing_logs():
+        while engine.global_steps < min(total_steps, job_end):
+            losses = _train_step(engine, batches, loss_fn, info, dtype, cfg.deepspeed.gradient_accumulation_steps)
+            step = engine.global_steps
+            samples += cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * info.world_size
+            progress.advance()
+            if step % cfg.logging.log_every == 0 or step == total_steps:
+                rate = samples / (time.perf_counter() - tick)
+                _log_train(logger, progress, step, losses, engine, rate, train_loader)
+                tick, samples = time.perf_counter(), 0
+            if validation.due(step, total_steps):
+                results = validation.run(engine, step)
+            # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
+            stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
+            if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
+                comm.broadcast_buffers(engine.module)  # the checkpoint holds rank 0's BatchNorm statistics
+                checkpointer.save(step)
+                logger.flush()
+            if stopping:
+                preempted = step != job_end
+                log.info("stopping at step %d (%s) with a checkpoint; every rank exits with status %d; resume by "
+                         "running the same command", step, "steps_per_job reached" if step == job_end else stop.name,
+                         EXIT_PREEMPTED if step != job_end else 0)
+                break
+    progress.close()
     checkpointer.wait()  # a background upload to object storage must land before the job ends
-    if info.is_main:
-        curves = save_curves(logger.metrics_path, join(cfg.run_dir, "reports", "curves.png"), cfg.data.storage)
-        if curves:
-            logger.log_image("curves", curves, engine.global_steps)
+    validation.finish(engine.global_steps)
     logger.close()
     return TrainResult(engine.global_steps, total_steps, preempted, results)
 
@@ -178,50 +185,12 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
                         storage=data.storage, on_error=data.on_error, protocol=data.eval_protocol)
 
 
-def run_fingerprint(cfg: TrainConfig, model) -> dict:
-    """What a checkpoint must match to be loaded into this run (the Checkpointer adds the trainable
-    parameter names and shapes)."""
-    return {
-        "backbone": cfg.model.backbone,
-        "backbone_kwargs": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.backbone_kwargs.items()},
-        "dataset": cfg.data.dataset,
-        "tasks": list(cfg.data.tasks),
-        "adapter_mode": cfg.adapter.mode,
-    }
-
-
-def _log_train(logger: RunLogger, bar, step: int, losses: dict[str, torch.Tensor], engine, rate: float,
-               loader) -> None:
+def _log_train(logger: RunLogger, progress: Progress, step: int, losses: dict[str, torch.Tensor], engine,
+               rate: float, loader) -> None:
     losses = _host_values(losses)
     lr = engine.get_lr()[0]
     data_stats = comm.sum_counts(loader.stats)  # collective: skipped/corrupt samples of every rank
-    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+    progress.report(step, losses["loss"], lr, rate)
     record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
               "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": data_stats}
     logger.log(record)
-
-
-def _broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics, which drift apart per rank
-    without SyncBatchNorm), so evaluations agree with each other and with what a checkpoint holds."""
-    if comm.world_size() > 1:  # nothing to agree on in a group of one
-        for buffer in module.buffers():
-            if buffer.is_floating_point() or buffer.dtype == torch.int64:
-                comm.broadcast_(buffer.data, src=0)
-
-
-def _log_eval(logger: RunLogger, step: int, results: dict, evaluator: MultiTaskEvaluator) -> None:
-    if not logger.enabled:
-        return
-    tasks = {t: results[t] for t in evaluator.tasks}
-    logger.log({"step": step, "split": "val", "tasks": tasks, "delta_m": results.get("delta_m")},
-               console=f"evaluation at step {step}\n{evaluator.table(results)}")
-    logger.flush()
-
-
-def _setup_logging(info: DistInfo) -> None:
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format=f"[%(asctime)s r{info.rank}] %(message)s", datefmt="%H:%M:%S")
-    if not info.is_main:
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    comm.barrier()

@@ -21,9 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from mtlora_dist.adapters.inject import AdapterConfig, inject_adapters, mtlora_layers
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 
-__all__ = ["MTLoRASwin", "PYRAMIDS"]
+__all__ = ["MTLoRASwin"]
 
-PYRAMIDS = ("official", "timm")
 
 
 def _add_over_streams(shortcut: Tensor, update: Tensor) -> Tensor:
@@ -52,8 +51,6 @@ class MTLoRASwin(nn.Module):
         **timm_kwargs,
     ) -> None:
         super().__init__()
-        if pyramid not in PYRAMIDS:
-            raise ValueError(f"model.pyramid '{pyramid}' is not one of {list(PYRAMIDS)}")
         if not variant.startswith("swin"):
             raise ValueError(f"model.backbone '{variant}' is not a timm Swin (e.g. swin_tiny_patch4_window7_224)")
         swin = timm.create_model(variant, pretrained=False, num_classes=0, img_size=tuple(img_size),

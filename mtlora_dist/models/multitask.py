@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlora_dist.adapters.inject import AdapterConfig
+from mtlora_dist.adapters.config import AdapterConfig
+from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.models.decoders import TaskDecoder
 from mtlora_dist.models.mtlora_swin import MTLoRASwin
 from mtlora_dist.models.pretrained import load_pretrained_swin
-from mtlora_dist.models.trainable import TrainableConfig, apply_trainable_policy
+from mtlora_dist.models.trainable import apply_trainable_policy
 from mtlora_dist.tasks.registry import check_tasks, get_task
 
 __all__ = ["ModelConfig", "MultiTaskSwin", "build_model"]
-
-
-@dataclass
-class ModelConfig:
-    """Backbone and decoder settings; fields map onto :class:`MTLoRASwin` and :class:`TaskDecoder`.
-
-    ``backbone_kwargs`` go straight to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``,
-    ``num_heads``, ``window_size`` for a tiny test model).
-    """
-
-    backbone: str = "swin_tiny_patch4_window7_224"
-    img_size: list[int] = field(default_factory=lambda: [448, 448])
-    pretrained: str | None = None
-    drop_path_rate: float = 0.2
-    pyramid: str = "official"
-    dynamic_img_size: bool = True
-    grad_checkpointing: bool = False
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    decoder_channels: list[int] = field(default_factory=lambda: [18, 36, 72, 144])
-    head_hidden_channels: int = 1080
-    sync_bn: bool = True
 
 
 class MultiTaskSwin(nn.Module):

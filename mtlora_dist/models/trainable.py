@@ -7,26 +7,15 @@ parameter report and the optimizer's weight-decay split.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from torch import nn
+
+from mtlora_dist.models.config import TrainableConfig
 
 __all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy", "NO_DECAY_GROUPS"]
 
 # Groups that get no weight decay (spec Part A 5): norms, biases, relative-position tables, scales.
 NO_DECAY_GROUPS = ("norms", "relative_position_bias", "lora_scale")
-
-
-@dataclass
-class TrainableConfig:
-    """Switches per parameter group; everything not named here stays frozen."""
-
-    lora: bool = True
-    norms: bool = True
-    relative_position_bias: bool = True
-    patch_embed: bool = True
-    downsample_reduction: bool = True  # frozen anyway when the reduction carries LoRA (MTLoRA+)
-    decoders: bool = True
 
 
 def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:

@@ -3,7 +3,8 @@
 Local files: write a temporary file in the same folder, ``fsync`` it, ``os.replace`` it over the target
 and ``fsync`` the folder, so the rename survives a power cut too (what timm's checkpoint saver and
 torchtitan do). Object stores: one PUT, which S3 applies atomically. Everything in the package that
-writes a file goes through :func:`atomic_write`.
+writes a file goes through :func:`atomic_write`. Files get the mode ``open()`` would give them (0666
+less the umask): ``mkstemp`` alone makes them 0600, unreadable to a team sharing a run folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import tempfile
 from mtlora_dist.storage.fs import StorageOptions, is_remote, url_to_fs
 
 __all__ = ["atomic_write", "atomic_write_text"]
+
+_UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it (process-wide)
+os.umask(_UMASK)
 
 
 def atomic_write(url: str, data: bytes, storage: StorageOptions | None = None) -> None:
@@ -27,6 +31,7 @@ def atomic_write(url: str, data: bytes, storage: StorageOptions | None = None) -
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

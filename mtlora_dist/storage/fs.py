@@ -22,6 +22,7 @@ __all__ = [
     "cached_fs",
     "describe_endpoint",
     "redact",
+    "is_secret_key",
 ]
 
 # ``key`` alone is StorageOptions' access key id: a credential too.
@@ -156,6 +157,11 @@ def describe_endpoint(options: StorageOptions | None = None) -> str:
         if os.environ.get(var):
             return f"endpoint {os.environ[var]} (${var})"
     return "AWS's default endpoint (no endpoint_url / $AWS_ENDPOINT_URL set)"
+
+
+def is_secret_key(name: str) -> bool:
+    """True for a mapping key whose value is a credential (``key``, ``secret``, ``*token*``, ...)."""
+    return bool(_SECRET_KEYS.search(name))
 
 
 def redact(value: Any) -> Any:

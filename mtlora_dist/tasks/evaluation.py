@@ -20,11 +20,11 @@ from torch import Tensor
 
 from mtlora_dist.tasks.delta_m import default_baselines, delta_m, relative_change
 from mtlora_dist.tasks.metrics import build_metric
+from mtlora_dist.tasks.results_table import text_table
 from mtlora_dist.tasks.registry import check_tasks, get_task
 
-__all__ = ["PROTOCOLS", "MultiTaskEvaluator", "at_label_size"]
+__all__ = ["MultiTaskEvaluator", "at_label_size"]
 
-PROTOCOLS = ("original", "official")
 
 
 def at_label_size(pred: Tensor, target: Tensor, label_size: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -63,8 +63,6 @@ class MultiTaskEvaluator:
         protocol: str = "original",
     ) -> None:
         check_tasks(dataset, tasks)
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown evaluation protocol '{protocol}'; valid: {list(PROTOCOLS)}")
         self.tasks = tuple(tasks)
         self.dataset = dataset
         self.protocol = protocol
@@ -119,39 +117,8 @@ class MultiTaskEvaluator:
 
     def table(self, results: Mapping[str, Any]) -> str:
         """A fixed-width table: one row per task and metric; baseline and change on the primary metric."""
-        report = self.to_json(results)
-        rows = [("task", "metric", "better", "value", "single-task", "change %")]
-        for task, entry in report["tasks"].items():
-            for name, value in entry["metrics"].items():
-                if name != entry["primary_metric"]:
-                    rows.append((task, name, "", _fmt(value), "", ""))
-                elif entry["in_delta_m"]:
-                    better = "higher" if entry["higher_is_better"] else "lower"
-                    change = _fmt(entry["relative_change"], signed=True)
-                    rows.append((task, name, better, _fmt(value), _fmt(entry["baseline"]), change))
-                else:
-                    better = "higher" if entry["higher_is_better"] else "lower"
-                    rows.append((task, name, better, _fmt(value), "none: not in delta-m", ""))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        in_dm = [t for t, e in report["tasks"].items() if e["in_delta_m"]]
-        dm = report["delta_m"]
-        if not in_dm:
-            lines.append("delta-m: n/a (no task has a baseline)")
-        elif dm is None:
-            lines.append(f"delta-m: n/a (a primary metric over {in_dm} has no value: no valid pixels seen)")
-        else:
-            lines.append(f"delta-m: {dm:+.2f} % over {in_dm}")
-        lines.append(f"protocol: {report['protocol']}")
-        return "\n".join(lines)
+        return text_table(self.to_json(results))
 
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _fmt(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:+.2f}" if signed else f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"

@@ -13,8 +13,10 @@ from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.adapters.dropout import DropMask
 from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
-from mtlora_dist.models import ModelConfig, build_model
+from mtlora_dist.models import build_model
 from mtlora_dist.models.trainable import TrainableConfig
+
+from factories import randomize_lora, tiny_model_config
 
 D_IN, D_OUT, RANK, TASKS, TASK_RANK, N = 48, 40, 4, 3, 2, 96
 BF16_TOL = 2e-2  # relative error of a few bf16 GEMMs (bf16 keeps 8 bits: 4e-3 per rounding)
@@ -47,15 +49,6 @@ def _assert_autocast_matches_fp32(fn, inputs: tuple) -> None:
     for g, ref in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float32
         assert _rel(g, ref) < BF16_TOL
-
-
-def _randomize_lora(module: torch.nn.Module, std: float) -> None:
-    """Non-zero B matrices, so every low-rank branch contributes."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_" in name and "scale" not in name and "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _param(*shape, grad=True):
@@ -98,7 +91,7 @@ def test_layer_under_autocast_matches_fp32(mode):
     torch.manual_seed(2)
     layer = MTLoRALinear(D_IN, D_OUT, shared_rank=RANK, tasks=("a", "b"), task_rank=TASK_RANK, mode=mode,
                          trainable_scale_shared=True, trainable_scale_per_task=True, dropout=0.2).train()
-    _randomize_lora(layer, std=0.3)
+    randomize_lora(layer, std=0.3)
     layer.weight.requires_grad_(False)
     layer.bias.requires_grad_(False)
     x = _param(N, D_IN)
@@ -130,11 +123,10 @@ def test_tiny_model_under_autocast_matches_fp32():
     """Forward and backward of a whole MTLoRA model (dropout on) under bf16 autocast."""
     torch.manual_seed(0)
     tasks = ["semseg", "normals"]
-    cfg = ModelConfig(img_size=[64, 64], decoder_channels=[4, 4, 8, 8], head_hidden_channels=16, drop_path_rate=0.1,
-                      backbone_kwargs=dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=2))
+    cfg = tiny_model_config(drop_path_rate=0.1)
     model = build_model(cfg, AdapterConfig(shared_rank=2, task_rank=2, dropout=0.1), TrainableConfig(), tasks,
                         "pascal_context").train()
-    _randomize_lora(model, std=0.05)
+    randomize_lora(model, std=0.05)
     for t in tasks:
         model.decoders[t].head.fuse[1].eval()  # no batch-statistics update between the two runs
     x = torch.randn(2, 3, 64, 64)

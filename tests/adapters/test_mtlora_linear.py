@@ -9,16 +9,9 @@ import torch.nn.functional as F
 from mtlora_dist.adapters.dropout import DropMask
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 
+from factories import randomize_lora
+
 TASKS = ("a", "b", "c")
-
-
-def _randomize(layer: MTLoRALinear) -> None:
-    """Give every B a value so the low-rank branches actually contribute."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "lora_" in name and "scale" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def reference(layer: MTLoRALinear, x: torch.Tensor, x_tasks: dict | None):
@@ -51,7 +44,7 @@ def test_batched_forward_matches_per_task_reference(mode, task_input, ranks):
     torch.manual_seed(0)
     layer = MTLoRALinear(12, 10, shared_rank=6, tasks=TASKS, task_rank=ranks, mode=mode,
                          task_scale={"a": 1.0, "b": 2.0, "c": 4.0}, task_input=task_input).eval()
-    _randomize(layer)
+    randomize_lora(layer, std=0.1)
     x = torch.randn(2, 7, 12)
     x_tasks = {t: torch.randn(2, 7, 12) for t in TASKS} if task_input else None
     inp = torch.cat([x] + [x_tasks[t] for t in TASKS]) if task_input else x
@@ -64,7 +57,7 @@ def test_batched_forward_matches_per_task_reference(mode, task_input, ranks):
 
 def test_lora_only_and_plain_layer_have_no_task_streams():
     layer = MTLoRALinear(8, 4, shared_rank=2, tasks=TASKS, task_rank=2, mode="lora_only").eval()
-    _randomize(layer)
+    randomize_lora(layer, std=0.1)
     x = torch.randn(3, 8)
     expected = F.linear(x, layer.weight, layer.bias) + 4.0 * (x @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
     torch.testing.assert_close(layer(x), expected)
@@ -84,7 +77,7 @@ def test_zero_b_means_every_stream_equals_frozen_output():
 def test_merge_equals_unmerged_and_unmerge_restores(mode, tasks):
     torch.manual_seed(1)
     layer = MTLoRALinear(16, 8, shared_rank=4, tasks=tasks, task_rank=2, mode=mode).eval()
-    _randomize(layer)
+    randomize_lora(layer, std=0.1)
     w0 = layer.weight.detach().clone()
     x = torch.randn(5, 16)
     before = layer(x)
@@ -105,7 +98,7 @@ def test_matrix_mode_with_tasks_refuses_to_merge():
 def test_trainable_scales_receive_gradients_and_fixed_ones_are_buffers():
     layer = MTLoRALinear(6, 6, shared_rank=2, tasks=TASKS, task_rank=2, trainable_scale_shared=True,
                          trainable_scale_per_task=True)
-    _randomize(layer)
+    randomize_lora(layer, std=0.1)
     layer(torch.randn(2, 6)).sum().backward()
     assert layer.lora_shared_scale.grad is not None and layer.lora_shared_scale.grad.abs().sum() > 0
     assert all(layer.lora_task_scale[t].grad.abs().sum() > 0 for t in TASKS)
@@ -117,7 +110,7 @@ def test_trainable_scales_receive_gradients_and_fixed_ones_are_buffers():
 def test_dropout_hits_shared_input_only_and_shares_mask_with_task_branches():
     torch.manual_seed(0)
     layer = MTLoRALinear(32, 4, shared_rank=2, tasks=("a",), task_rank=2, dropout=0.5).train()
-    _randomize(layer)
+    randomize_lora(layer, std=0.1)
     x = torch.randn(64, 32)
     torch.manual_seed(3)
     out = layer(x).unflatten(0, (2, 64))

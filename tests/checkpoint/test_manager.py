@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import deepspeed  # noqa: E402
-import deepspeed.ops  # noqa: E402
 
 from ckpt_worker import FINGERPRINT, TASKS, Pieces, TinyMTL, batch, full_state, make_engine  # noqa: E402
 from mtlora_dist.checkpoint import (  # noqa: E402
@@ -33,30 +30,11 @@ from mtlora_dist.checkpoint.format import sha256_bytes, tensors_from_bytes  # no
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mtlora_dist"
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_rank():
-    """A one-rank gloo group in the test process for this module (reused if one exists), then undone."""
-    import torch.distributed as dist
-
-    created, saved = not dist.is_initialized(), {k: os.environ.get(k) for k in DIST_VARS}
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the CPU shm op
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    if created:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+def single_rank(single_rank_group):
+    """Every test here runs in a one-rank gloo group (tests/conftest.py)."""
 
 
 def train(engine, start: int, stop: int) -> list[float]:
@@ -182,6 +160,19 @@ def test_retention_and_the_save_policy(tmp_path):
         ckpt.save(step)
     assert tags_in(str(tmp_path / "run")) == ["step_00000003", "step_00000004"]
     assert not ckpt.should_save(4, final=True, stopping=True)  # just saved: no second copy of the same step
+
+
+def test_an_unreachable_run_dir_is_one_message_on_every_rank():
+    """Rank 0 looks for checkpoints; a dead endpoint must reach every rank as one error naming where and what to
+    check (not a botocore traceback on rank 0 and a wait forever on the others)."""
+    from s3_server import free_port
+
+    from mtlora_dist.storage.retry import StorageUnavailableError
+
+    storage = StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", key="k", secret="s", retries=0)
+    ckpt = Checkpointer("s3://nowhere/run", make_engine(), fingerprint=FINGERPRINT, storage=storage)
+    with pytest.raises(StorageUnavailableError, match=r"s3://nowhere/run/checkpoints at endpoint http://127\.0\.0\.1"):
+        ckpt.resume()
 
 
 def test_nothing_to_resume(tmp_path):

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from mtlora_dist.checkpoint import CheckpointMismatchError
-from mtlora_dist.engine.config import load_config
-from mtlora_dist.engine.restore import resolve_checkpoint, restore_model, run_config, split_cli_keys
+from mtlora_dist.engine.config import load_config, run_config
+from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.storage.fs import url_to_fs
 
 from evaltest_utils import CONFIG, read_jsonl, run_script
@@ -78,9 +78,3 @@ def test_checkpoint_resolution_and_the_runs_saved_config(trained_run):
     assert cfg.model.img_size == [64, 64] and cfg.data.eval_protocol == "official"
     with pytest.raises(Exception, match="no complete checkpoint"):
         resolve_checkpoint("s3://eval-runs/nothing-here")
-
-
-def test_cli_keys_are_separated_from_config_overrides():
-    args = ["checkpoint=s3://b/r", "seed=3", "out=x=y", "data.batch_size=2"]
-    extra, rest = split_cli_keys(args, ("checkpoint", "out"))
-    assert extra == {"checkpoint": "s3://b/r", "out": "x=y"} and rest == ["seed=3", "data.batch_size=2"]

@@ -12,23 +12,9 @@ from mtlora_dist.models.params import parameter_report
 from mtlora_dist.models.pretrained import load_pretrained_swin
 from mtlora_dist.models.trainable import TrainableConfig
 
-PAPER_TASKS = ["semseg", "human_parts", "sal", "normals"]
-TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=2)
+from factories import PAPER_TASKS, TINY_BACKBONE, randomize_lora, tiny_model_config
 
-
-def tiny_config(**overrides) -> ModelConfig:
-    cfg = dict(img_size=[64, 64], backbone_kwargs=dict(TINY), decoder_channels=[4, 4, 8, 8],
-               head_hidden_channels=16, drop_path_rate=0.0)
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
-
-
-def randomize_lora(model: torch.nn.Module, std: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name and "scale" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+TINY = TINY_BACKBONE
 
 
 @pytest.mark.parametrize("rank,expected", [(16, 4_953_146), (32, 6_083_642), (64, 8_344_634)])
@@ -82,7 +68,7 @@ def test_nonzero_b_streams_differ_per_task():
 
 
 def test_gradients_reach_exactly_the_trainable_parameters():
-    model = build_model(tiny_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
+    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
                         "pascal_context").train()
     randomize_lora(model)
     out = model(torch.randn(2, 3, 64, 64))
@@ -106,7 +92,7 @@ def test_task_blocks_are_only_the_last_block_of_each_stage():
 
 @pytest.mark.parametrize("size", [(64, 96), (96, 64), (128, 128)])
 def test_any_window_compatible_input_size(size):
-    model = build_model(tiny_config(), AdapterConfig(shared_rank=2, task_rank=2), TrainableConfig(), ["semseg", "sal"],
+    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=2, task_rank=2), TrainableConfig(), ["semseg", "sal"],
                         "pascal_context").eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
@@ -128,7 +114,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     """With dropout on, the recomputed forward must redraw the very same LoRA dropout positions."""
     torch.manual_seed(0)
     tasks = ["semseg", "normals"]
-    cfgs = [tiny_config(grad_checkpointing=flag) for flag in (False, True)]
+    cfgs = [tiny_model_config(grad_checkpointing=flag) for flag in (False, True)]
     models = [build_model(c, AdapterConfig(shared_rank=2, task_rank=2, dropout=dropout), TrainableConfig(), tasks,
                           "pascal_context") for c in cfgs]
     models[1].load_state_dict(models[0].state_dict())
@@ -153,7 +139,7 @@ def test_timm_checkpoint_loads_by_timm_key_names(tmp_path):
     source = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=(64, 64), **TINY)
     path = tmp_path / "swin.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(tiny_config(pretrained=str(path)), AdapterConfig(shared_rank=2), TrainableConfig(),
+    model = build_model(tiny_model_config(pretrained=str(path)), AdapterConfig(shared_rank=2), TrainableConfig(),
                         ["semseg"], "pascal_context")
     src = source.state_dict()
     own = model.backbone.state_dict()
@@ -175,7 +161,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 
 
 def test_merged_backbone_matches_unmerged():
-    model = build_model(tiny_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
+    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
                         "pascal_context").eval()
     randomize_lora(model)
     x = torch.randn(2, 3, 64, 64)
@@ -197,7 +183,7 @@ def test_ts_lora_outside_last_block_is_refused():
 def test_mtlora_plus_freezes_reduction_and_adapts_it():
     cfg = AdapterConfig(shared_rank=4, task_rank=2,
                         ta_targets=AdapterConfig().ta_targets + ["layers.*.downsample.reduction"])
-    model = build_model(tiny_config(), cfg, TrainableConfig(), ["semseg"], "pascal_context")
+    model = build_model(tiny_model_config(), cfg, TrainableConfig(), ["semseg"], "pascal_context")
     reduction = model.backbone.layers[1].downsample.reduction
     assert isinstance(reduction, MTLoRALinear) and not reduction.weight.requires_grad
     assert reduction.lora_shared_A.requires_grad

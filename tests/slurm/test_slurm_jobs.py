@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 STEPS = 24  # long enough to signal a job mid-training (~0.3 s a step on 2 cores), short enough to be cheap
 TINY = ("model.img_size=[64,64] model.backbone_kwargs.window_size=2 data.batch_size=4 data.eval_batch_size=4 "
-        "data.num_workers=0 logging.progress_bar=false logging.log_every=1 eval.every=0 eval.max_batches=1 "
+        "data.num_workers=1 logging.progress_bar=false logging.log_every=1 eval.every=0 eval.max_batches=1 "
         f"max_steps={STEPS} checkpoint.every=8 optim.warmup_fraction=0.2")
 # a CPU allocation instead of the script's GPU defaults: 2 nodes x 1 task, no GPUs
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]

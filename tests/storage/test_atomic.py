@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mtlora_dist.storage import atomic
 from mtlora_dist.storage.atomic import atomic_write, atomic_write_text
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
@@ -33,3 +34,10 @@ def test_s3_write_is_one_object(s3_bucket):
     fs.invalidate_cache()
     assert fs.cat_file(path) == b"a\nb\n"
     assert fs.find(f"{s3_bucket}/runs/x") == [path]
+
+
+
+def test_a_written_file_gets_the_mode_of_any_new_file(tmp_path):
+    """0666 less the umask (0644 under the usual 022), not mkstemp's 0600: run folders are shared."""
+    atomic_write(str(tmp_path / "shared.txt"), b"x")
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK

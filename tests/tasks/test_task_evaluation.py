@@ -102,8 +102,7 @@ def test_compute_twice_is_stable_and_reports_are_plain():
 
 
 def test_bad_arguments_are_clear():
-    with pytest.raises(ValueError, match="protocol"):
-        MultiTaskEvaluator(["semseg"], "nyud", protocol="paper")
+    # (the protocol is a choice of the config, checked when it is composed: tests/engine/test_config_schema.py)
     with pytest.raises(ValueError, match="provides"):
         MultiTaskEvaluator(["sal"], "nyud")
     ev = MultiTaskEvaluator(["semseg"], "nyud")

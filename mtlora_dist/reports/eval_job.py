@@ -18,10 +18,13 @@ from mtlora_dist.data.loader import build_loader
 from mtlora_dist.engine.config import TrainConfig
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import model_dtype
+from mtlora_dist.engine.console import setup_logging
 from mtlora_dist.engine.distributed import init_distributed
 from mtlora_dist.engine.evaluate import evaluate
 from mtlora_dist.engine.restore import CheckpointRef, resolve_checkpoint, restore_model
-from mtlora_dist.reports import PredictionReport, save_curves, write_results
+from mtlora_dist.reports.curves import save_curves
+from mtlora_dist.reports.predictions import PredictionReport
+from mtlora_dist.reports.tables import write_results
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 
@@ -48,8 +51,7 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | Non
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got '{split}'")
     info = init_distributed(local_rank)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format=f"[%(asctime)s r{info.rank}] %(message)s", datefmt="%H:%M:%S")
+    setup_logging(info.rank)
     storage = cfg.data.storage
     ref: CheckpointRef = comm.broadcast_object(resolve_checkpoint(checkpoint, storage) if info.is_main else None)
     urls = dict(zip(("train", "val"), prepare_data(cfg.data, info)))

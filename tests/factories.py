@@ -1,0 +1,50 @@
+"""Small models and helpers that many tests build: one definition each.
+
+``tiny_model_config`` is a Swin with the real structure (4 stages, shifted windows, patch merging) at
+16 channels and 64 px, fast on a CPU; ``randomize_lora`` gives the B matrices (zero at init) values,
+so every low-rank branch contributes to outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtlora_dist.adapters import AdapterConfig
+from mtlora_dist.models import ModelConfig, MultiTaskSwin, build_model
+from mtlora_dist.models.trainable import TrainableConfig
+
+PAPER_TASKS = ["semseg", "human_parts", "sal", "normals"]
+TINY_BACKBONE = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "window_size": 2}
+
+
+def tiny_model_config(img_size: int = 64, **overrides) -> ModelConfig:
+    """A tiny Swin-based multi-task model; ``overrides`` are ModelConfig fields (``backbone_kwargs``
+    entries given there replace the tiny defaults one by one)."""
+    backbone = {**TINY_BACKBONE, **overrides.pop("backbone_kwargs", {})}
+    fields = dict(img_size=[img_size, img_size], backbone_kwargs=backbone, decoder_channels=[4, 4, 8, 8],
+                  head_hidden_channels=16, drop_path_rate=0.0)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def tiny_model(adapter: AdapterConfig | None = None, tasks: list[str] | None = None, dataset: str = "pascal_context",
+               config: ModelConfig | None = None, seed: int = 0) -> MultiTaskSwin:
+    torch.manual_seed(seed)
+    return build_model(config or tiny_model_config(), adapter or AdapterConfig(shared_rank=4, task_rank=2, dropout=0.0),
+                       TrainableConfig(), list(tasks or PAPER_TASKS), dataset)
+
+
+def randomize_lora(module: nn.Module, std: float = 0.05, seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    """Random LoRA A/B values (trainable scales untouched); with ``batchnorm``, also non-trivial
+    BatchNorm running statistics, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name and "scale" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        if batchnorm:
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module

@@ -1,0 +1,97 @@
+"""The package graph runs one way: a package imports only packages on its own level or below.
+
+    comm, storage, choices, lazy      the bottom: processes, bytes, the config's Enum base, lazy exports
+    tasks, adapters                   what a task is; the LoRA math
+    data, models                      shards -> batches; backbone + heads
+    config                            the run configuration (every job reads it)
+    checkpoint                        trainable state on disk
+    engine                            DeepSpeed set-up and the training loop
+    export                            merged weights for inference
+    reports                           tables, pictures, curves
+    (launch/ entry points sit on top and may import anything)
+
+So a change to the training loop cannot break data loading, and evaluation or export never depend on
+``engine/trainer.py``. Modules directly in the package (``comm.py``, ``config.py``) count as packages.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mtlora_dist"
+LEVELS = [
+    {"comm", "storage", "choices", "lazy"},
+    {"tasks", "adapters"},
+    {"data", "models"},
+    {"config"},
+    {"checkpoint"},
+    {"engine"},
+    {"export"},
+    {"reports"},
+]
+LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
+
+
+def _unit(module: str) -> str | None:
+    """``mtlora_dist.data.loader`` -> ``data``; ``mtlora_dist`` itself -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "mtlora_dist" else None
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported unit) for every import of the package in ``path``, lazy imports included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "mtlora_dist" else [f"mtlora_dist.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, unit) for unit in map(_unit, names) if unit]
+    return found
+
+
+def _upward_imports() -> list[str]:
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        unit = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        if unit not in LEVEL:
+            continue  # mtlora_dist/__init__.py
+        for line, target in _imports(path):
+            if target in LEVEL and LEVEL[target] > LEVEL[unit]:
+                bad.append(f"mtlora_dist/{rel}:{line}: {unit} (level {LEVEL[unit]}) imports {target} "
+                           f"(level {LEVEL[target]})")
+    return bad
+
+
+def test_every_package_has_a_level():
+    rels = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py")]
+    units = {rel.parts[0] if len(rel.parts) > 1 else rel.stem for rel in rels} - {"__init__"}
+    assert sorted(units - set(LEVEL)) == [], "give every package of mtlora_dist a level in LEVELS"
+
+
+def test_no_package_imports_a_higher_one():
+    assert _upward_imports() == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: a lazy import inside a function of a low package is found."""
+    fake = tmp_path / "mtlora_dist"
+    (fake / "storage").mkdir(parents=True)
+    (fake / "storage" / "x.py").write_text("def f():\n    from mtlora_dist.engine.trainer import train\n")
+    monkeypatch.setitem(globals(), "PACKAGE", fake)
+    assert _upward_imports() == ["mtlora_dist/storage/x.py:2: storage (level 0) imports engine (level 5)"]
+
+
+@pytest.mark.parametrize("module", ["mtlora_dist.engine.restore", "mtlora_dist.engine.evaluate"])
+def test_evaluation_and_export_do_not_depend_on_the_training_loop(module):
+    path = PACKAGE / Path(*module.split(".")[1:]).with_suffix(".py")
+    if not path.exists():
+        pytest.skip(f"{module} is gone")
+    text = path.read_text()
+    assert "engine.trainer" not in text and "from mtlora_dist.engine import trainer" not in text
