@@ -28,8 +28,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
@@ -102,9 +103,9 @@ def _timed(fn) -> float:
 @contextlib.contextmanager
 def _s3_run_dir():
     """A loopback S3 server (rclone, as the tests start it); yields (run_dir URL, storage options)."""
-    from s3_server import KEY, SECRET, S3Server
-
     from mtlora_dist.storage.fs import StorageOptions
+
+    from s3_server import KEY, SECRET, S3Server
 
     server = S3Server("rclone", Path(tempfile.mkdtemp(prefix="bench-s3-")) / "data").start()
     try:
@@ -124,9 +125,12 @@ def measure(model: nn.Module, workdir: str, stage: int = 2, s3: bool = False) ->
     from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 
     init_single_process()
-    config = {"train_micro_batch_size_per_gpu": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": trainable_params}], config=config)
     ours_dir = os.path.join(workdir, "ours")
@@ -146,18 +150,29 @@ def measure(model: nn.Module, workdir: str, stage: int = 2, s3: bool = False) ->
             remote.wait()
             remote.save(2)
             upload_s = _timed(remote.wait)
-            result.update(s3_first_blocked_s=remote.blocked_s[0], s3_blocked_s=remote.blocked_s[1],
-                          s3_upload_after_s=upload_s,
-                          s3_load_s=_timed(lambda: Checkpointer(run_dir, engine, storage=storage).resume()))
+            result.update(
+                s3_first_blocked_s=remote.blocked_s[0],
+                s3_blocked_s=remote.blocked_s[1],
+                s3_upload_after_s=upload_s,
+                s3_load_s=_timed(lambda: Checkpointer(run_dir, engine, storage=storage).resume()),
+            )
     default_dir = os.path.join(workdir, "default")
     engine.save_checkpoint(default_dir, tag="default")  # DeepSpeed as shipped, for the size comparison
     frozen, trainable = count(model)
     marker = json.loads(Path(url, "COMPLETE.json").read_text())
     expected = trainable * sum(BYTES_PER_TRAINABLE.values())
     ours = folder_bytes(url)  # every file, marker included
-    return {"frozen_params": frozen, "trainable_params": trainable, "zero_stage": stage,
-            "world_size": marker["world_size"], "ours_bytes": ours, "default_bytes": folder_bytes(default_dir),
-            "expected_bytes": expected, "ours_vs_expected": ours / expected, **result}
+    return {
+        "frozen_params": frozen,
+        "trainable_params": trainable,
+        "zero_stage": stage,
+        "world_size": marker["world_size"],
+        "ours_bytes": ours,
+        "default_bytes": folder_bytes(default_dir),
+        "expected_bytes": expected,
+        "ours_vs_expected": ours / expected,
+        **result,
+    }
 
 
 def _load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -172,34 +187,38 @@ def _mib(n: int) -> str:
 def report_markdown(result: dict[str, Any], command: str, label: str) -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, {platform.system()}"
-    return "\n".join([
-        f"## {label}: {datetime.date.today().isoformat()}",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine}; torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}",
-        f"- Model: {result['frozen_params']:,} frozen + {result['trainable_params']:,} trainable parameters; "
-        f"ZeRO-{result['zero_stage']}, fp32, AdamW, {result['world_size']} rank(s)",
-        "",
-        "| checkpoint | size | bytes per trainable parameter |",
-        "|---|---|---|",
-        f"| ours: trainable state (fp32 masters, Adam moments, buffers), marker and state | "
-        f"{_mib(result['ours_bytes'])} | "
-        f"{result['ours_bytes'] / result['trainable_params']:.2f} |",
-        f"| expected: trainable x (4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} "
-        f"| 12.00 |",
-        f"| DeepSpeed default `save_checkpoint` (frozen weights included) | {_mib(result['default_bytes'])} | "
-        f"{result['default_bytes'] / result['trainable_params']:.2f} |",
-        "",
-        f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
-        f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default. "
-        f"Save {result['save_s']:.2f} s, load {result['load_s']:.2f} s (local disk)."
-        + (f" To S3 (loopback): the loop is held {result['s3_blocked_s']:.2f} s per save (the first one "
-           f"{result['s3_first_blocked_s']:.2f} s), the upload takes "
-           f"{result['s3_upload_after_s']:.2f} s more beside training; load {result['s3_load_s']:.2f} s."
-           if "s3_blocked_s" in result else ""),
-        "",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## {label}: {datetime.date.today().isoformat()}",
+            "",
+            f"- Command: `{command}`",
+            f"- Machine: {machine}; torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}",
+            f"- Model: {result['frozen_params']:,} frozen + {result['trainable_params']:,} trainable parameters; "
+            f"ZeRO-{result['zero_stage']}, fp32, AdamW, {result['world_size']} rank(s)",
+            "",
+            "| checkpoint | size | bytes per trainable parameter |",
+            "|---|---|---|",
+            f"| ours: trainable state (fp32 masters, Adam moments, buffers), marker and state | "
+            f"{_mib(result['ours_bytes'])} | "
+            f"{result['ours_bytes'] / result['trainable_params']:.2f} |",
+            f"| expected: trainable x (4 fp32 master + 8 Adam moments) | {_mib(result['expected_bytes'])} | 12.00 |",
+            f"| DeepSpeed default `save_checkpoint` (frozen weights included) | {_mib(result['default_bytes'])} | "
+            f"{result['default_bytes'] / result['trainable_params']:.2f} |",
+            "",
+            f"Ours is {result['ours_vs_expected']:.3f}x the expected size and "
+            f"{result['default_bytes'] / result['ours_bytes']:.1f}x smaller than the default. "
+            f"Save {result['save_s']:.2f} s, load {result['load_s']:.2f} s (local disk)."
+            + (
+                f" To S3 (loopback): the loop is held {result['s3_blocked_s']:.2f} s per save (the first one "
+                f"{result['s3_first_blocked_s']:.2f} s), the upload takes "
+                f"{result['s3_upload_after_s']:.2f} s more beside training; load {result['s3_load_s']:.2f} s."
+                if "s3_blocked_s" in result
+                else ""
+            ),
+            "",
+            "",
+        ]
+    )
 
 
 def main() -> None:

@@ -1,12 +1,14 @@
 """Decoded-and-augmented samples per second from local shards and from a loopback S3 server.
 
     python benchmarks/data_throughput.py [--num-samples 256] [--img-size 448] [--workers 0 1 2] [--json out.json]
-        [--sources local s3] [--pin-memory off on] [--device cuda]
+        [--sources local s3] [--pin-memory off on] [--device cuda] [--levers] [--cache] [--device-split]
+        [--tasks ...] [--data-size PX] [--skip-sources]
 
 Makes a synthetic PASCAL-Context set whose images are about ``--img-size`` pixels high (like the
 real ~500x375 images), converts it to shards, starts ``rclone serve s3`` on 127.0.0.1 exactly as the
 tests do (``tests/s3_server.py``), uploads the shards, then runs one training epoch (flip, rotation,
-scale, resize to ``img-size``; all five PASCAL tasks) per source and worker count. Reports:
+scale, resize to ``img-size``; ``--tasks``, by default the paper's four PASCAL tasks) per source and
+worker count with the default pipeline. Reports:
 
 * ``samples/s``: steady state, from the first batch to the last (worker start-up excluded), median
   of ``--repeats`` epochs run alternately from each source;
@@ -15,6 +17,15 @@ scale, resize to ``img-size``; all five PASCAL tasks) per source and worker coun
   excluded), i.e. what one core sustains; size ``num_workers`` with it;
 * ``server CPU-s``: CPU time the S3 server itself used during the epoch;
 * a read-only pass (tar parsing, no decoding) per source, to show where the time goes.
+
+``--levers``: today's pipeline and the same with each speed lever switched on in turn (cumulative;
+the last row is the default), in one process, one core (no workers), local shards, configurations
+alternating within each repeat; samples per CPU-second and the ratio to the baseline.
+``--device-split``: ``augment_device="device"`` with the device being this CPU: decode plus the
+batched torch warp, and the decode alone (the workers' share when the warp runs on a GPU).
+``--cache``: from the S3 server, epoch 1 and epoch 2 of a two-epoch run with and without the local
+shard cache (``cache_dir``), for the whole pipeline and for reading alone (shards read, verified and
+split into samples, no decoding).
 
 ``--epochs N`` reads N epochs back to back per measurement (persistent workers, as in training): with
 many workers and a small set, one epoch is about one batch per worker, too short for a steady rate.
@@ -45,15 +56,37 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 from mtlora_dist.data import build_loader  # noqa: E402
 from mtlora_dist.data.convert import convert  # noqa: E402
 from mtlora_dist.data.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.streaming import StreamConfig, _ShardReader  # noqa: E402
 from mtlora_dist.data.synthetic import ensure_synthetic  # noqa: E402
 from mtlora_dist.data.tarshards import iter_tar_samples  # noqa: E402
-from mtlora_dist.storage.fs import StorageOptions, cached_fs  # noqa: E402
+from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
+
 from s3_server import KEY, SECRET, S3Server  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from common import sync  # noqa: E402
 
-TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+TASKS = ["semseg", "human_parts", "sal", "normals"]  # the paper's four PASCAL-Context tasks
+
+# Today's pipeline before issue 15: no checksum, PIL decoders, torch grid_sample, bicubic normals.
+BASELINE = {
+    "verify_checksums": False,
+    "jpeg_decoder": "pil",
+    "png_decoder": "pil",
+    "resampler": "torch",
+    "normals_resampling": "bicubic",
+    "reduced_decode": False,
+}
+# Levers switched on one after the other; the last row is build_loader's default.
+LEVERS = [
+    ("baseline (before)", {}),
+    ("+ sha256 verified while streaming", {"verify_checksums": True}),
+    ("+ simplejpeg (libjpeg-turbo)", {"jpeg_decoder": "simplejpeg"}),
+    ("+ pyspng (libspng)", {"png_decoder": "pyspng"}),
+    ("+ OpenCV warp", {"resampler": "opencv"}),
+    ("+ bilinear normals", {"normals_resampling": "bilinear"}),
+    ("+ reduced-size JPEG decode (= default, after)", {"reduced_decode": True}),
+]
 
 
 def cpu_seconds() -> float:
@@ -77,10 +110,32 @@ def to_device(batch: dict, device: torch.device | None) -> None:
             value.to(device, non_blocking=True)
 
 
-def run_epoch(url: str, storage: StorageOptions, workers: int, img: int, batch: int, server_pid: int | None,
-              pin_memory: bool = False, device: torch.device | None = None, epochs: int = 1) -> dict:
-    loader = build_loader(url, dataset="pascal_context", tasks=TASKS, split="train", img_size=(img, img),
-                          batch_size=batch, num_workers=workers, storage=storage, seed=0, pin_memory=pin_memory)
+def run_epoch(
+    url: str,
+    storage: StorageOptions,
+    workers: int,
+    img: int,
+    batch: int,
+    server_pid: int | None,
+    pin_memory: bool = False,
+    device: torch.device | None = None,
+    epochs: int = 1,
+    tasks=TASKS,
+    **options,
+) -> dict:
+    loader = build_loader(
+        url,
+        dataset="pascal_context",
+        tasks=tasks,
+        split="train",
+        img_size=(img, img),
+        batch_size=batch,
+        num_workers=workers,
+        storage=storage,
+        seed=0,
+        pin_memory=pin_memory,
+        **options,
+    )
     cpu0, server0 = cpu_seconds(), process_cpu(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     first = None
@@ -105,18 +160,176 @@ def run_epoch(url: str, storage: StorageOptions, workers: int, img: int, batch: 
     }
 
 
+def levers(url: str, args: argparse.Namespace) -> list[dict]:
+    """Samples per CPU-second of the baseline and of each lever added (one core, local shards)."""
+    configs, options = [], dict(BASELINE)
+    for name, change in LEVERS:
+        options = {**options, **change}
+        configs.append((name, dict(options)))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for _ in range(args.repeats):
+        for name, options in configs:
+            runs[name].append(
+                run_epoch(
+                    url,
+                    StorageOptions(),
+                    0,
+                    args.img_size,
+                    args.batch_size,
+                    None,
+                    epochs=args.epochs,
+                    tasks=args.tasks,
+                    **options,
+                )
+            )
+    rows = []
+    for name, options in configs:
+        median = sorted(runs[name], key=lambda r: r["samples_per_cpu_s"])[len(runs[name]) // 2]
+        rows.append(
+            {
+                "pipeline": name,
+                "options": options,
+                **median,
+                "all_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs[name]],
+            }
+        )
+    for row in rows:
+        row["vs_baseline"] = round(row["samples_per_cpu_s"] / rows[0]["samples_per_cpu_s"], 2)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def device_split(url: str, args: argparse.Namespace) -> list[dict]:
+    """``augment_device="device"`` on this CPU: the whole path (workers' decode + the batched torch warp
+    in the main process), and the workers' share alone (the warp replaced by a no-op), which is what a
+    GPU node's CPUs still do when the warp runs on the GPU."""
+    import mtlora_dist.data.loader as loader_module
+
+    warp = loader_module.warp_batch
+    modes = {
+        "decode + batched warp on the CPU": warp,
+        "decode only (the workers' share)": lambda raw, tasks, out_hw, resampling: {"image": raw["image"]},
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    try:
+        for _ in range(args.repeats):
+            for name, fn in modes.items():
+                loader_module.warp_batch = fn
+                runs[name].append(
+                    run_epoch(
+                        url,
+                        StorageOptions(),
+                        0,
+                        args.img_size,
+                        args.batch_size,
+                        None,
+                        epochs=args.epochs,
+                        tasks=args.tasks,
+                        augment_device="device",
+                        device="cpu",
+                    )
+                )
+    finally:
+        loader_module.warp_batch = warp
+    rows = []
+    for name in modes:
+        median = sorted(runs[name], key=lambda r: r["samples_per_cpu_s"])[len(runs[name]) // 2]
+        rows.append({"mode": name, **median, "all_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs[name]]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def read_shards(url: str, storage: StorageOptions, cache_dir: str | None) -> None:
+    """Read every shard as the loader does (verified, split into samples, cached if asked), no decoding."""
+    manifest = read_manifest(url, storage)
+    cfg = StreamConfig(
+        manifest=manifest,
+        tasks=tuple(TASKS),
+        img_size=(1, 1),
+        batch_size=1,
+        world_size=1,
+        rank=0,
+        num_workers=0,
+        seed=0,
+        shuffle=False,
+        augment=False,
+        drop_last=False,
+        protocol="original",
+        on_error="raise",
+        storage=storage,
+        cache_dir=cache_dir,
+        cache_max_bytes=1 << 40,
+    )
+    reader = _ShardReader(cfg, [(i, list(range(s.num_samples))) for i, s in enumerate(manifest.shards)])
+    reader.start()
+    while (event := reader.events.get())[0] != "done":
+        if event[0] == "error":
+            raise event[1]
+
+
+def cache_epochs(url: str, storage: StorageOptions, server_pid: int, args: argparse.Namespace) -> list[dict]:
+    """Epoch 1 and 2 from S3 with and without the shard cache: whole pipeline, and reading alone."""
+    rows = []
+    for what in ("pipeline", "reading only"):
+        for cached in (False, True):
+            cache_dir = tempfile.mkdtemp(prefix="bench-cache-") if cached else None
+            loader = None
+            if what == "pipeline":
+                loader = build_loader(
+                    url,
+                    dataset="pascal_context",
+                    tasks=args.tasks,
+                    split="train",
+                    img_size=(args.img_size, args.img_size),
+                    batch_size=args.batch_size,
+                    num_workers=0,
+                    storage=storage,
+                    seed=0,
+                    cache_dir=cache_dir,
+                )
+            for epoch in (1, 2):
+                cpu0, server0, start = cpu_seconds(), process_cpu(server_pid), time.perf_counter()
+                if loader is not None:
+                    n = sum(len(b["__key__"]) for b in loader)
+                else:
+                    read_shards(url, storage, cache_dir)
+                    n = read_manifest(url, storage).num_samples
+                seconds = time.perf_counter() - start
+                rows.append(
+                    {
+                        "what": what,
+                        "cache": cached,
+                        "epoch": epoch,
+                        "samples": n,
+                        "epoch_s": round(seconds, 2),
+                        "samples_per_s": round(n / seconds, 1),
+                        "loader_cpu_s": round(cpu_seconds() - cpu0, 2),
+                        "server_cpu_s": round(process_cpu(server_pid) - server0, 2),
+                        "shards_from_cache": loader.stats["shards_from_cache"] if loader else None,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            if cache_dir:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    return rows
+
+
 def read_only(url: str, storage: StorageOptions) -> dict:
     manifest = read_manifest(url, storage)
     start, cpu0, n, size = time.perf_counter(), cpu_seconds(), 0, 0
     for i in range(len(manifest.shards)):
-        fs, path = cached_fs(manifest.shard_url(i), storage)
+        fs, path = url_to_fs(manifest.shard_url(i), storage)
         with fs.open(path, "rb", block_size=storage.block_size) as f:
             for _, members in iter_tar_samples(f):
                 n += 1
                 size += sum(len(v) for v in members.values())
     seconds = time.perf_counter() - start
-    return {"samples_per_s": round(n / seconds, 1), "MB_per_s": round(size / seconds / 2**20, 1),
-            "samples_per_cpu_s": round(n / (cpu_seconds() - cpu0), 1), "mean_sample_kB": round(size / n / 1024)}
+    return {
+        "samples_per_s": round(n / seconds, 1),
+        "MB_per_s": round(size / seconds / 2**20, 1),
+        "samples_per_cpu_s": round(n / (cpu_seconds() - cpu0), 1),
+        "mean_sample_kB": round(size / n / 1024),
+    }
 
 
 @contextlib.contextmanager
@@ -129,7 +342,7 @@ def s3_source(local: str):
         s3 = StorageOptions(endpoint_url=server.endpoint, key=KEY, secret=SECRET)
         os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")  # rclone's ranged reads
         os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-        fs, _ = cached_fs("s3://bench", s3)
+        fs, _ = url_to_fs("s3://bench", s3)
         for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"bench/pascal/{name}")
         yield "s3://bench/pascal", s3, server.proc.pid
@@ -146,12 +359,31 @@ def measure(sources: dict, args: argparse.Namespace, device: torch.device | None
             runs: dict[str, list[dict]] = {name: [] for name in sources}
             for _ in range(args.repeats):
                 for name, (url, storage, pid) in sources.items():
-                    runs[name].append(run_epoch(url, storage, workers, args.img_size, args.batch_size, pid,
-                                                pin_memory=pin == "on", device=device, epochs=args.epochs))
+                    runs[name].append(
+                        run_epoch(
+                            url,
+                            storage,
+                            workers,
+                            args.img_size,
+                            args.batch_size,
+                            pid,
+                            pin_memory=pin == "on",
+                            device=device,
+                            epochs=args.epochs,
+                            tasks=args.tasks,
+                        )
+                    )
             for name in sources:
                 median = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
-                rows.append({"source": name, "workers": workers, "pin_memory": pin == "on", **median,
-                             "all_samples_per_s": [r["samples_per_s"] for r in runs[name]]})
+                rows.append(
+                    {
+                        "source": name,
+                        "workers": workers,
+                        "pin_memory": pin == "on",
+                        **median,
+                        "all_samples_per_s": [r["samples_per_s"] for r in runs[name]],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -163,20 +395,43 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sources", nargs="+", default=["local", "s3"], choices=("local", "s3"))
-    parser.add_argument("--pin-memory", nargs="+", default=["off"], choices=("off", "on"),
-                        help="run each setting with pageable (off) and/or pinned (on) batches")
+    parser.add_argument(
+        "--pin-memory",
+        nargs="+",
+        default=["off"],
+        choices=("off", "on"),
+        help="run each setting with pageable (off) and/or pinned (on) batches",
+    )
     parser.add_argument("--device", default=None, help="also copy every batch to this device (e.g. cuda)")
     parser.add_argument("--shard-size-mb", type=float, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="measurements per setting; the median is reported")
     parser.add_argument("--epochs", type=int, default=1, help="epochs read back to back in one measurement")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtlora-data-bench"))
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="PASCAL tasks to decode and augment")
+    parser.add_argument(
+        "--data-size",
+        type=int,
+        default=None,
+        help="height of the synthetic images (default: --img-size; 2x shows the reduced decode)",
+    )
+    parser.add_argument("--levers", action="store_true", help="also measure the baseline and each speed lever")
+    parser.add_argument(
+        "--cache", action="store_true", help="also measure epochs 1 and 2 with/without the shard cache (S3)"
+    )
+    parser.add_argument("--skip-sources", action="store_true", help="skip the per-source/worker table")
+    parser.add_argument(
+        "--device-split",
+        action="store_true",
+        help="also measure augment_device='device' on the CPU, and its decode-only share",
+    )
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else None
 
-    root = os.path.join(args.work_dir, f"pascal-{args.img_size}")
-    ensure_synthetic("pascal_context", root, args.num_samples, 0, seed=0, size=args.img_size)
-    local = os.path.join(args.work_dir, f"shards-{args.img_size}-{args.num_samples}")
+    data_size = args.data_size or args.img_size
+    root = os.path.join(args.work_dir, f"pascal-{data_size}")
+    ensure_synthetic("pascal_context", root, args.num_samples, 0, seed=0, size=data_size)
+    local = os.path.join(args.work_dir, f"shards-{data_size}-{args.num_samples}")
     if not os.path.isfile(os.path.join(local, "manifest.json")):
         convert("pascal_context", root, "train", local, shard_size_mb=args.shard_size_mb, workers=os.cpu_count() or 1)
     manifest = read_manifest(local)
@@ -187,28 +442,67 @@ def main() -> None:
             sources["s3"] = stack.enter_context(s3_source(local))
         sources = {name: sources[name] for name in args.sources}
         results: dict = {"read_only": {name: read_only(url, storage) for name, (url, storage, _) in sources.items()}}
-        results["epochs"] = measure(sources, args, device)
+        if args.levers:
+            results["levers"] = levers(local, args)
+        if args.device_split:
+            results["device_split"] = device_split(local, args)
+        if args.cache and "s3" in sources:
+            results["cache"] = cache_epochs(*sources["s3"], args)
+        results["epochs"] = [] if args.skip_sources else measure(sources, args, device)
 
     results["setup"] = {
         "command": " ".join(["python"] + sys.argv),
-        "samples": manifest.num_samples, "shards": len(manifest.shards), "img_size": args.img_size,
-        "batch_size": args.batch_size, "epochs_per_measurement": args.epochs, "cpus": os.cpu_count(),
+        "samples": manifest.num_samples,
+        "shards": len(manifest.shards),
+        "img_size": args.img_size,
+        "data_size": data_size,
+        "batch_size": args.batch_size,
+        "epochs_per_measurement": args.epochs,
+        "cpus": os.cpu_count(),
+        "tasks": args.tasks,
+        "load_average_at_end": os.getloadavg(),
         "python": platform.python_version(),
-        "device": str(device) if device else None, "date": time.strftime("%Y-%m-%d"),
+        "device": str(device) if device else None,
+        "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if "levers" in results:
+        print("\n| pipeline | samples/CPU-s (median) | all runs | vs baseline | samples/s |")
+        print("|---|---|---|---|---|")
+        for r in results["levers"]:
+            print(
+                f"| {r['pipeline']} | {r['samples_per_cpu_s']} | {r['all_samples_per_cpu_s']} | {r['vs_baseline']}x | "
+                f"{r['samples_per_s']} |"
+            )
+    if "device_split" in results:
+        print("\n| augment_device='device' | samples/CPU-s (median) | all runs |")
+        print("|---|---|---|")
+        for r in results["device_split"]:
+            print(f"| {r['mode']} | {r['samples_per_cpu_s']} | {r['all_samples_per_cpu_s']} |")
+    if "cache" in results:
+        print("\n| what | cache | epoch | epoch s | samples/s | loader CPU-s | S3 server CPU-s | shards from cache |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results["cache"]:
+            print(
+                f"| {r['what']} | {'on' if r['cache'] else 'off'} | {r['epoch']} | {r['epoch_s']} | {r['samples_per_s']} | "
+                f"{r['loader_cpu_s']} | {r['server_cpu_s']} | {r['shards_from_cache'] if r['shards_from_cache'] is not None else '-'} |"
+            )
     print("\n| source | workers | pinned | samples/s (median) | all runs | epoch s | samples/CPU-s | server CPU-s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["epochs"]:
-        print(f"| {r['source']} | {r['workers']} | {r['pin_memory']} | {r['samples_per_s']} | {r['all_samples_per_s']} | "
-              f"{r['epoch_s']} | {r['samples_per_cpu_s']} | {r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |")
-    if set(sources) == {"local", "s3"}:
+        print(
+            f"| {r['source']} | {r['workers']} | {r['pin_memory']} | {r['samples_per_s']} | {r['all_samples_per_s']} | "
+            f"{r['epoch_s']} | {r['samples_per_cpu_s']} | {r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |"
+        )
+    if set(sources) == {"local", "s3"} and results["epochs"]:
         rate = {(r["source"], r["workers"], r["pin_memory"]): r["samples_per_s"] for r in results["epochs"]}
         for workers, pin in sorted({(w, p) for _, w, p in rate}):
-            print(f"workers={workers} pinned={pin}: s3 / local = {rate['s3', workers, pin] / rate['local', workers, pin]:.2f}")
+            print(
+                f"workers={workers} pinned={pin}: s3 / local = {rate['s3', workers, pin] / rate['local', workers, pin]:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -56,8 +57,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(forwards: dict[str, Callable[[torch.Tensor], Any]], images: torch.Tensor,
-          repeats: int) -> dict[str, dict[str, list[float]]]:
+def _time(
+    forwards: dict[str, Callable[[torch.Tensor], Any]], images: torch.Tensor, repeats: int
+) -> dict[str, dict[str, list[float]]]:
     """Per forward function: wall and process CPU seconds of each call."""
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in forwards}
     with torch.no_grad():
@@ -89,18 +91,31 @@ def measure(args: argparse.Namespace) -> dict:
     differences = {name: max(output_difference(trained, m, images).values()) for name, m in models.items()}
     if max(differences.values()) > 1e-4:
         raise SystemExit(f"outputs differ: {differences}")
-    plain = timm.create_model(cfg.model.backbone, num_classes=0, img_size=(args.size, args.size),
-                              **dict(cfg.model.backbone_kwargs)).eval().to(device)
+    plain = (
+        timm.create_model(
+            cfg.model.backbone, num_classes=0, img_size=(args.size, args.size), **dict(cfg.model.backbone_kwargs)
+        )
+        .eval()
+        .to(device)
+    )
     times = _time({**models, REFERENCE: plain.forward_features}, images, args.repeats)
     clock = "wall" if device.type == "cuda" else args.clock
     median = {clock_: {n: statistics.median(t[clock_]) for n, t in times.items()} for clock_ in ("wall", "cpu")}
     return {
-        "config": args.config, "tasks": list(cfg.data.tasks), "batch": args.batch, "size": args.size,
-        "threads": args.threads, "device": str(device), "repeats": args.repeats, "clock": clock,
-        "median_wall_s": median["wall"], "median_cpu_s": median["cpu"],
+        "config": args.config,
+        "tasks": list(cfg.data.tasks),
+        "batch": args.batch,
+        "size": args.size,
+        "threads": args.threads,
+        "device": str(device),
+        "repeats": args.repeats,
+        "clock": clock,
+        "median_wall_s": median["wall"],
+        "median_cpu_s": median["cpu"],
         "speedup": {n: median[clock][VARIANTS[0]] / t for n, t in median[clock].items()},
         "max_relative_difference": differences,
-        "merged_layers": summaries[0].ta_lora_merged, "layers_with_task_branches": len(summaries[0].adapters_left),
+        "merged_layers": summaries[0].ta_lora_merged,
+        "layers_with_task_branches": len(summaries[0].adapters_left),
         "task_proj_folded": summaries[1].task_proj_folded,
     }
 
@@ -110,28 +125,34 @@ def report_markdown(result: dict, command: str, label: str) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, {platform.system()}"
     if result["device"].startswith("cuda"):
         machine += f", {torch.cuda.get_device_name()}"
-    ms = {clock: {n: f"{t * 1000:,.0f} ms" for n, t in result[f"median_{clock}_s"].items()}
-          for clock in ("wall", "cpu")}
-    rows = [f"| {name} | {ms['wall'][name]} | {ms['cpu'][name]} | {result['speedup'][name]:.2f}x | "
-            f"{result['max_relative_difference'][name]:.1e} |" for name in VARIANTS]
+    ms = {
+        clock: {n: f"{t * 1000:,.0f} ms" for n, t in result[f"median_{clock}_s"].items()} for clock in ("wall", "cpu")
+    }
+    rows = [
+        f"| {name} | {ms['wall'][name]} | {ms['cpu'][name]} | {result['speedup'][name]:.2f}x | "
+        f"{result['max_relative_difference'][name]:.1e} |"
+        for name in VARIANTS
+    ]
     rows.append(f"| {REFERENCE} | {ms['wall'][REFERENCE]} | {ms['cpu'][REFERENCE]} | | |")
-    return "\n".join([
-        f"## {label}: {datetime.date.today().isoformat()}",
-        "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine}; torch {torch.__version__}, {result['threads']} torch thread(s), {result['device']}",
-        f"- Model: `{result['config']}` ({len(result['tasks'])} tasks), batch {result['batch']}, "
-        f"{result['size']}x{result['size']}, fp32; {result['merged_layers']} layers merged, "
-        f"{result['layers_with_task_branches']} keep task branches, {result['task_proj_folded']} task proj layers "
-        f"folded by `fold_task_proj`",
-        f"- Median of {result['repeats']} forward passes each, interleaved, after one warm-up; speed-up by "
-        f"{result['clock']} time",
-        "",
-        "| model | forward, wall | forward, CPU | speed-up | max relative output difference |",
-        "|---|---:|---:|---:|---:|",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## {label}: {datetime.date.today().isoformat()}",
+            "",
+            f"- Command: `{command}`",
+            f"- Machine: {machine}; torch {torch.__version__}, {result['threads']} torch thread(s), {result['device']}",
+            f"- Model: `{result['config']}` ({len(result['tasks'])} tasks), batch {result['batch']}, "
+            f"{result['size']}x{result['size']}, fp32; {result['merged_layers']} layers merged, "
+            f"{result['layers_with_task_branches']} keep task branches, {result['task_proj_folded']} task proj layers "
+            f"folded by `fold_task_proj`",
+            f"- Median of {result['repeats']} forward passes each, interleaved, after one warm-up; speed-up by "
+            f"{result['clock']} time",
+            "",
+            "| model | forward, wall | forward, CPU | speed-up | max relative output difference |",
+            "|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -156,8 +177,10 @@ def main() -> None:
         label = args.label or f"{Path(args.config).stem}, batch {args.batch}, {args.size} px, {args.device}"
         doc = Path(args.write_doc)
         if not doc.exists():
-            doc.write_text("# Export speed\n\nWritten by `benchmarks/export_speed.py`; newest last. "
-                           "What is folded and why: `docs/evaluation.md`.\n\n")
+            doc.write_text(
+                "# Export speed\n\nWritten by `benchmarks/export_speed.py`; newest last. "
+                "What is folded and why: `docs/evaluation.md`.\n\n"
+            )
         with doc.open("a") as fh:
             fh.write(report_markdown(result, command, label) + "\n")
 

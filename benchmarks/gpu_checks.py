@@ -48,10 +48,17 @@ def tiny_model(device: torch.device, dropout: float = 0.0, grad_checkpointing: b
     from mtlora_dist.models.trainable import TrainableConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(img_size=[64, 64], backbone_kwargs=dict(TINY_BACKBONE), decoder_channels=[4, 4, 8, 8],
-                      head_hidden_channels=16, drop_path_rate=0.0, grad_checkpointing=grad_checkpointing)
-    model = build_model(cfg, AdapterConfig(shared_rank=2, task_rank=2, dropout=dropout), TrainableConfig(), TASKS,
-                        "pascal_context")
+    cfg = ModelConfig(
+        img_size=[64, 64],
+        backbone_kwargs=dict(TINY_BACKBONE),
+        decoder_channels=[4, 4, 8, 8],
+        head_hidden_channels=16,
+        drop_path_rate=0.0,
+        grad_checkpointing=grad_checkpointing,
+    )
+    model = build_model(
+        cfg, AdapterConfig(shared_rank=2, task_rank=2, dropout=dropout), TrainableConfig(), TASKS, "pascal_context"
+    )
     randomize_lora(model, std=0.05)
     return model.to(device)
 
@@ -66,15 +73,19 @@ def check_fused_gradcheck(device: torch.device) -> dict:
     def f64(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
 
-    masks = {"none": lambda shape: None,
-             "positions": lambda shape: DropMask(shape, 0.3, device, positions=True),
-             "keep": lambda shape: DropMask(shape, 0.3, device, positions=False)}
+    masks = {
+        "none": lambda shape: None,
+        "positions": lambda shape: DropMask(shape, 0.3, device, positions=True),
+        "keep": lambda shape: DropMask(shape, 0.3, device, positions=False),
+    }
     done = 0
     for kind, make in masks.items():
         torch.manual_seed(0)
         mask = make((2 * n, d_in))
         inputs = (f64(2, n, d_in), f64(d_out, d_in), f64(d_out), f64(rank, d_in), f64(d_out, rank), f64(1))
-        assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, mask=mask), inputs), f"lora_linear, mask {kind}"
+        assert torch.autograd.gradcheck(lambda *t, mask=mask: lora_linear(*t, mask=mask), inputs), (
+            f"lora_linear, mask {kind}"
+        )
         done += 1
         for task_input in (False, True):
             for shared_in_tasks in (False, True):
@@ -82,16 +93,33 @@ def check_fused_gradcheck(device: torch.device) -> dict:
                     mask = make((n, d_in))
                     x = f64(1 + tasks, n, d_in) if task_input else f64(n, d_in)
                     shared = (f64(rank, d_in), f64(d_out, rank), f64(1)) if with_shared else ()
-                    inputs = (x, f64(d_out, d_in), f64(d_out), f64(tasks, task_rank, d_in),
-                              f64(tasks, task_rank, d_out), f64(tasks)) + shared
+                    inputs = (
+                        x,
+                        f64(d_out, d_in),
+                        f64(d_out),
+                        f64(tasks, task_rank, d_in),
+                        f64(tasks, task_rank, d_out),
+                        f64(tasks),
+                    ) + shared
 
                     def run(x, w, b, ta, tbt, ts, *sh, mask=mask, task_input=task_input, sit=shared_in_tasks):
-                        return task_lora_linear(x, w, b, tuple(sh) or None, ta, tbt, ts, task_input=task_input,
-                                                shared_in_tasks=sit, mask=mask)
+                        return task_lora_linear(
+                            x,
+                            w,
+                            b,
+                            tuple(sh) or None,
+                            ta,
+                            tbt,
+                            ts,
+                            task_input=task_input,
+                            shared_in_tasks=sit,
+                            mask=mask,
+                        )
 
                     assert torch.autograd.gradcheck(run, inputs), (
                         f"task_lora_linear, mask {kind}, task_input {task_input}, shared {with_shared}, "
-                        f"shared_in_tasks {shared_in_tasks}")
+                        f"shared_in_tasks {shared_in_tasks}"
+                    )
                     done += 1
     return {"gradchecks": done}
 
@@ -109,8 +137,11 @@ def check_bf16_forward(device: torch.device) -> dict:
         bf16 = bf16_model(images.bfloat16())
         bf16_ref = ref_model(bf16_model, images.bfloat16())
     tol = TOLERANCE[torch.bfloat16]
-    diffs = {"bf16_vs_fp32": max_difference(bf16, fp32), "autocast_vs_fp32": max_difference(autocast, fp32),
-             "bf16_vs_reference_bf16": max_difference(bf16, bf16_ref)}
+    diffs = {
+        "bf16_vs_fp32": max_difference(bf16, fp32),
+        "autocast_vs_fp32": max_difference(autocast, fp32),
+        "bf16_vs_reference_bf16": max_difference(bf16, bf16_ref),
+    }
     result = {name: diff for name, (diff, _) in diffs.items()}
     result["dtypes"] = sorted({str(o.dtype) for o in bf16.values()})
     assert result["dtypes"] == ["torch.bfloat16"], f"bf16 model returned {result['dtypes']}"
@@ -152,7 +183,9 @@ def check_checkpointing_dropout(device: torch.device) -> dict:
     assert grads[0].keys() == grads[1].keys(), "checkpointing changes which parameters get gradients"
     worst = 0.0
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
         worst = max(worst, (grads[1][name] - grads[0][name]).abs().max().item())
     return {"parameters": len(grads[0]), "max_abs_grad_diff": worst}
 

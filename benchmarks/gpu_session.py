@@ -48,8 +48,20 @@ from env_report import WHEEL_HINT, missing  # noqa: E402
 
 LOG_TAIL_CHARS = 6000
 MIN_STEP_S = 10  # a step is not started with less time than this left
-DEEPSPEED = ["deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection", "cpuinfo",
-             "msgpack", "ninja", "psutil", "einops", "packaging"]
+DEEPSPEED = [
+    "deepspeed",
+    "hjson",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_inspection",
+    "cpuinfo",
+    "msgpack",
+    "ninja",
+    "psutil",
+    "einops",
+    "packaging",
+]
 CONFIG = ["hydra", "omegaconf", "antlr4", "yaml"]
 MODEL = ["torch", "timm", "numpy", "safetensors"]
 TRAINER = MODEL + CONFIG + DEEPSPEED + ["PIL", "scipy", "matplotlib", "tqdm", "fsspec"]
@@ -85,54 +97,141 @@ def _throughput(config: str, batch: int, grad_checkpointing: bool = False, compi
             sized = ["--config", config, "--batch", str(batch), "--size", "448", "--steps", "10"]
         flags = ["--grad-checkpointing"] * grad_checkpointing + ["--compile"] * compile
         return ["benchmarks/gpu_throughput.py", *sized, "--precision", "bf16", *flags]
+
     return args
 
 
 def _throughput_figures(r: dict) -> dict:
-    keys = ("images_per_s", "peak_memory_gib", "mfu", "hfu", "step_s", "measured_matmul_tflops", "first_step_s",
-            "compile_skipped")
+    keys = (
+        "images_per_s",
+        "peak_memory_gib",
+        "mfu",
+        "hfu",
+        "step_s",
+        "measured_matmul_tflops",
+        "first_step_s",
+        "compile_skipped",
+    )
     return {k: _round(r.get(k)) for k in keys if r.get(k) is not None}
 
 
 def _launcher(ctx: Context) -> list[str]:
     common = ["benchmarks/launcher_run.py", "--launcher", "deepspeed", "--run-dir", str(ctx.work / "launcher_run")]
     if ctx.smoke:
-        return [*common, "--config", "configs/quickstart.yaml", "--steps", "2", "--eval-batches", "1",
-                "model.img_size=[64,64]", "model.backbone_kwargs.window_size=2", "data.batch_size=2",
-                "data.synthetic.num_train=8", "data.synthetic.num_val=4", "eval.visual_samples=1"]
-    return [*common, "--config", "configs/pascal_swin_b.yaml", "--steps", "30", "--eval-batches", "2",
-            "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=4", "data.synthetic.num_train=64",
-            "data.synthetic.num_val=16", "eval.visual_samples=2", "optim.lr_scaling=none"]
+        return [
+            *common,
+            "--config",
+            "configs/quickstart.yaml",
+            "--steps",
+            "2",
+            "--eval-batches",
+            "1",
+            "model.img_size=[64,64]",
+            "model.backbone_kwargs.window_size=2",
+            "data.batch_size=2",
+            "data.synthetic.num_train=8",
+            "data.synthetic.num_val=4",
+            "eval.visual_samples=1",
+        ]
+    return [
+        *common,
+        "--config",
+        "configs/pascal_swin_b.yaml",
+        "--steps",
+        "30",
+        "--eval-batches",
+        "2",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "data.num_workers=4",
+        "data.synthetic.num_train=64",
+        "data.synthetic.num_val=16",
+        "eval.visual_samples=2",
+        "optim.lr_scaling=none",
+    ]
 
 
 def _model_step(precision: str, batch: int):
     def args(ctx: Context) -> list[str]:
         if ctx.smoke:
-            return ["benchmarks/model_step.py", "--config", "configs/quickstart.yaml", "--size", "64", "--repeats", "1",
-                    "--precision", precision, "--device", "cpu", "model.backbone_kwargs.window_size=2"]
-        return ["benchmarks/model_step.py", "--config", "configs/pascal_swin_t_r64.yaml", "--batch", str(batch),
-                "--size", "224", "--repeats", "10", "--precision", precision, "--device", "cuda"]
+            return [
+                "benchmarks/model_step.py",
+                "--config",
+                "configs/quickstart.yaml",
+                "--size",
+                "64",
+                "--repeats",
+                "1",
+                "--precision",
+                precision,
+                "--device",
+                "cpu",
+                "model.backbone_kwargs.window_size=2",
+            ]
+        return [
+            "benchmarks/model_step.py",
+            "--config",
+            "configs/pascal_swin_t_r64.yaml",
+            "--batch",
+            str(batch),
+            "--size",
+            "224",
+            "--repeats",
+            "10",
+            "--precision",
+            precision,
+            "--device",
+            "cuda",
+        ]
+
     return args
 
 
 def _loader(ctx: Context) -> list[str]:
-    common = ["benchmarks/data_throughput.py", "--sources", "local", "--pin-memory", "off", "on", "--repeats", "1",
-              "--work-dir", str(ctx.work / "data")]
+    common = [
+        "benchmarks/data_throughput.py",
+        "--sources",
+        "local",
+        "--pin-memory",
+        "off",
+        "on",
+        "--repeats",
+        "1",
+        "--work-dir",
+        str(ctx.work / "data"),
+    ]
     if ctx.smoke:
         return [*common, "--num-samples", "16", "--img-size", "96", "--workers", "0", "1"]
     # generating a 448 px synthetic sample takes ~0.3 s of one core: 128 of them, read 4 epochs per figure
-    return [*common, "--num-samples", "128", "--epochs", "4", "--img-size", "448", "--workers", "8", "16",
-            "--device", "cuda"]
+    return [
+        *common,
+        "--num-samples",
+        "128",
+        "--epochs",
+        "4",
+        "--img-size",
+        "448",
+        "--workers",
+        "8",
+        "16",
+        "--device",
+        "cuda",
+    ]
 
 
 def _loader_figures(r: dict) -> dict:
-    return {f"w{row['workers']}{' pinned' if row['pin_memory'] else ''} samples/s": row["samples_per_s"]
-            for row in r.get("epochs", [])}
+    return {
+        f"w{row['workers']}{' pinned' if row['pin_memory'] else ''} samples/s": row["samples_per_s"]
+        for row in r.get("epochs", [])
+    }
 
 
 def _h2d_figures(r: dict) -> dict:
-    return {"pageable GB/s": _round(r["pageable"]["gb_per_s"]), "pinned GB/s": _round(r["pinned"]["gb_per_s"]),
-            "pinned speed-up": _round(r["pinned_speedup"])}
+    return {
+        "pageable GB/s": _round(r["pageable"]["gb_per_s"]),
+        "pinned GB/s": _round(r["pinned"]["gb_per_s"]),
+        "pinned speed-up": _round(r["pinned_speedup"]),
+    }
 
 
 def _round(value):
@@ -140,43 +239,91 @@ def _round(value):
 
 
 STEPS = [
-    Step("environment", 60, lambda ctx: ["benchmarks/env_report.py"],
-         lambda r: {k: r.get(k) for k in ("gpu", "gpu_memory_gib", "torch", "cuda", "cudnn", "nccl", "cpus")}
-         | {"deepspeed": r["versions"].get("deepspeed"), "missing": ", ".join(r["missing_packages"]) or "none"},
-         needs=["torch"]),
-    Step("correctness", 150, lambda ctx: ["benchmarks/gpu_checks.py", "--device", "cuda" if ctx.cuda else "cpu"],
-         lambda r: {name: c["status"] for name, c in r["checks"].items()}, passed=lambda r: r["passed"]),
-    Step("throughput_swin_b_b16", 90, _throughput("configs/pascal_swin_b.yaml", 16), _throughput_figures,
-         needs=TRAINER),
-    Step("throughput_swin_b_b32", 90, _throughput("configs/pascal_swin_b.yaml", 32), _throughput_figures,
-         needs=TRAINER),
-    Step("throughput_swin_l_b8", 100, _throughput("configs/pascal_swin_l.yaml", 8), _throughput_figures,
-         needs=TRAINER),
-    Step("throughput_swin_l_b16_gc", 110, _throughput("configs/pascal_swin_l.yaml", 16, grad_checkpointing=True),
-         _throughput_figures, needs=TRAINER),
-    Step("launcher", 180, _launcher,
-         lambda r: {k: _round(r.get(k)) for k in ("steps", "loss_first5", "loss_last5", "loss_falling", "eval_steps",
-                                                  "checkpoint", "samples_per_s")},
-         needs=TRAINER, passed=lambda r: r["passed"]),
-    Step("model_step_fp32", 90, _model_step("fp32", 2),
-         lambda r: {k: _round(r[k]) for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s",
-                                              "max_abs_diff_vs_reference")}, needs=MODEL + CONFIG),
-    Step("model_step_bf16", 90, _model_step("bf16", 16),
-         lambda r: {k: _round(r[k]) for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s",
-                                              "max_abs_diff_vs_reference")}, needs=MODEL + CONFIG),
+    Step(
+        "environment",
+        60,
+        lambda ctx: ["benchmarks/env_report.py"],
+        lambda r: (
+            {k: r.get(k) for k in ("gpu", "gpu_memory_gib", "torch", "cuda", "cudnn", "nccl", "cpus")}
+            | {"deepspeed": r["versions"].get("deepspeed"), "missing": ", ".join(r["missing_packages"]) or "none"}
+        ),
+        needs=["torch"],
+    ),
+    Step(
+        "correctness",
+        150,
+        lambda ctx: ["benchmarks/gpu_checks.py", "--device", "cuda" if ctx.cuda else "cpu"],
+        lambda r: {name: c["status"] for name, c in r["checks"].items()},
+        passed=lambda r: r["passed"],
+    ),
+    Step(
+        "throughput_swin_b_b16", 90, _throughput("configs/pascal_swin_b.yaml", 16), _throughput_figures, needs=TRAINER
+    ),
+    Step(
+        "throughput_swin_b_b32", 90, _throughput("configs/pascal_swin_b.yaml", 32), _throughput_figures, needs=TRAINER
+    ),
+    Step("throughput_swin_l_b8", 100, _throughput("configs/pascal_swin_l.yaml", 8), _throughput_figures, needs=TRAINER),
+    Step(
+        "throughput_swin_l_b16_gc",
+        110,
+        _throughput("configs/pascal_swin_l.yaml", 16, grad_checkpointing=True),
+        _throughput_figures,
+        needs=TRAINER,
+    ),
+    Step(
+        "launcher",
+        180,
+        _launcher,
+        lambda r: {
+            k: _round(r.get(k))
+            for k in ("steps", "loss_first5", "loss_last5", "loss_falling", "eval_steps", "checkpoint", "samples_per_s")
+        },
+        needs=TRAINER,
+        passed=lambda r: r["passed"],
+    ),
+    Step(
+        "model_step_fp32",
+        90,
+        _model_step("fp32", 2),
+        lambda r: {
+            k: _round(r[k])
+            for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s", "max_abs_diff_vs_reference")
+        },
+        needs=MODEL + CONFIG,
+    ),
+    Step(
+        "model_step_bf16",
+        90,
+        _model_step("bf16", 16),
+        lambda r: {
+            k: _round(r[k])
+            for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s", "max_abs_diff_vs_reference")
+        },
+        needs=MODEL + CONFIG,
+    ),
     Step("loader", 120, _loader, _loader_figures, needs=["torch", "numpy", "PIL", "fsspec"]),
-    Step("h2d_copy", 60, lambda ctx: ["benchmarks/h2d_copy.py"], _h2d_figures, needs=["torch"],
-         cpu_skip="needs CUDA"),
-    Step("compile", 600, _throughput("configs/pascal_swin_b.yaml", 32, compile=True), _throughput_figures,
-         needs=TRAINER, cpu_skip="needs CUDA: compiling the model takes ~7 minutes on 2 CPU cores"),
+    Step("h2d_copy", 60, lambda ctx: ["benchmarks/h2d_copy.py"], _h2d_figures, needs=["torch"], cpu_skip="needs CUDA"),
+    Step(
+        "compile",
+        600,
+        _throughput("configs/pascal_swin_b.yaml", 32, compile=True),
+        _throughput_figures,
+        needs=TRAINER,
+        cpu_skip="needs CUDA: compiling the model takes ~7 minutes on 2 CPU cores",
+    ),
 ]
 
 
 # ------------------------------------------------------------------------------------------- running
 def child_env(ctx: Context) -> dict[str, str]:
     """Unbuffered, offline, wandb off; DeepSpeed on its CPU accelerator only where there is no GPU."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     if not ctx.cuda:  # also a smoke run on a GPU machine stays on the CPU
         env.setdefault("DS_ACCELERATOR", "cpu")
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -239,8 +386,15 @@ def run_step(step: Step, ctx: Context, time_left: float) -> tuple[dict, str]:
     seconds = time.perf_counter() - start
     result = json.loads(out.read_text()) if out.is_file() else None
     status, figures = judge(step, returncode, result)
-    record.update(status=status, seconds=round(seconds, 1), timeout_s=round(timeout, 1), returncode=returncode,
-                  figures=figures, command=" ".join(cmd[1:]), result=result)
+    record.update(
+        status=status,
+        seconds=round(seconds, 1),
+        timeout_s=round(timeout, 1),
+        returncode=returncode,
+        figures=figures,
+        command=" ".join(cmd[1:]),
+        result=result,
+    )
     return record, log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
 
 
@@ -266,13 +420,19 @@ def main() -> None:
     start = time.perf_counter()
     lacking = missing()
     if lacking:
-        print(f"missing Python packages: {', '.join(lacking)}; the steps that need them are skipped.\n"
-              f"To bring them: {WHEEL_HINT}", flush=True)
+        print(
+            f"missing Python packages: {', '.join(lacking)}; the steps that need them are skipped.\n"
+            f"To bring them: {WHEEL_HINT}",
+            flush=True,
+        )
 
     import torch
 
-    ctx = Context(smoke=args.smoke, cuda=torch.cuda.is_available() and not args.smoke,
-                  work=Path(tempfile.mkdtemp(prefix="mtlora-gpu-session-")))
+    ctx = Context(
+        smoke=args.smoke,
+        cuda=torch.cuda.is_available() and not args.smoke,
+        work=Path(tempfile.mkdtemp(prefix="mtlora-gpu-session-")),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl, logs = out / "session.jsonl", out / "steps.log"
@@ -284,17 +444,23 @@ def main() -> None:
             continue
         record, tail = run_step(step, ctx, args.budget - (time.perf_counter() - start))
         records.append(record)
-        print(f"[{time.perf_counter() - start:6.1f} s] {step.name}: {record['status']} ({record['seconds']} s) "
-              f"{json.dumps(record['figures'])}", flush=True)
+        print(
+            f"[{time.perf_counter() - start:6.1f} s] {step.name}: {record['status']} ({record['seconds']} s) "
+            f"{json.dumps(record['figures'])}",
+            flush=True,
+        )
         with open(jsonl, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         with open(logs, "a") as fh:
-            fh.write(f"===== {step.name}: {record['status']} ({record['seconds']} s)\n{record.get('command', '')}\n"
-                     f"{tail}\n")
-        header = (f"# GPU session{' (smoke run on the CPU)' if args.smoke else ''}, {time.strftime('%Y-%m-%d %H:%M')}"
-                  f"\n\n{len(records)} steps in {time.perf_counter() - start:.0f} s of a {args.budget:.0f} s budget; "
-                  f"missing packages: {', '.join(lacking) or 'none'}. Full results: session.jsonl; output tails: "
-                  "steps.log.")
+            fh.write(
+                f"===== {step.name}: {record['status']} ({record['seconds']} s)\n{record.get('command', '')}\n{tail}\n"
+            )
+        header = (
+            f"# GPU session{' (smoke run on the CPU)' if args.smoke else ''}, {time.strftime('%Y-%m-%d %H:%M')}"
+            f"\n\n{len(records)} steps in {time.perf_counter() - start:.0f} s of a {args.budget:.0f} s budget; "
+            f"missing packages: {', '.join(lacking) or 'none'}. Full results: session.jsonl; output tails: "
+            "steps.log."
+        )
         (out / "summary.md").write_text(summary_table(records, header))  # after every step: a kill keeps it
     print(f"wrote {jsonl}, {out / 'summary.md'}, {logs}")
 

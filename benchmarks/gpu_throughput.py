@@ -105,12 +105,22 @@ def main() -> None:
     from mtlora_dist.tasks.losses import MultiTaskLoss
 
     info = init_distributed()
-    cfg = load_config(args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null",
-                                    f"deepspeed.precision={args.precision}", "deepspeed.zero_stage=2"])
+    cfg = load_config(
+        args.config,
+        [
+            f"model.img_size=[{args.size},{args.size}]",
+            "model.pretrained=null",
+            f"deepspeed.precision={args.precision}",
+            "deepspeed.zero_stage=2",
+        ],
+    )
     dtype = model_dtype(cfg.deepspeed)
     model_flops = args.batch * step_flops(cfg, 1, args.size, info.device, dtype, grad_checkpointing=False)
-    hardware_flops = (args.batch * step_flops(cfg, 1, args.size, info.device, dtype, grad_checkpointing=True)
-                      if args.grad_checkpointing else model_flops)
+    hardware_flops = (
+        args.batch * step_flops(cfg, 1, args.size, info.device, dtype, grad_checkpointing=True)
+        if args.grad_checkpointing
+        else model_flops
+    )
     images = torch.randn(args.batch, 3, args.size, args.size, device=info.device, dtype=dtype)
     targets = random_targets(cfg.data.tasks, args.batch, args.size, info.device)
 
@@ -146,16 +156,26 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None
     rate = matmul_rate(info.device, dtype)
     result = {
-        "config": args.config, "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-        "batch": args.batch, "size": args.size, "precision": args.precision,
-        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile and not compile_skipped,
-        "compile_skipped": compile_skipped, "first_step_s": first_step_s,
-        "step_s": step_s, "images_per_s": args.batch / step_s, "peak_memory_gib": peak,
-        "model_tflop_per_step": model_flops / 1e12, "achieved_tflops": model_flops / step_s / 1e12,
-        "measured_matmul_tflops": rate / 1e12, "mfu": model_flops / step_s / rate,
-        "hardware_tflop_per_step": hardware_flops / 1e12, "hfu": hardware_flops / step_s / rate,
+        "config": args.config,
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "batch": args.batch,
+        "size": args.size,
+        "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing,
+        "compile": args.compile and not compile_skipped,
+        "compile_skipped": compile_skipped,
+        "first_step_s": first_step_s,
+        "step_s": step_s,
+        "images_per_s": args.batch / step_s,
+        "peak_memory_gib": peak,
+        "model_tflop_per_step": model_flops / 1e12,
+        "achieved_tflops": model_flops / step_s / 1e12,
+        "measured_matmul_tflops": rate / 1e12,
+        "mfu": model_flops / step_s / rate,
+        "hardware_tflop_per_step": hardware_flops / 1e12,
+        "hfu": hardware_flops / step_s / rate,
         "flops_counted_on": "eager copy of the model, batch of one times the batch, same image size and dtype; "
-                            "model FLOPs without recompute, hardware FLOPs with it",
+        "model FLOPs without recompute, hardware FLOPs with it",
         "date": time.strftime("%Y-%m-%d"),
     }
     emit(result, args.json)

@@ -41,11 +41,23 @@ def launcher_prefix(launcher: str) -> list[str]:
 
 def train_command(args: argparse.Namespace) -> list[str]:
     steps = args.steps
-    return [*launcher_prefix(args.launcher), os.path.join(REPO, "launch", "train.py"), "--config", args.config,
-            "data=synthetic", f"data.synthetic.root={args.run_dir}-data", f"run_dir={args.run_dir}",
-            f"max_steps={steps}", f"eval.every={steps}", f"eval.max_batches={args.eval_batches}",
-            f"checkpoint.every={steps}", "logging.log_every=1", "logging.progress_bar=false",
-            "logging.wandb.enabled=false", *args.overrides]
+    return [
+        *launcher_prefix(args.launcher),
+        os.path.join(REPO, "launch", "train.py"),
+        "--config",
+        args.config,
+        "data=synthetic",
+        f"data.synthetic.root={args.run_dir}-data",
+        f"run_dir={args.run_dir}",
+        f"max_steps={steps}",
+        f"eval.every={steps}",
+        f"eval.max_batches={args.eval_batches}",
+        f"checkpoint.every={steps}",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.wandb.enabled=false",
+        *args.overrides,
+    ]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -61,8 +73,12 @@ def judge_losses(losses: list[float]) -> dict:
     finite = bool(losses) and all(math.isfinite(v) for v in losses)
     judged = len(losses) >= 10
     first, last = (statistics.mean(losses[:5]), statistics.mean(losses[-5:])) if judged else (None, None)
-    return {"losses_finite": finite, "loss_first5": first, "loss_last5": last,
-            "loss_falling": (last < first) if judged else None}
+    return {
+        "losses_finite": finite,
+        "loss_first5": first,
+        "loss_last5": last,
+        "loss_falling": (last < first) if judged else None,
+    }
 
 
 def complete_checkpoint(run_dir: str) -> str | None:
@@ -94,14 +110,25 @@ def main() -> None:
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "val"]
     result = {
-        "command": " ".join(cmd), "returncode": returncode, "seconds": seconds, "steps": len(train),
-        "train_losses": [r["loss"] for r in train], **judge_losses([r["loss"] for r in train]),
+        "command": " ".join(cmd),
+        "returncode": returncode,
+        "seconds": seconds,
+        "steps": len(train),
+        "train_losses": [r["loss"] for r in train],
+        **judge_losses([r["loss"] for r in train]),
         "samples_per_s": statistics.median(r["samples_per_s"] for r in train[1:]) if len(train) > 1 else None,
-        "eval_steps": [r["step"] for r in evals], "delta_m": evals[-1].get("delta_m") if evals else None,
+        "eval_steps": [r["step"] for r in evals],
+        "delta_m": evals[-1].get("delta_m") if evals else None,
         "checkpoint": complete_checkpoint(args.run_dir),
     }
-    result["passed"] = bool(returncode == 0 and len(train) == args.steps and result["losses_finite"]
-                            and result["loss_falling"] is not False and evals and result["checkpoint"])
+    result["passed"] = bool(
+        returncode == 0
+        and len(train) == args.steps
+        and result["losses_finite"]
+        and result["loss_falling"] is not False
+        and evals
+        and result["checkpoint"]
+    )
     emit(result, args.json)
     sys.exit(0 if result["passed"] else 1)
 

@@ -29,14 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timm  # noqa: E402
-from common import DTYPES, cast_like_engine, default_device, emit, exact_fp32, randomize_lora, sync  # noqa: E402
-from reference_mtlora import check_agreement, ref_model  # noqa: E402
-
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from mtlora_dist.engine.config import load_config  # noqa: E402
 from mtlora_dist.engine.host_memory import keep_freed_memory  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
+
+from common import DTYPES, cast_like_engine, default_device, emit, exact_fp32, randomize_lora, sync  # noqa: E402
+from reference_mtlora import check_agreement, ref_model  # noqa: E402
 
 
 def _time_steps(steps: dict, repeats: int, device: torch.device, warmup: int = 3) -> dict[str, list[float]]:
@@ -67,13 +67,19 @@ def _train_step(model, forward, images):
         model.zero_grad(set_to_none=True)
         out = forward(images)
         sum(o.float().square().mean() for o in out.values()).backward()
+
     return step
 
 
 def _plain_swin(cfg, size: int) -> torch.nn.Module:
     """A frozen timm Swin of the backbone's size, with one trainable tensor so that a backward runs."""
-    plain = timm.create_model(cfg.model.backbone, num_classes=0, img_size=(size, size),
-                              drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.backbone_kwargs)).train()
+    plain = timm.create_model(
+        cfg.model.backbone,
+        num_classes=0,
+        img_size=(size, size),
+        drop_path_rate=cfg.model.drop_path_rate,
+        **dict(cfg.model.backbone_kwargs),
+    ).train()
     for p in plain.parameters():
         p.requires_grad_(False)
     plain.patch_embed.proj.weight.requires_grad_(True)  # something to backpropagate into, as a frozen backbone has
@@ -99,7 +105,9 @@ def main() -> None:
     if dtype == torch.float32:
         exact_fp32()
 
-    cfg = load_config(args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", *args.overrides])
+    cfg = load_config(
+        args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", *args.overrides]
+    )
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     randomize_lora(model)
     model = cast_like_engine(model.to(device), dtype)
@@ -127,10 +135,15 @@ def main() -> None:
     t_ours, t_ref, backbone_only, t_plain = (times[k] for k in ("ours", "reference", "backbone", "plain"))
 
     result = {
-        "config": args.config, "batch": args.batch, "size": args.size, "threads": args.threads,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": args.precision,
+        "config": args.config,
+        "batch": args.batch,
+        "size": args.size,
+        "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision,
         "max_abs_diff_vs_reference": max_diff,
-        "mtlora_step_s": statistics.median(t_ours), "reference_step_s": statistics.median(t_ref),
+        "mtlora_step_s": statistics.median(t_ours),
+        "reference_step_s": statistics.median(t_ref),
         "speedup_vs_reference": statistics.median(t_ref) / statistics.median(t_ours),
         "mtlora_backbone_step_s": statistics.median(backbone_only),
         "plain_frozen_swin_step_s": statistics.median(t_plain),

@@ -53,7 +53,9 @@ def _attention(block, x: Tensor):
     bias = attn._get_rel_pos_bias()
     if mask is not None:
         nw = mask.shape[0]
-        bias = bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1).reshape(-1, attn.num_heads, n, n)
+        bias = bias + mask.view(1, nw, 1, n, n).expand(b_ // nw, -1, attn.num_heads, -1, -1).reshape(
+            -1, attn.num_heads, n, n
+        )
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b_, n, -1)
     return o, (height, width, hp, wp)
 
@@ -140,6 +142,7 @@ def check_agreement(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> float:
     diff, scale = max_difference(ours, ref)
     dtype = next(iter(ref.values())).dtype
     if not diff <= TOLERANCE[dtype] * scale:  # also refuses NaN
-        raise SystemExit(f"outputs differ: max |ours - reference| = {diff:.3e} > {TOLERANCE[dtype]:g} x {scale:.3g} "
-                         f"({dtype})")
+        raise SystemExit(
+            f"outputs differ: max |ours - reference| = {diff:.3e} > {TOLERANCE[dtype]:g} x {scale:.3g} ({dtype})"
+        )
     return diff

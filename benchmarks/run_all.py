@@ -37,38 +37,48 @@ def _machine() -> str:
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def _model_section(r: dict, cmd: str) -> str:
     gflop = r["gflop_per_step"]
     return f"""## Model step (forward + backward), CPU
 
-`{cmd}`: {r['config']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, median of interleaved repeats
-after warm-up. Outputs of our model and the per-task-loop reference agree to {r['max_abs_diff_vs_reference']:.1e}.
+`{cmd}`: {r["config"]}, batch {r["batch"]}, {r["size"]} px, {r["threads"]} threads, median of interleaved repeats
+after warm-up. Outputs of our model and the per-task-loop reference agree to {r["max_abs_diff_vs_reference"]:.1e}.
 GFLOP counts matmuls and convolutions of the forward and of the backward that runs (FlopCounterMode).
 Why the targets are where they are: [performance-model.md](performance-model.md).
 
 | what | step (s) | GFLOP |
 |---|---|---|
-| MTLoRA model (ours) | {r['mtlora_step_s']:.3f} | {gflop['ours']:.1f} |
-| same math, per-task-loop reference (`benchmarks/reference_mtlora.py`) | {r['reference_step_s']:.3f} | {gflop['reference']:.1f} |
-| speed-up of ours over the reference | **{r['speedup_vs_reference']:.2f}x** (target 1.5x) | |
-| MTLoRA backbone only | {r['mtlora_backbone_step_s']:.3f} | {gflop['backbone']:.1f} |
-| plain frozen timm Swin of the same size | {r['plain_frozen_swin_step_s']:.3f} | {gflop['plain']:.1f} |
-| adapter overhead on the frozen backbone | **{r['adapter_overhead_backbone']:.2f}x** (target < 1.3x) | {r['adapter_flop_ratio_backbone']:.2f}x |
+| MTLoRA model (ours) | {r["mtlora_step_s"]:.3f} | {gflop["ours"]:.1f} |
+| same math, per-task-loop reference (`benchmarks/reference_mtlora.py`) | {r["reference_step_s"]:.3f} | {gflop["reference"]:.1f} |
+| speed-up of ours over the reference | **{r["speedup_vs_reference"]:.2f}x** (target 1.5x) | |
+| MTLoRA backbone only | {r["mtlora_backbone_step_s"]:.3f} | {gflop["backbone"]:.1f} |
+| plain frozen timm Swin of the same size | {r["plain_frozen_swin_step_s"]:.3f} | {gflop["plain"]:.1f} |
+| adapter overhead on the frozen backbone | **{r["adapter_overhead_backbone"]:.2f}x** (target < 1.3x) | {r["adapter_flop_ratio_backbone"]:.2f}x |
 """
 
 
 def _data_section(results: dict, cmd: str) -> str:
     rows = results["epochs"]
-    lines = ["## Data pipeline, CPU", "", f"`{cmd}`: decoded and augmented samples per second "
-             "(details and per-core figures in [performance-data.md](performance-data.md)).", "",
-             "| source | workers | samples/s | samples per CPU-second |", "|---|---|---|---|"]
+    lines = [
+        "## Data pipeline, CPU",
+        "",
+        f"`{cmd}`: decoded and augmented samples per second "
+        "(details and per-core figures in [performance-data.md](performance-data.md)).",
+        "",
+        "| source | workers | samples/s | samples per CPU-second |",
+        "|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['source']} | {row['workers']} | {row['samples_per_s']:.1f} | "
-                     f"{row.get('samples_per_cpu_s', float('nan'))} |")
+        lines.append(
+            f"| {row['source']} | {row['workers']} | {row['samples_per_s']:.1f} | "
+            f"{row.get('samples_per_cpu_s', float('nan'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -76,28 +86,38 @@ def _checkpoint_section(r: dict, cmd: str) -> str:
     mib = 2**20
     return f"""## Checkpoints
 
-`{cmd}`: {r['trainable_params']:,} trainable / {r['frozen_params']:,} frozen parameters, ZeRO-{r['zero_stage']}, fp32.
+`{cmd}`: {r["trainable_params"]:,} trainable / {r["frozen_params"]:,} frozen parameters, ZeRO-{r["zero_stage"]}, fp32.
 
 | checkpoint | size (MiB) |
 |---|---|
-| ours (trainable state only) | {r['ours_bytes'] / mib:.1f} |
-| expected: trainable x 12 bytes (fp32 master, 2 Adam moments) | {r['expected_bytes'] / mib:.1f} |
-| DeepSpeed default (frozen backbone included) | {r['default_bytes'] / mib:.1f} |
+| ours (trainable state only) | {r["ours_bytes"] / mib:.1f} |
+| expected: trainable x 12 bytes (fp32 master, 2 Adam moments) | {r["expected_bytes"] / mib:.1f} |
+| DeepSpeed default (frozen backbone included) | {r["default_bytes"] / mib:.1f} |
 
-Ours is {r['ours_vs_expected']:.3f}x the expected size; save {r['save_s']:.2f} s, load {r['load_s']:.2f} s (local disk).
+Ours is {r["ours_vs_expected"]:.3f}x the expected size; save {r["save_s"]:.2f} s, load {r["load_s"]:.2f} s (local disk).
 """
 
 
 def _zero_section(rows: list, cmd: str) -> str:
-    lines = ["## ZeRO stages, 2 CPU ranks (gloo)", "", f"`{cmd}`", "",
-             "| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "## ZeRO stages, 2 CPU ranks (gloo)",
+        "",
+        f"`{cmd}`",
+        "",
+        "| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} |")
-    lines += ["", "Stage 0 keeps the full Adam state (8 bytes x trainable) on every rank; stages 1-2 shard it "
-              "together with the fp32 master copy (12 bytes x trainable / ranks); under stage 3 in fp32 the "
-              "partitioned parameters are the master copy, so only the two moments count (8 bytes / ranks)."]
+        lines.append(
+            f"| {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} |"
+        )
+    lines += [
+        "",
+        "Stage 0 keeps the full Adam state (8 bytes x trainable) on every rank; stages 1-2 shard it "
+        "together with the fp32 master copy (12 bytes x trainable / ranks); under stage 3 in fp32 the "
+        "partitioned parameters are the master copy, so only the two moments count (8 bytes / ranks).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -131,17 +151,30 @@ def main() -> None:
     ckpt_args = ["--model", "benchmarks.model_factories:swin_t_r64"]
     zero_args = ["--config", "configs/pascal_swin_t_r64.yaml", "--size", "224", "--batch", "2", "--steps", "3"]
     sections = [
-        _model_section(_run("model_step", model_args, tmp / "model.json"), "python benchmarks/model_step.py " + " ".join(model_args)),
-        _data_section(_run("data_throughput", data_args, tmp / "data.json"), "python benchmarks/data_throughput.py " + " ".join(data_args)),
-        _checkpoint_section(_run("checkpoint_size", ckpt_args, tmp / "ckpt.json"), "python benchmarks/checkpoint_size.py " + " ".join(ckpt_args)),
-        _zero_section(_run("zero_stages", zero_args, tmp / "zero.json"), "python benchmarks/zero_stages.py " + " ".join(zero_args)),
+        _model_section(
+            _run("model_step", model_args, tmp / "model.json"),
+            "python benchmarks/model_step.py " + " ".join(model_args),
+        ),
+        _data_section(
+            _run("data_throughput", data_args, tmp / "data.json"),
+            "python benchmarks/data_throughput.py " + " ".join(data_args),
+        ),
+        _checkpoint_section(
+            _run("checkpoint_size", ckpt_args, tmp / "ckpt.json"),
+            "python benchmarks/checkpoint_size.py " + " ".join(ckpt_args),
+        ),
+        _zero_section(
+            _run("zero_stages", zero_args, tmp / "zero.json"), "python benchmarks/zero_stages.py " + " ".join(zero_args)
+        ),
         _gpu_section(),
     ]
-    header = (f"# Performance\n\nGenerated by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
-              f"{datetime.date.today().isoformat()}; machine: {_machine()}.\nWhat each figure means and what is "
-              "still to be measured on GPUs: [benchmarks/README.md](../benchmarks/README.md). Details and analysis: "
-              "[model step](performance-model.md), [data](performance-data.md), "
-              "[checkpoints](performance-checkpoint.md), [export](performance-export.md).\n\n")
+    header = (
+        f"# Performance\n\nGenerated by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today().isoformat()}; machine: {_machine()}.\nWhat each figure means and what is "
+        "still to be measured on GPUs: [benchmarks/README.md](../benchmarks/README.md). Details and analysis: "
+        "[model step](performance-model.md), [data](performance-data.md), "
+        "[checkpoints](performance-checkpoint.md), [export](performance-export.md).\n\n"
+    )
     Path(REPO / args.out).write_text(header + "\n".join(sections))
     print(f"wrote {args.out}")
 

@@ -60,8 +60,10 @@ def worker(args) -> None:
 
     info = init_distributed(args.local_rank)
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null",
-                                    f"deepspeed.zero_stage={args.stage}"])
+    cfg = load_config(
+        args.config,
+        [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", f"deepspeed.zero_stage={args.stage}"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -77,11 +79,17 @@ def worker(args) -> None:
         engine.step()
         if step:  # the first step allocates the optimizer state
             times.append(time.perf_counter() - start)
-    result = {"stage": args.stage, "rank": info.rank, "world_size": info.world_size, "trainable": trainable,
-              "step_s": statistics.median(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "optimizer_state_bytes": optimizer_state_bytes(engine),
-              "ideal_bytes": 12 * trainable / info.world_size,
-              "optimizer": f"{type(engine.optimizer).__name__}/{type(getattr(engine.optimizer, 'optimizer', engine.optimizer)).__name__}"}
+    result = {
+        "stage": args.stage,
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "trainable": trainable,
+        "step_s": statistics.median(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimizer_state_bytes": optimizer_state_bytes(engine),
+        "ideal_bytes": 12 * trainable / info.world_size,
+        "optimizer": f"{type(engine.optimizer).__name__}/{type(getattr(engine.optimizer, 'optimizer', engine.optimizer)).__name__}",
+    }
     with open(os.path.join(args.out, f"stage{args.stage}_rank{info.rank}.json"), "w") as fh:
         json.dump(result, fh)
 
@@ -105,16 +113,40 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="zero-bench-")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for stage in args.stages:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port",
-               str(29700 + stage), os.path.abspath(__file__), "--worker", "--stage", str(stage), "--out", out,
-               "--config", args.config, "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(29700 + stage),
+            os.path.abspath(__file__),
+            "--worker",
+            "--stage",
+            str(stage),
+            "--out",
+            out,
+            "--config",
+            args.config,
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
-    print("| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) | optimizer |")
+    print(
+        "| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) | optimizer |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} | {r['optimizer']} |")
+        print(
+            f"| {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} | {r['optimizer']} |"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -35,9 +35,11 @@ MOST_USED_KEYS = (
     ("model.pretrained", "path of the backbone's ImageNet weights"),
     ("seed", "initial weights, augmentation and data order"),
 )
-_SWEEP_HINT = ("sweeps (-m/--multirun) are not run by these entry points: run one command per point, each with its "
-               "own run_dir, e.g.\n  for r in mtlora_r16 mtlora_r32; do python launch/train.py --config "
-               "configs/zero2.yaml adapter=$r run_dir=runs/$r ...; done\nor submit a SLURM array (docs/slurm.md)")
+_SWEEP_HINT = (
+    "sweeps (-m/--multirun) are not run by these entry points: run one command per point, each with its "
+    "own run_dir, e.g.\n  for r in mtlora_r16 mtlora_r32; do python launch/train.py --config "
+    "configs/zero2.yaml adapter=$r run_dir=runs/$r ...; done\nor submit a SLURM array (docs/slurm.md)"
+)
 
 
 def config_epilog() -> str:
@@ -47,26 +49,44 @@ def config_epilog() -> str:
     groups = group_options([PACKAGE_CONFIGS])
     recipes = groups.pop("", [])
     width = max(len(k) for k, _ in MOST_USED_KEYS)
-    lines = [f"recipes (--config configs/NAME.yaml): {', '.join(recipes)}", "",
-             "config groups (GROUP=OPTION replaces the recipe's choice, e.g. adapter=mtlora_r16):"]
+    lines = [
+        f"recipes (--config configs/NAME.yaml): {', '.join(recipes)}",
+        "",
+        "config groups (GROUP=OPTION replaces the recipe's choice, e.g. adapter=mtlora_r16):",
+    ]
     lines += [f"  {group + '=':<12} {' | '.join(options)}" for group, options in groups.items()]
     lines += ["", "most used keys (KEY=VALUE; any schema key works, see `--cfg job` for all of them):"]
     lines += [f"  {key:<{width}}  {what}" for key, what in MOST_USED_KEYS]
-    lines += ["", "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never the command line).",
-              ("exit status: 0 done, 2 configuration/data/storage/checkpoint problem (one message), "
-               "3 stopped by a signal after a checkpoint.")]
+    lines += [
+        "",
+        "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never the command line).",
+        (
+            "exit status: 0 done, 2 configuration/data/storage/checkpoint problem (one message), "
+            "3 stopped by a signal after a checkpoint."
+        ),
+    ]
     return "\n".join(lines)
 
 
 def config_parser(doc: str, *, config_help: str, overrides_help: str) -> argparse.ArgumentParser:
     """The parser of a config-driven script: ``--config``, ``--cfg job``, ``-m`` (refused), overrides."""
-    parser = argparse.ArgumentParser(description=doc, epilog=config_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, epilog=config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None, help=config_help)
-    parser.add_argument("-c", "--cfg", choices=["job"], default=None,
-                        help="print the resolved config (credentials masked) and exit, as Hydra apps do")
-    parser.add_argument("-m", "--multirun", action="store_true",
-                        help="not supported: run one command per sweep point (a shell loop or a SLURM array)")
+    parser.add_argument(
+        "-c",
+        "--cfg",
+        choices=["job"],
+        default=None,
+        help="print the resolved config (credentials masked) and exit, as Hydra apps do",
+    )
+    parser.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="not supported: run one command per sweep point (a shell loop or a SLURM array)",
+    )
     parser.add_argument("overrides", nargs="*", help=overrides_help)
     return parser
 
@@ -132,12 +152,14 @@ def failure_message(err: BaseException) -> str:
         name = re.escape(type(err).__name__)
         found = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE))
         if found:
-            text = text[found[-1].end():].strip()
+            text = text[found[-1].end() :].strip()
     if (type(err).__module__ or "").startswith(_NETWORK_MODULES):
         from mtlora_dist.storage.fs import describe_endpoint
 
-        text = (f"object storage at {describe_endpoint()} failed: {type(err).__name__}: {text}; check that the S3 "
-                "server is running and reachable, the endpoint URL and the credentials")
+        text = (
+            f"object storage at {describe_endpoint()} failed: {type(err).__name__}: {text}; check that the S3 "
+            "server is running and reachable, the endpoint URL and the credentials"
+        )
     return text
 
 
@@ -194,8 +216,11 @@ def config_differences(saved: dict, current: dict, keys: tuple[str, ...] = CHECK
     """``key: <saved> in the run, <current> here`` for every key under ``keys`` that differs."""
     old, new = _flatten(saved), _flatten(current)
     names = sorted(k for k in set(old) | set(new) if k.startswith(keys))
-    return [f"{k}: {old.get(k, '<absent>')!r} in the run, {new.get(k, '<absent>')!r} here"
-            for k in names if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    return [
+        f"{k}: {old.get(k, '<absent>')!r} in the run, {new.get(k, '<absent>')!r} here"
+        for k in names
+        if old.get(k, "<absent>") != new.get(k, "<absent>")
+    ]
 
 
 def _saved_config(run_dir: str, storage) -> dict | None:
@@ -220,9 +245,11 @@ def explain_mismatch(err: BaseException, cfg, run_dir: str) -> str:
     differences = config_differences(saved, current) if isinstance(saved, dict) else []
     if not differences:
         return str(err)
-    return (f"the checkpoints in {run_dir} were written with another configuration; these config keys differ from "
-            f"{run_dir}/config.yaml:\n  " + "\n  ".join(differences) + "\nUse the run's values for those keys, or "
-            "start a new run_dir.")
+    return (
+        f"the checkpoints in {run_dir} were written with another configuration; these config keys differ from "
+        f"{run_dir}/config.yaml:\n  " + "\n  ".join(differences) + "\nUse the run's values for those keys, or "
+        "start a new run_dir."
+    )
 
 
 def split_cli_keys(args: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:

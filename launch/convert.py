@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
-import _cli  # noqa: F401  (puts the checkout on sys.path)
 from mtlora_dist.data.convert import main  # noqa: E402
 from mtlora_dist.data.errors import DataError, StorageUnavailableError  # noqa: E402
+
+import _cli  # noqa: F401  (puts the checkout on sys.path)
 
 if __name__ == "__main__":
     try:

@@ -21,13 +21,15 @@ EXTRA_KEYS = ("checkpoint", "out", "split")
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: the run's config.yaml)",
-                                overrides_help="checkpoint=PATH [out=DIR] [split=val] [key=value ...]")
+    parser = _cli.config_parser(
+        __doc__,
+        config_help="a YAML under configs/ (default: the run's config.yaml)",
+        overrides_help="checkpoint=PATH [out=DIR] [split=val] [key=value ...]",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError, check_data
-    from mtlora_dist.engine.config import run_config, run_dir_of
+    from mtlora_dist.engine.config import ConfigError, check_data, run_config, run_dir_of
 
     extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint"):
@@ -43,8 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     from mtlora_dist.reports.eval_job import evaluate_checkpoint
 
     try:
-        evaluate_checkpoint(cfg, extra["checkpoint"], out_dir=extra.get("out"), split=extra.get("split", "val"),
-                            local_rank=args.local_rank)
+        evaluate_checkpoint(
+            cfg,
+            extra["checkpoint"],
+            out_dir=extra.get("out"),
+            split=extra.get("split", "val"),
+            local_rank=args.local_rank,
+        )
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(_cli.explain_mismatch(err, cfg, run_dir_of(extra["checkpoint"]))) from None
 

@@ -20,12 +20,14 @@ EXTRA_KEYS = ("checkpoint", "out", "fold_task_proj")
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: the run's config.yaml)",
-                                overrides_help="checkpoint=PATH out=DIR [fold_task_proj=false] [key=value ...]")
+    parser = _cli.config_parser(
+        __doc__,
+        config_help="a YAML under configs/ (default: the run's config.yaml)",
+        overrides_help="checkpoint=PATH out=DIR [fold_task_proj=false] [key=value ...]",
+    )
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError
-    from mtlora_dist.engine.config import run_config, run_dir_of
+    from mtlora_dist.engine.config import ConfigError, run_config, run_dir_of
 
     extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint") or (not extra.get("out") and not args.cfg):

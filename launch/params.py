@@ -1,6 +1,6 @@
 """Trainable and total parameters of a configured model, by group.
 
-    python launch/params.py --config configs/pascal_swin_t_r64.yaml [--json] [key=value ...]
+python launch/params.py --config configs/pascal_swin_t_r64.yaml [--json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import _cli
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: configs/quickstart.yaml)",
-                                overrides_help="key=value overrides")
+    parser = _cli.config_parser(
+        __doc__,
+        config_help="a YAML under configs/ (default: configs/quickstart.yaml)",
+        overrides_help="key=value overrides",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     args = _cli.parse(parser, argv)
 

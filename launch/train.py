@@ -28,8 +28,11 @@ import _cli
 
 @_cli.friendly_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = _cli.config_parser(__doc__, config_help="a YAML under configs/ (default: configs/quickstart.yaml)",
-                                overrides_help="KEY=VALUE or GROUP=OPTION overrides, e.g. deepspeed.zero_stage=1")
+    parser = _cli.config_parser(
+        __doc__,
+        config_help="a YAML under configs/ (default: configs/quickstart.yaml)",
+        overrides_help="KEY=VALUE or GROUP=OPTION overrides, e.g. deepspeed.zero_stage=1",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
@@ -44,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     _cli.quiet_third_party()
     from mtlora_dist.checkpoint import CheckpointMismatchError
     from mtlora_dist.engine.trainer import EXIT_PREEMPTED, train
-
     from mtlora_dist.reports import TrainingReporter
 
     try:

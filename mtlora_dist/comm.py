@@ -29,17 +29,32 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "is_distributed", "rank", "world_size", "init_control_group", "control_group", "comm_device",
-    "all_reduce", "broadcast_", "any_rank", "sum_counts", "broadcast_object", "all_gather_object", "barrier",
-    "PeerLostError", "peer_loss_as_error", "broadcast_buffers",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "init_control_group",
+    "control_group",
+    "comm_device",
+    "all_reduce",
+    "broadcast_",
+    "any_rank",
+    "sum_counts",
+    "broadcast_object",
+    "all_gather_object",
+    "barrier",
+    "PeerLostError",
+    "peer_loss_as_error",
+    "broadcast_buffers",
 ]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -64,6 +79,21 @@ def _device_types(group: dist.ProcessGroup | None = None) -> set[str]:
     """Device types the group has a backend for: ``"cuda:nccl"`` -> {cuda}, ``"gloo"`` -> {cpu, cuda}."""
     config = dist.get_backend_config(group)
     return {part.split(":")[0] for part in config.split(",") if ":" in part}
+
+
+def shutdown() -> None:
+    """Leave every process group (and DeepSpeed's references to them) before the process exits: a group
+    left to interpreter exit can abort it ("terminate called without an active exception", status 134
+    instead of 0 or 3), and a later group in the same process must not meet stale ones."""
+    global _control, _control_of
+    if is_distributed():
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    _control = _control_of = None
+    _peers.clear()
 
 
 def init_control_group() -> None:
@@ -95,8 +125,10 @@ def comm_device() -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     if "cpu" in types:
         return torch.device("cpu")
-    raise RuntimeError(f"the default process group ({dist.get_backend_config()}) has no backend for the CPU "
-                       "and no usable accelerator is visible; start the job with one GPU per rank")
+    raise RuntimeError(
+        f"the default process group ({dist.get_backend_config()}) has no backend for the CPU "
+        "and no usable accelerator is visible; start the job with one GPU per rank"
+    )
 
 
 # -- device collectives --------------------------------------------------------------------------
@@ -182,8 +214,15 @@ class PeerLostError(RuntimeError):
 
 
 # What the transports say when the other end of a connection is gone (gloo, NCCL, the TCP store).
-_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-                      "remote process exited", "communicator was aborted", "Socket Timeout")
+_PEER_LOST_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "remote process exited",
+    "communicator was aborted",
+    "Socket Timeout",
+)
 
 
 def _is_peer_loss(err: BaseException) -> bool:
@@ -224,9 +263,11 @@ def _peer_lost_message(err: BaseException, wait_s: float) -> str:
         who = f"a rank on another host ({', '.join(remote)}) has stopped" if remote else "a peer rank has stopped"
         where = "the other ranks' output"
     said = next((m for m in _PEER_LOST_MARKERS if m in str(err)), type(err).__name__)
-    return (f"rank {rank()}: {who} (the connection to it: {said}). Stopping this rank too, without a checkpoint; "
-            f"the newest complete checkpoint in run_dir stands. Find the first error in {where}, then run the "
-            "same command to resume.")
+    return (
+        f"rank {rank()}: {who} (the connection to it: {said}). Stopping this rank too, without a checkpoint; "
+        f"the newest complete checkpoint in run_dir stands. Find the first error in {where}, then run the "
+        "same command to resume."
+    )
 
 
 @contextlib.contextmanager

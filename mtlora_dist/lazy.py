@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["lazy_exports"]
 
 
-def lazy_exports(package: str, names: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` that imports ``names[attr]`` (a module path) when ``attr`` is first read."""
+def lazy_exports(package: str, **modules: list[str]) -> Callable[[str], Any]:
+    """A package ``__getattr__``: ``lazy_exports(__name__, inject=["inject_adapters"])`` imports
+    ``<package>.inject`` when ``inject_adapters`` is first read."""
+    where = {name: f"{package}.{module}" for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name in names:
-            return getattr(importlib.import_module(names[name]), name)
+        if name in where:
+            return getattr(importlib.import_module(where[name]), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

@@ -35,6 +35,8 @@ def single_rank_group():
     import deepspeed.ops
     import torch.distributed as dist
 
+    from mtlora_dist import comm
+
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     created, saved = not dist.is_initialized(), {k: os.environ.get(k) for k in names}
     if created:
@@ -46,7 +48,7 @@ def single_rank_group():
         deepspeed.init_distributed(dist_backend="gloo")
     yield
     if created:
-        dist.destroy_process_group()
+        comm.shutdown()  # DeepSpeed's cached groups too: the next module's engine must not meet them
     _restore_environment(saved)
 
 

@@ -22,16 +22,31 @@ def tiny_model_config(img_size: int = 64, **overrides) -> ModelConfig:
     """A tiny Swin-based multi-task model; ``overrides`` are ModelConfig fields (``backbone_kwargs``
     entries given there replace the tiny defaults one by one)."""
     backbone = {**TINY_BACKBONE, **overrides.pop("backbone_kwargs", {})}
-    fields = dict(img_size=[img_size, img_size], backbone_kwargs=backbone, decoder_channels=[4, 4, 8, 8],
-                  head_hidden_channels=16, drop_path_rate=0.0)
+    fields = dict(
+        img_size=[img_size, img_size],
+        backbone_kwargs=backbone,
+        decoder_channels=[4, 4, 8, 8],
+        head_hidden_channels=16,
+        drop_path_rate=0.0,
+    )
     return ModelConfig(**{**fields, **overrides})
 
 
-def tiny_model(adapter: AdapterConfig | None = None, tasks: list[str] | None = None, dataset: str = "pascal_context",
-               config: ModelConfig | None = None, seed: int = 0) -> MultiTaskSwin:
+def tiny_model(
+    adapter: AdapterConfig | None = None,
+    tasks: list[str] | None = None,
+    dataset: str = "pascal_context",
+    config: ModelConfig | None = None,
+    seed: int = 0,
+) -> MultiTaskSwin:
     torch.manual_seed(seed)
-    return build_model(config or tiny_model_config(), adapter or AdapterConfig(shared_rank=4, task_rank=2, dropout=0.0),
-                       TrainableConfig(), list(tasks or PAPER_TASKS), dataset)
+    return build_model(
+        config or tiny_model_config(),
+        adapter or AdapterConfig(shared_rank=4, task_rank=2, dropout=0.0),
+        TrainableConfig(),
+        list(tasks or PAPER_TASKS),
+        dataset,
+    )
 
 
 def randomize_lora(module: nn.Module, std: float = 0.05, seed: int = 0, batchnorm: bool = False) -> nn.Module:

@@ -75,8 +75,18 @@ class S3Server:
         SIGTERM when the thread that started it ends (``PR_SET_PDEATHSIG`` follows the thread)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.backend == "rclone":
-            cmd = [_rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
-                   "--auth-key", f"{KEY},{SECRET}", "--config", "/dev/null", str(self.data_dir)]
+            cmd = [
+                _rclone_binary(),
+                "serve",
+                "s3",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--auth-key",
+                f"{KEY},{SECRET}",
+                "--config",
+                "/dev/null",
+                str(self.data_dir),
+            ]
         else:
             cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         log = open(self.data_dir.parent / f"s3-{self.backend}-{self.port}.log", "wb")
@@ -107,8 +117,14 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-                              region_name="us-east-1", config=Config(retries={"max_attempts": 3}))
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 3}),
+        )
         try:
             client.create_bucket(Bucket=name)
         except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):

@@ -84,8 +84,12 @@ def _device_choice(rank: int, port: int, results) -> None:
     reduced = comm.all_reduce(torch.tensor([rank + 1.0]), op="max")
     buffer = torch.full((3,), float(rank))
     comm.broadcast_(buffer[::2], src=1)  # a non-contiguous view is written back in place
-    results[rank] = {"device": str(comm.comm_device()), "reduced": reduced.tolist(), "buffer": buffer.tolist(),
-                     "control_is_world": comm.control_group() is dist.group.WORLD}
+    results[rank] = {
+        "device": str(comm.comm_device()),
+        "reduced": reduced.tolist(),
+        "buffer": buffer.tolist(),
+        "control_is_world": comm.control_group() is dist.group.WORLD,
+    }
     dist.destroy_process_group()
 
 
@@ -114,10 +118,15 @@ def _distributed_uses(tree: ast.AST) -> list[str]:
             found += [a.name for a in node.names if a.name.startswith(("torch.distributed", "deepspeed.comm"))]
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.startswith(("torch.distributed", "deepspeed.comm")) or (
-                    node.module in ("torch", "deepspeed") and any(a.name in ("distributed", "comm") for a in node.names)):
+                node.module in ("torch", "deepspeed") and any(a.name in ("distributed", "comm") for a in node.names)
+            ):
                 found.append(f"from {node.module} import ...")
-        elif isinstance(node, ast.Attribute) and node.attr == "distributed" and \
-                isinstance(node.value, ast.Name) and node.value.id == "torch":
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "distributed"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
             found.append("torch.distributed")
     return found
 

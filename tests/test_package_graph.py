@@ -64,8 +64,9 @@ def _upward_imports() -> list[str]:
             continue  # mtlora_dist/__init__.py
         for line, target in _imports(path):
             if target in LEVEL and LEVEL[target] > LEVEL[unit]:
-                bad.append(f"mtlora_dist/{rel}:{line}: {unit} (level {LEVEL[unit]}) imports {target} "
-                           f"(level {LEVEL[target]})")
+                bad.append(
+                    f"mtlora_dist/{rel}:{line}: {unit} (level {LEVEL[unit]}) imports {target} (level {LEVEL[target]})"
+                )
     return bad
 
 

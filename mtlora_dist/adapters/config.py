@@ -39,11 +39,18 @@ class AdapterConfig:
     dropout: float = 0.05
     trainable_scale_shared: bool = False
     trainable_scale_per_task: bool = False
-    ta_targets: list[str] = field(default_factory=lambda: [
-        "layers.*.blocks.*.attn.qkv", "layers.*.blocks.*.attn.proj",
-        "layers.*.blocks.*.mlp.fc1", "layers.*.blocks.*.mlp.fc2",
-    ])
-    ts_targets: list[str] = field(default_factory=lambda: [
-        "layers.*.blocks.last.attn.proj", "layers.*.blocks.last.mlp.fc1", "layers.*.blocks.last.mlp.fc2",
-    ])
-
+    ta_targets: list[str] = field(
+        default_factory=lambda: [
+            "layers.*.blocks.*.attn.qkv",
+            "layers.*.blocks.*.attn.proj",
+            "layers.*.blocks.*.mlp.fc1",
+            "layers.*.blocks.*.mlp.fc2",
+        ]
+    )
+    ts_targets: list[str] = field(
+        default_factory=lambda: [
+            "layers.*.blocks.last.attn.proj",
+            "layers.*.blocks.last.mlp.fc1",
+            "layers.*.blocks.last.mlp.fc2",
+        ]
+    )

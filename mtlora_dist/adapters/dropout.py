@@ -32,8 +32,7 @@ __all__ = ["DropMask", "LoRADropout", "lora_dropout"]
 _SIGMAS = 6.0
 
 
-def _dropped_positions(numel: int, p: float, device: torch.device,
-                       generator: torch.Generator | None = None) -> Tensor:
+def _dropped_positions(numel: int, p: float, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """Sorted flat indices of the elements an i.i.d. Bernoulli(p) dropout zeroes."""
     log_keep = math.log1p(-p)
     chunks, last = [], -1  # last: index of the last dropped element drawn so far
@@ -63,8 +62,14 @@ class DropMask:
     integers, not a tensor that gradient checkpointing could not free.
     """
 
-    def __init__(self, shape: Sequence[int], p: float, device: torch.device | str = "cpu",
-                 positions: bool | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int],
+        p: float,
+        device: torch.device | str = "cpu",
+        positions: bool | None = None,
+        seed: int | None = None,
+    ) -> None:
         """``positions``: draw dropped positions (default on a CPU) or a dense keep-mask (default on
         accelerators, where one fused kernel draws it). ``seed``: the draw, else one from the default
         generator."""

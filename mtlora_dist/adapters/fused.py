@@ -40,8 +40,12 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def _cast(value, device_type: str, dtype: torch.dtype):
     """Autocast's rule: floating tensors on ``device_type`` except float64 go to ``dtype``."""
-    if (isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type
-            and value.dtype is not torch.float64):
+    if (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.device.type == device_type
+        and value.dtype is not torch.float64
+    ):
         return value.to(dtype)
     return value
 
@@ -78,15 +82,20 @@ def _amp_backward(ctx, body: Callable, grad_out: Tensor) -> tuple:
     return tuple(g if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.input_dtypes))
 
 
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):  # type: ignore[override]
-        return _amp_forward(ctx, _LoRALinear._forward, (x, weight, bias, lora_a, lora_b, scale, mask), x.device.type)
+class _AmpFunction(torch.autograd.Function):
+    """An autograd op whose ``_forward(ctx, x, ...)`` and ``_backward(ctx, grad_out)`` run under the
+    autocast rules of :func:`_amp_forward` / :func:`_amp_backward`."""
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        return _amp_backward(ctx, _LoRALinear._backward, grad_out)
+    @classmethod
+    def forward(cls, ctx, *args):  # type: ignore[override]
+        return _amp_forward(ctx, cls._forward, args, args[0].device.type)
 
+    @classmethod
+    def backward(cls, ctx, grad_out):  # type: ignore[override]
+        return _amp_backward(ctx, cls._backward, grad_out)
+
+
+class _LoRALinear(_AmpFunction):
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):
         lead, d_in = x.shape[:-1], x.shape[-1]
@@ -149,7 +158,7 @@ def lora_linear(
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, mask)
 
 
-class _TaskLoRALinear(torch.autograd.Function):
+class _TaskLoRALinear(_AmpFunction):
     """An MTLoRA layer with task branches (``matrix``/``matrixv2``) -> all 1+T streams at once.
 
     The streams are written into one (1+T, N, d_out) buffer, P first: no concatenation in forward and
@@ -158,19 +167,8 @@ class _TaskLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale,  # type: ignore[override]
-                mask, task_input, shared_in_tasks):
-        args = (x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask, task_input,
-                shared_in_tasks)
-        return _amp_forward(ctx, _TaskLoRALinear._forward, args, x.device.type)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        return _amp_backward(ctx, _TaskLoRALinear._backward, grad_out)
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask, task_input,
-                 shared_in_tasks):
+    def _forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask,
+                 task_input, shared_in_tasks):  # fmt: skip
         # x: (1+T, N, d_in) stacked streams when task_input, else the shared input (N, d_in)
         num_tasks, rank, d_in = task_a.shape
         x0, z = (x[0], x[1:]) if task_input else (x, None)
@@ -202,8 +200,20 @@ class _TaskLoRALinear(torch.autograd.Function):
         ctx.scale_dtypes = (None if shared_scale is None else shared_scale.dtype, task_scale.dtype)
         ctx.keep_scales = (keep_scale, task_keep)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x0 if ctx.needs_input_grad[1] else None, x0_kept, z, h_sh, h_t, weight,
-                              shared_a, shared_b, s_sh, task_a, task_bt, s_t)
+        ctx.save_for_backward(
+            x0 if ctx.needs_input_grad[1] else None,
+            x0_kept,
+            z,
+            h_sh,
+            h_t,
+            weight,
+            shared_a,
+            shared_b,
+            s_sh,
+            task_a,
+            task_bt,
+            s_t,
+        )
         return out
 
     @staticmethod
@@ -225,8 +235,11 @@ class _TaskLoRALinear(torch.autograd.Function):
             grads[8] = ((g_t * h_t).sum((1, 2)) * ctx.keep_scales[1]).to(ctx.scale_dtypes[1])
         dh_t_flat = None if ctx.task_input else dh_t.transpose(0, 1).reshape(n, num_tasks * rank)
         if need[6]:
-            grads[6] = (torch.bmm(dh_t.transpose(1, 2), z) if ctx.task_input
-                        else (dh_t_flat.t() @ x0_kept).view(num_tasks, rank, d_in))
+            grads[6] = (
+                torch.bmm(dh_t.transpose(1, 2), z)
+                if ctx.task_input
+                else (dh_t_flat.t() @ x0_kept).view(num_tasks, rank, d_in)
+            )
 
         lora_rows, lora_cols = [], []  # low-rank gradients that reach x0 through drop(x0), keep scale included
         if h_sh is not None:
@@ -296,5 +309,5 @@ def task_lora_linear(
     if mask is None and training and dropout > 0.0:
         mask = DropMask(x0.shape, dropout, x.device)
     shared_a, shared_b, shared_scale = shared if shared is not None else (None, None, None)
-    return _TaskLoRALinear.apply(x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale,
-                                 mask, task_input, shared_in_tasks)
+    return _TaskLoRALinear.apply(x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask,
+                                 task_input, shared_in_tasks)  # fmt: skip

@@ -48,7 +48,7 @@ def _aliases(name: str, last_block: Mapping[int, int]) -> list[str]:
     """The name itself, plus the ``blocks.last`` spelling when it is its stage's last block."""
     m = _BLOCK.match(name)
     if m and last_block.get(int(m.group(1))) == int(m.group(2)):
-        return [name, f"layers.{m.group(1)}.blocks.last.{name[m.end():]}"]
+        return [name, f"layers.{m.group(1)}.blocks.last.{name[m.end() :]}"]
     return [name]
 
 
@@ -91,7 +91,11 @@ def inject_adapters(backbone: nn.Module, cfg: AdapterConfig, tasks: Sequence[str
             _check_task_layer(name, last_block)
         stage = _stage_of(name)
         shared_scale = _stage_value(cfg.shared_scale, stage, "adapter.shared_scale")
-        task_scale = shared_scale if cfg.task_scale is None else _per_task_stage(cfg.task_scale, tasks, stage, "adapter.task_scale")
+        task_scale = (
+            shared_scale
+            if cfg.task_scale is None
+            else _per_task_stage(cfg.task_scale, tasks, stage, "adapter.task_scale")
+        )
         layer = MTLoRALinear.from_linear(
             linear,
             shared_rank=_stage_value(cfg.shared_rank, stage, "adapter.shared_rank") if is_ta else 0,
@@ -118,12 +122,14 @@ def _check_task_layer(name: str, last_block: Mapping[int, int]) -> None:
     if not m or not name.endswith(_TASK_CAPABLE_SUFFIXES):
         raise ValueError(
             f"TS-LoRA target '{name}': task branches are supported on attn.proj, mlp.fc1 and mlp.fc2 "
-            "of a block (qkv feeds the one shared attention); fix adapter.ts_targets")
+            "of a block (qkv feeds the one shared attention); fix adapter.ts_targets"
+        )
     if last_block[int(m.group(1))] != int(m.group(2)):
         raise ValueError(
             f"TS-LoRA target '{name}' is not in the last block of its stage: only the last block's task "
             "streams reach the decoders, so these parameters would never train (official bug B2); "
-            "use 'blocks.last' in adapter.ts_targets")
+            "use 'blocks.last' in adapter.ts_targets"
+        )
 
 
 def mtlora_layers(module: nn.Module) -> dict[str, MTLoRALinear]:

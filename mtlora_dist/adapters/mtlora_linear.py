@@ -38,7 +38,6 @@ from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
 __all__ = ["MTLoRALinear", "SHARED_MODES"]
 
 
-
 def _per_task(value: float | int | Mapping[str, float | int], tasks: Sequence[str], what: str) -> list:
     if isinstance(value, Mapping):
         missing = [t for t in tasks if t not in value]
@@ -100,23 +99,32 @@ class MTLoRALinear(nn.Linear):
             raise ValueError(f"task ranks must be positive, got {dict(zip(self.tasks, self.task_ranks))}")
         if self.tasks:
             self.lora_tasks_A = nn.ParameterDict(
-                {t: nn.Parameter(torch.empty(r, in_features, **dd)) for t, r in zip(self.tasks, self.task_ranks)})
+                {t: nn.Parameter(torch.empty(r, in_features, **dd)) for t, r in zip(self.tasks, self.task_ranks)}
+            )
             self.lora_tasks_B = nn.ParameterDict(
-                {t: nn.Parameter(torch.zeros(out_features, r, **dd)) for t, r in zip(self.tasks, self.task_ranks)})
+                {t: nn.Parameter(torch.zeros(out_features, r, **dd)) for t, r in zip(self.tasks, self.task_ranks)}
+            )
             scales = [float(s) for s in _per_task(task_scale, self.tasks, "task_scale")]
             if trainable_scale_per_task:
                 self.lora_task_scale = nn.ParameterDict(
-                    {t: nn.Parameter(torch.tensor([s], **dd)) for t, s in zip(self.tasks, scales)})
+                    {t: nn.Parameter(torch.tensor([s], **dd)) for t, s in zip(self.tasks, scales)}
+                )
             else:
                 self.register_buffer("lora_task_scale", torch.tensor(scales, **dd))
         self.reset_lora_parameters()
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MTLoRALinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> MTLoRALinear:
         """Wrap an existing linear layer, sharing (not copying) its frozen weight and bias."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
         layer.weight = linear.weight
         if linear.bias is not None:
             layer.bias = linear.bias
@@ -186,8 +194,16 @@ class MTLoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.tasks:
             if self.shared_rank and not self.merged:
-                return lora_linear(x, self.weight, self.bias, self.lora_shared_A, self.lora_shared_B,
-                                   self.lora_shared_scale, self.lora_dropout.p, self.training)
+                return lora_linear(
+                    x,
+                    self.weight,
+                    self.bias,
+                    self.lora_shared_A,
+                    self.lora_shared_B,
+                    self.lora_shared_scale,
+                    self.lora_dropout.p,
+                    self.training,
+                )
             return F.linear(x, self.weight, self.bias)
         if self.mode == "addition":
             return self._forward_addition(x)
@@ -200,9 +216,19 @@ class MTLoRALinear(nn.Linear):
         if self.shared_rank and not self.merged:
             shared = (self.lora_shared_A, self.lora_shared_B, self.lora_shared_scale)
         a, b_t = self._stacked_task_weights()
-        out = task_lora_linear(inp, self.weight, self.bias, shared, a, b_t, self._task_scales(),
-                               task_input=self.task_input, shared_in_tasks=self.mode == "matrixv2",
-                               dropout=self.lora_dropout.p, training=self.training)  # (1+T, N, d_out)
+        out = task_lora_linear(
+            inp,
+            self.weight,
+            self.bias,
+            shared,
+            a,
+            b_t,
+            self._task_scales(),
+            task_input=self.task_input,
+            shared_in_tasks=self.mode == "matrixv2",
+            dropout=self.lora_dropout.p,
+            training=self.training,
+        )  # (1+T, N, d_out)
         if self.task_input:
             return out.view(*lead, -1)  # ((1+T)*B, ..., d_out)
         return out.view(num_streams * lead[0], *lead[1:], -1)
@@ -235,7 +261,8 @@ class MTLoRALinear(nn.Linear):
         if not self.can_merge:
             raise ValueError(
                 f"cannot merge a {self.mode}-mode layer with task branches: its task outputs use the "
-                "unmerged frozen weight; leave it unmerged (MTLoRASwin.merge_adapters skips such layers)")
+                "unmerged frozen weight; leave it unmerged (MTLoRASwin.merge_adapters skips such layers)"
+            )
         self.weight += (self.lora_shared_B @ self.lora_shared_A * self.lora_shared_scale).to(self.weight.dtype)
         self.merged = True
 
@@ -254,7 +281,9 @@ class MTLoRALinear(nn.Linear):
             module_or_param = getattr(self, name, None)
             if module_or_param is None:
                 continue
-            params = [module_or_param] if isinstance(module_or_param, nn.Parameter) else list(module_or_param.parameters())
+            params = (
+                [module_or_param] if isinstance(module_or_param, nn.Parameter) else list(module_or_param.parameters())
+            )
             removed += sum(p.numel() for p in params)
             delattr(self, name)
         if isinstance(getattr(self, "lora_shared_scale", None), nn.Parameter):
@@ -268,5 +297,7 @@ class MTLoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         ranks = dict(zip(self.tasks, self.task_ranks))
-        return (f"{super().extra_repr()}, mode={self.mode}, shared_rank={self.shared_rank}, "
-                f"task_ranks={ranks}, task_input={self.task_input}, merged={self.merged}")
+        return (
+            f"{super().extra_repr()}, mode={self.mode}, shared_rank={self.shared_rank}, "
+            f"task_ranks={ranks}, task_input={self.task_input}, merged={self.merged}"
+        )

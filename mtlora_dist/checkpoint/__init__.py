@@ -11,5 +11,14 @@ from mtlora_dist.checkpoint.format import (
 from mtlora_dist.checkpoint.manager import Checkpointer, SavePolicy, Stateful
 from mtlora_dist.checkpoint.storage import CheckpointStore
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "ChecksumMismatchError", "CheckpointStore",
-           "SavePolicy", "Stateful", "frozen_fingerprint", "step_tag"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ChecksumMismatchError",
+    "CheckpointStore",
+    "SavePolicy",
+    "Stateful",
+    "frozen_fingerprint",
+    "step_tag",
+]

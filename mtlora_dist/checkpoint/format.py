@@ -24,9 +24,26 @@ import torch
 from torch import nn
 
 __all__ = [
-    "FORMAT", "MARKER", "LATEST", "TRAINABLE", "CLIENT", "STATE", "CheckpointError", "CheckpointMismatchError",
-    "ChecksumMismatchError", "step_tag", "tag_step", "frozen_fingerprint", "trainable_shapes", "normalize",
-    "fingerprint_differences", "pack", "unpack", "tensors_to_bytes", "tensors_from_bytes", "sha256_bytes",
+    "FORMAT",
+    "MARKER",
+    "LATEST",
+    "TRAINABLE",
+    "CLIENT",
+    "STATE",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ChecksumMismatchError",
+    "step_tag",
+    "tag_step",
+    "frozen_fingerprint",
+    "trainable_shapes",
+    "normalize",
+    "fingerprint_differences",
+    "pack",
+    "unpack",
+    "tensors_to_bytes",
+    "tensors_from_bytes",
+    "sha256_bytes",
 ]
 
 FORMAT = "mtlora-dist-checkpoint/2"
@@ -115,8 +132,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     saved_params, params = saved.get("trainable", {}), current.get("trainable", {})
     missing = set(params) - set(saved_params)
     unexpected = set(saved_params) - set(params)
-    mismatched = [f"{n}: checkpoint {saved_params[n]} vs model {params[n]}"
-                  for n in sorted(set(params) & set(saved_params)) if saved_params[n] != params[n]]
+    mismatched = [
+        f"{n}: checkpoint {saved_params[n]} vs model {params[n]}"
+        for n in sorted(set(params) & set(saved_params))
+        if saved_params[n] != params[n]
+    ]
     if missing:
         lines.append(f"missing keys (trainable in this model, not in the checkpoint): {_short_list(missing)}")
     if unexpected:
@@ -124,8 +144,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     if mismatched:
         lines.append(f"shape mismatches: {_short_list(mismatched)}")
     saved_cfg, cfg = _flatten(saved.get("config", {})), _flatten(current.get("config", {}))
-    changed = [f"{k}: checkpoint {saved_cfg.get(k, '<absent>')!r} vs this run {cfg.get(k, '<absent>')!r}"
-               for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k, "<absent>") != cfg.get(k, "<absent>")]
+    changed = [
+        f"{k}: checkpoint {saved_cfg.get(k, '<absent>')!r} vs this run {cfg.get(k, '<absent>')!r}"
+        for k in sorted(set(saved_cfg) | set(cfg))
+        if saved_cfg.get(k, "<absent>") != cfg.get(k, "<absent>")
+    ]
     if changed:
         lines.append(f"config differences: {_short_list(changed)}")
     return lines
@@ -149,8 +172,10 @@ def pack(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         return [pack(v, f"{prefix}/{i}", tensors) for i, v in enumerate(value)]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    raise CheckpointError(f"state at '{prefix}' is a {type(value).__name__}; checkpoints hold JSON and tensors only "
-                          "(give the piece a state_dict of plain data and tensors)")
+    raise CheckpointError(
+        f"state at '{prefix}' is a {type(value).__name__}; checkpoints hold JSON and tensors only "
+        "(give the piece a state_dict of plain data and tensors)"
+    )
 
 
 def unpack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -81,9 +81,16 @@ class Checkpointer:
         local_cache: scratch folder for the local snapshot of an ``s3://`` checkpoint.
     """
 
-    def __init__(self, run_dir: str, engine: Any, *, policy: SavePolicy = SavePolicy(),
-                 fingerprint: dict | None = None, storage: StorageOptions | None = None,
-                 local_cache: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        engine: Any,
+        *,
+        policy: SavePolicy = SavePolicy(),
+        fingerprint: dict | None = None,
+        storage: StorageOptions | None = None,
+        local_cache: str | None = None,
+    ) -> None:
         trainable_state.check_supported(engine)
         trainable_state.prepare_optimizer_state(engine)  # before the first step: see its docstring
         self.engine = engine
@@ -138,16 +145,29 @@ class Checkpointer:
             self.store.abort_stale_uploads()
             self._aborted_stale = True
         client_tensors: dict = {}
-        state = {"step": step, "engine": trainable_state.engine_counters(self.engine),
-                 "pieces": pack(shared, "shared", client_tensors),
-                 "per_rank": [pack(p, f"rank{r}", client_tensors) for r, p in enumerate(per_rank)]}
-        files = {TRAINABLE: tensors_to_bytes(tensors), CLIENT: tensors_to_bytes(client_tensors),
-                 STATE: json.dumps(state, sort_keys=True).encode()}
+        state = {
+            "step": step,
+            "engine": trainable_state.engine_counters(self.engine),
+            "pieces": pack(shared, "shared", client_tensors),
+            "per_rank": [pack(p, f"rank{r}", client_tensors) for r, p in enumerate(per_rank)],
+        }
+        files = {
+            TRAINABLE: tensors_to_bytes(tensors),
+            CLIENT: tensors_to_bytes(client_tensors),
+            STATE: json.dumps(state, sort_keys=True).encode(),
+        }
         folder = os.path.join(self.local_cache, tag) if self.store.remote else self.store.url(tag)
         shutil.rmtree(folder, ignore_errors=True)
-        marker = {"format": FORMAT, "tag": tag, "step": step, "world_size": comm.world_size(),
-                  "zero_stage": int(self.engine.zero_optimization_stage()), "fingerprint": self.fingerprint,
-                  "frozen": self.frozen, "files": self.store.write_files(folder, files)}
+        marker = {
+            "format": FORMAT,
+            "tag": tag,
+            "step": step,
+            "world_size": comm.world_size(),
+            "zero_stage": int(self.engine.zero_optimization_stage()),
+            "fingerprint": self.fingerprint,
+            "frozen": self.frozen,
+            "files": self.store.write_files(folder, files),
+        }
         if self.store.remote:
             self.uploader.start(tag, folder, marker)
         else:
@@ -198,7 +218,9 @@ class Checkpointer:
         trainable_state.restore_counters(self.engine, state["engine"])
         self._restore_pieces(state, client, int(marker["world_size"]))
         self.loaded_world_size, self._last_saved = int(marker["world_size"]), int(marker["step"])
-        log.info("resumed from %s (step %s, saved by %s ranks)", self.store.url(tag), marker["step"], marker["world_size"])
+        log.info(
+            "resumed from %s (step %s, saved by %s ranks)", self.store.url(tag), marker["step"], marker["world_size"]
+        )
         return int(marker["step"])
 
     def _lookup_failure(self, err: BaseException) -> str:
@@ -222,9 +244,12 @@ class Checkpointer:
         if problems:
             raise CheckpointMismatchError(
                 f"checkpoint {self.store.url(tag)} was written for another model or configuration:\n  "
-                + "\n  ".join(problems) + "\nResume with the run's own config, or start a new run_dir.")
+                + "\n  ".join(problems)
+                + "\nResume with the run's own config, or start a new run_dir."
+            )
         zero3 = 3 in (int(marker.get("zero_stage", 0)), int(self.engine.zero_optimization_stage()))
         if marker.get("frozen") and marker["frozen"] != self.frozen and not zero3:  # ZeRO-3 hashes placeholders
             raise CheckpointMismatchError(
                 f"the frozen backbone differs from the one {self.store.url(tag)} was trained on; check "
-                "model.pretrained (same file as the original run) and model.backbone")
+                "model.pretrained (same file as the original run) and model.backbone"
+            )

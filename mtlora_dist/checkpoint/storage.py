@@ -23,8 +23,8 @@ from mtlora_dist.checkpoint.format import (
     FORMAT,
     LATEST,
     MARKER,
-    ChecksumMismatchError,
     CheckpointError,
+    ChecksumMismatchError,
     sha256_bytes,
     tag_step,
 )
@@ -70,7 +70,8 @@ class CheckpointStore:
         if marker.get("format") != FORMAT:
             raise CheckpointError(
                 f"{self.url(tag)} was written in checkpoint format {marker.get('format')!r}; this version reads "
-                f"{FORMAT!r}. Resume it with the mtlora-dist release that wrote it, or start a new run_dir")
+                f"{FORMAT!r}. Resume it with the mtlora-dist release that wrote it, or start a new run_dir"
+            )
         sizes = self._sizes(tag)
         if any(sizes.get(name) != meta["size"] for name, meta in marker["files"].items()):
             return None
@@ -90,7 +91,8 @@ class CheckpointStore:
         if sha256_bytes(data) != expected:
             raise ChecksumMismatchError(
                 f"{self.url(tag, name)} differs from what its marker lists (sha256): the file changed after the "
-                "checkpoint was completed; delete this checkpoint to resume from the one before")
+                "checkpoint was completed; delete this checkpoint to resume from the one before"
+            )
         return data
 
     def _sizes(self, tag: str) -> dict[str, int]:
@@ -101,7 +103,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return {}
         prefix = base.rstrip("/") + "/"
-        return {p[len(prefix):]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
+        return {p[len(prefix) :]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
 
     # -- writing -----------------------------------------------------------------------------------
     def write_files(self, folder: str, files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
@@ -155,8 +157,7 @@ class CheckpointStore:
         bucket, _, key = self.path.partition("/")
         try:
             for upload in _multipart_uploads(self.fs, bucket, key.rstrip("/") + "/"):
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
-                                UploadId=upload["UploadId"])
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 log.info("aborted stale multipart upload of s3://%s/%s", bucket, upload["Key"])
         except Exception as err:  # noqa: BLE001 - a server without the call must not stop training
             log.warning("could not list/abort stale multipart uploads under %s: %s", self.root, err)
@@ -184,8 +185,7 @@ class Uploader:
     def start(self, tag: str, staged: str, marker: dict[str, Any]) -> None:
         self.wait()
         self.pending, self._error = tag, None
-        self._thread = threading.Thread(target=self._run, args=(tag, staged, marker), name=f"upload-{tag}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(tag, staged, marker), name=f"upload-{tag}", daemon=True)
         self._thread.start()
 
     def _run(self, tag: str, staged: str, marker: dict[str, Any]) -> None:
@@ -209,6 +209,8 @@ class Uploader:
             self._thread = None
         tag, error, self.pending, self._error = self.pending, self._error, None, None
         if error is not None:
-            raise CheckpointError(f"uploading checkpoint {self.store.url(tag)} failed "
-                                  f"({type(error).__name__}: {error}); the previous complete checkpoint stays "
-                                  "the newest") from error
+            raise CheckpointError(
+                f"uploading checkpoint {self.store.url(tag)} failed "
+                f"({type(error).__name__}: {error}); the previous complete checkpoint stays "
+                "the newest"
+            ) from error

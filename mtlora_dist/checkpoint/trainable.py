@@ -27,8 +27,14 @@ from torch import nn
 from mtlora_dist import comm
 from mtlora_dist.checkpoint.format import CheckpointError
 
-__all__ = ["check_supported", "prepare_optimizer_state", "gather_trainable", "restore_trainable", "engine_counters",
-           "restore_counters"]
+__all__ = [
+    "check_supported",
+    "prepare_optimizer_state",
+    "gather_trainable",
+    "restore_trainable",
+    "engine_counters",
+    "restore_counters",
+]
 
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -50,9 +56,11 @@ def _partitioned(engine: Any) -> bool:
 def check_supported(engine: Any) -> None:
     """ZeRO-0 with bf16/fp16 keeps its fp32 masters where no public API reaches them: refuse it early."""
     if not _partitioned(engine) and not isinstance(engine.optimizer, torch.optim.Optimizer):
-        raise CheckpointError("checkpoints need deepspeed.zero_stage >= 1 with bf16/fp16 (ZeRO-0 keeps its fp32 "
-                              "master weights out of reach of DeepSpeed's public API); set deepspeed=zero1, "
-                              "which costs no memory for adapter-sized state")
+        raise CheckpointError(
+            "checkpoints need deepspeed.zero_stage >= 1 with bf16/fp16 (ZeRO-0 keeps its fp32 "
+            "master weights out of reach of DeepSpeed's public API); set deepspeed=zero1, "
+            "which costs no memory for adapter-sized state"
+        )
 
 
 def prepare_optimizer_state(engine: Any) -> None:
@@ -164,12 +172,15 @@ def restore_trainable(engine: Any, tensors: dict[str, torch.Tensor], optimizer_s
             state["step"] = torch.tensor(float(optimizer_step))
     for state in inner.state.values():  # Adam's bias correction counts steps
         if "step" in state:
-            state["step"] = torch.full_like(state["step"], optimizer_step) if isinstance(state["step"], torch.Tensor) \
+            state["step"] = (
+                torch.full_like(state["step"], optimizer_step)
+                if isinstance(state["step"], torch.Tensor)
                 else optimizer_step
+            )
     buffers = dict(engine.module.named_buffers())
     for key, value in tensors.items():
-        if key.startswith("buffer/") and key[len("buffer/"):] in buffers:
-            buffer = buffers[key[len("buffer/"):]]
+        if key.startswith("buffer/") and key[len("buffer/") :] in buffers:
+            buffer = buffers[key[len("buffer/") :]]
             buffer.data.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
 
 
@@ -181,7 +192,7 @@ def _set_zero3_partition(param: nn.Parameter, full: torch.Tensor, key: str | Non
     part = param.ds_tensor.numel()
     padded = torch.zeros(part * comm.world_size(), dtype=torch.float32)
     padded[: full.numel()] = full.reshape(-1).float()
-    local = padded[comm.rank() * part:(comm.rank() + 1) * part].to(param.ds_tensor.device)
+    local = padded[comm.rank() * part : (comm.rank() + 1) * part].to(param.ds_tensor.device)
     if key is None:
         safe_set_local_fp32_param(param, local)
     else:
@@ -190,9 +201,12 @@ def _set_zero3_partition(param: nn.Parameter, full: torch.Tensor, key: str | Non
 
 def engine_counters(engine: Any) -> dict[str, Any]:
     """Step counters, the scheduler and the loss scaler: plain data (JSON)."""
-    counters: dict[str, Any] = {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
-                                "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-                                "optimizer_step": _optimizer_step(engine)}
+    counters: dict[str, Any] = {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+        "optimizer_step": _optimizer_step(engine),
+    }
     if engine.lr_scheduler is not None:
         counters["lr_scheduler"] = engine.lr_scheduler.state_dict()
     scaler = getattr(engine.optimizer, "loss_scaler", None)

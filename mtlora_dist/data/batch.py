@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtlora_dist.data.transforms import warps_to_tensor
 from mtlora_dist.tasks.registry import IGNORE_INDEX
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "collate", "normalize_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "collate", "collate_decoded", "normalize_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +57,35 @@ def collate(samples: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str
     for task in tasks:
         batch[task] = torch.from_numpy(_pad_stack([s[task] for s in samples], IGNORE_INDEX))
     batch["label_size"] = torch.tensor([s[tasks[0]].shape[-2:] for s in samples], dtype=torch.int64)
+    batch["valid"] = torch.tensor([bool(s["valid"]) for s in samples], dtype=torch.bool)
+    batch["__key__"] = [s["__key__"] for s in samples]
+    return batch
+
+
+def _pad_edge(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack (h, w, ...) arrays of different sizes into (B, H, W, ...), extending each by repeating its
+    last row and column: bicubic taps past a sample's border then read what clamping would give."""
+    h = max(a.shape[0] for a in arrays)
+    w = max(a.shape[1] for a in arrays)
+    out = np.empty((len(arrays), h, w, *arrays[0].shape[2:]), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        ah, aw = a.shape[:2]
+        out[i, :ah, :aw] = a
+        out[i, :ah, aw:] = a[:, aw - 1:aw]
+        out[i, ah:] = out[i, ah - 1:ah]
+    return out
+
+
+def collate_decoded(samples: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """A batch of decoded, not yet warped samples, for augmentation on the training device
+    (``transforms.warp_batch``): fields padded by edge replication to the largest in the batch, with
+    their true sizes (``image_hw``, ``label_hw``) and each sample's warp (``warp``, (B, 3))."""
+    batch: dict[str, Any] = {"image": torch.from_numpy(_pad_edge([s["image"] for s in samples]))}
+    for task in tasks:
+        batch[task] = torch.from_numpy(_pad_edge([s[task] for s in samples]))
+    batch["image_hw"] = torch.tensor([s["image"].shape[:2] for s in samples], dtype=torch.int64)
+    batch["label_hw"] = torch.tensor([s["label_hw"] for s in samples], dtype=torch.int64)
+    batch["warp"] = warps_to_tensor([s["warp"] for s in samples])
     batch["valid"] = torch.tensor([bool(s["valid"]) for s in samples], dtype=torch.bool)
     batch["__key__"] = [s["__key__"] for s in samples]
     return batch

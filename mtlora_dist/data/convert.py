@@ -1,10 +1,10 @@
 """Convert a dataset on disk into webdataset shards in a folder or an ``s3://`` prefix.
 
-Each shard is written to a local temporary file, checksummed, then uploaded through fsspec (never
-through webdataset's ``ShardWriter``, whose opener is never closed so upload errors vanish). The
-manifest goes last: a folder without ``manifest.json`` is an unfinished conversion. An existing
-manifest is deleted first so nobody streams a half-rewritten folder. Output is byte-identical for the
-same input (see ``tarshards`` and ``encoding``).
+Each shard is written with webdataset's ``TarWriter`` to a local temporary file, checksummed, then
+uploaded through fsspec (never through webdataset's ``ShardWriter``, whose opener is never closed so
+upload errors vanish). The manifest goes last: a folder without ``manifest.json`` is an unfinished
+conversion. An existing manifest is deleted first so nobody streams a half-rewritten folder. Output
+is byte-identical for the same input (see ``tarshards`` and ``encoding``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mtlora_dist.data.encoding import describe_encodings, encode_sample
 from mtlora_dist.data.formats import READERS, get_reader
 from mtlora_dist.data.labels import CLASS_NAMES
 from mtlora_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from mtlora_dist.data.tarshards import TarShardWriter
+from mtlora_dist.data.tarshards import TarShardWriter, tar_size
 from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
@@ -32,7 +32,6 @@ from mtlora_dist.tasks.registry import get_task
 __all__ = ["convert", "main"]
 
 log = logging.getLogger(__name__)
-_TAR_BLOCK = 512
 
 _WORKER_READER: dict[tuple, Any] = {}
 
@@ -48,10 +47,6 @@ def _encoded(args: tuple[str, str, tuple[str, ...], dict[str, Any], str]) -> tup
     with open(reader.image_path(sample_id), "rb") as f:
         source = f.read()
     return sample_id, encode_sample(sample, reader.tasks, source_jpeg=source)
-
-
-def _tar_size(members: list[tuple[str, bytes]]) -> int:
-    return sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for _, data in members)
 
 
 def _samples(jobs: list[tuple], workers: int) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
@@ -113,7 +108,7 @@ def convert(
             log.info("wrote %s (%d samples)", remote_url, w.num_samples)
 
         for key, members in _samples(jobs, workers):
-            if writer is not None and writer.size + _tar_size(members) > target:
+            if writer is not None and writer.size + tar_size(dict(members)) > target:
                 finish(writer)
                 writer = None
             if writer is None:

@@ -19,8 +19,12 @@ Why float16 ``.npy`` for normals: PIL cannot write 16-bit colour PNGs, PIL silen
 read with ``allow_pickle=False`` and fails with an exception. float16 keeps directions to ~0.06 deg
 at 6 bytes per pixel (uncompressed: normals dominate shard size).
 
-Decoding never crashes the process on corrupt data: PNG chunk CRCs are checked before PIL decodes,
-and every decoder error becomes :class:`SampleDecodeError`.
+Decoding never crashes the process on corrupt data: PNG chunk CRCs are checked before any decoder
+sees the bytes, and every decoder error, whatever its type (third-party decoders raise anything from
+``ValueError`` to ``tokenize.TokenError``), becomes a :class:`SampleDecodeError` naming the shard, the
+sample and the member. Decoders (:class:`Decoders`): libjpeg-turbo through ``simplejpeg`` (or PIL) for
+the image, libspng through ``pyspng`` (or PIL) for the maps; ``simplejpeg`` can also decode at 1/2,
+1/4 or 1/8 size when the image is going to be shrunk at least that much anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from mtlora_dist.tasks.registry import get_task
 
 __all__ = [
     "ENCODING_VERSION",
+    "Decoders",
+    "jpeg_size",
+    "read_npy",
     "IMAGE_SUFFIX",
     "JPEG_QUALITY",
     "Codec",
@@ -58,15 +65,29 @@ JPEG_QUALITY = 95
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def check_png(data: bytes) -> None:
-    """Raise ``SampleDecodeError`` unless ``data`` is a structurally sound PNG with valid chunk CRCs.
+@dataclass(frozen=True)
+class Decoders:
+    """Which library decodes each member kind; the defaults are the fastest measured
+    (``docs/performance-data.md``), ``"pil"`` is the baseline."""
+
+    jpeg: str = "simplejpeg"  # simplejpeg | pil
+    png: str = "pyspng"       # pyspng | pil
+
+    def __post_init__(self) -> None:
+        if self.jpeg not in ("simplejpeg", "pil") or self.png not in ("pyspng", "pil"):
+            raise ValueError(f"unknown decoders {self}; jpeg: simplejpeg | pil, png: pyspng | pil")
+
+
+def check_png(data: bytes) -> tuple[int, int, int, int]:
+    """Raise ``SampleDecodeError`` unless ``data`` is a structurally sound PNG with valid chunk CRCs;
+    return its IHDR's ``(height, width, bit depth, colour type)``.
 
     torchvision's ``decode_png`` segfaults on some corrupt files, so nothing reaches a decoder
     unchecked. Cheap: one CRC32 pass over the bytes.
     """
     if not data.startswith(_PNG_SIGNATURE):
         raise SampleDecodeError("not a PNG (bad signature)")
-    pos, first, end = len(_PNG_SIGNATURE), True, False
+    pos, first, end, header = len(_PNG_SIGNATURE), True, False, (0, 0, 0, 0)
     while pos + 12 <= len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
         ctype = data[pos + 4:pos + 8]
@@ -76,8 +97,11 @@ def check_png(data: bytes) -> None:
         (crc,) = struct.unpack(">I", data[body_end:body_end + 4])
         if zlib.crc32(data[pos + 4:body_end]) != crc:
             raise SampleDecodeError(f"PNG chunk {ctype!r} has a bad CRC (corrupt data)")
-        if first and ctype != b"IHDR":
-            raise SampleDecodeError("PNG does not start with IHDR")
+        if first:
+            if ctype != b"IHDR" or length != 13:
+                raise SampleDecodeError("PNG does not start with IHDR")
+            width, height, depth, colour = struct.unpack(">IIBB", data[pos + 8:pos + 18])
+            header = (height, width, depth, colour)
         first = False
         pos = body_end + 4
         if ctype == b"IEND":
@@ -85,6 +109,7 @@ def check_png(data: bytes) -> None:
             break
     if not end:
         raise SampleDecodeError("PNG has no IEND chunk (truncated)")
+    return header
 
 
 def _encode_png8(array: np.ndarray) -> bytes:
@@ -95,15 +120,20 @@ def _encode_png8(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _decode_png8(data: bytes) -> np.ndarray:
-    check_png(data)
-    try:
+def _decode_png8(data: bytes, decoders: Decoders = Decoders()) -> np.ndarray:
+    height, width, depth, colour = check_png(data)
+    if (depth, colour) != (8, 0):
+        raise SampleDecodeError(f"expected an 8-bit grayscale PNG, got bit depth {depth}, colour type {colour}")
+    if decoders.png == "pyspng":
+        import pyspng
+
+        array = pyspng.load(data)
+    else:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode != "L":
-                raise SampleDecodeError(f"expected an 8-bit grayscale PNG, got mode {im.mode}")
-            return np.asarray(im)  # forces the decode; PIL raises OSError on bad data
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SampleDecodeError(f"corrupt PNG: {exc}") from exc
+            array = np.asarray(im)  # forces the decode; PIL raises OSError on bad data
+    if array.shape != (height, width) or array.dtype != np.uint8:
+        raise SampleDecodeError(f"PNG decoded to {array.dtype} {array.shape}, its header says uint8 {(height, width)}")
+    return array
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -144,11 +174,11 @@ def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[
         np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
         return buf.getvalue()
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes, decoders: Decoders | None = None) -> np.ndarray:
         array = read_npy(data)
         if array.dtype != np.dtype(dtype) or array.ndim != ndim or (channels and array.shape[-1] != channels):
             raise SampleDecodeError(f"expected a {np.dtype(dtype)} array with {ndim} dims, got {array.dtype} {array.shape}")
-        return array.astype(np.float32)
+        return array  # float16 normals stay float16: the transforms convert once, where they need floats
 
     return encode, decode
 
@@ -159,14 +189,14 @@ class Codec:
 
     ext: str
     encode: Callable[[np.ndarray], bytes]
-    decode: Callable[[bytes], np.ndarray]
+    decode: Callable[..., np.ndarray]  # (data, decoders) -> array
     description: str
 
 
 _CODECS: dict[str, Codec] = {
     "class_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
     "binary_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
-    "normals": Codec("npy", *_npy_codec(np.float16, 3, 3), "npy:float16:HxWx3"),
+    "normals": Codec("npy", *_npy_codec(np.float16, 3, 3), "npy:float16:HxWx3"),  # decoded as float16
     "depth": Codec("npy", *_npy_codec(np.float32, 2, None), "npy:float32:HxW"),
 }
 
@@ -206,28 +236,64 @@ def encode_sample(sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: 
     return members
 
 
-def _decode_image(data: bytes) -> np.ndarray:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG header without decoding, or None when it cannot be read."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise SampleDecodeError(f"corrupt image: {exc}") from exc
+        import simplejpeg
+
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return int(height), int(width)
+    except Exception:  # noqa: BLE001 - any failure: decode normally and let the decoder report it
+        return None
 
 
-def decode_sample(key: str, members: Mapping[str, bytes], tasks: Sequence[str]) -> dict[str, Any]:
-    """The canonical sample from tar members; ``SampleDecodeError`` names what is missing or broken."""
+def _decode_image(data: bytes, decoders: Decoders, min_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3; with ``min_hw``, possibly smaller (DCT scaling) but at least that large."""
+    if decoders.jpeg == "simplejpeg" and data[:2] == b"\xff\xd8":
+        import simplejpeg
+
+        min_h, min_w = min_hw or (0, 0)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(min_h), min_width=int(min_w))
+    with Image.open(io.BytesIO(data)) as im:  # PIL: any format the converter may have stored
+        return np.asarray(im.convert("RGB"))
+
+
+def _decoded(what: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    """Run one decoder; whatever it raises becomes a ``SampleDecodeError`` saying ``what`` failed."""
+    try:
+        return decode()
+    except SampleDecodeError as exc:
+        raise SampleDecodeError(f"{what}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything; a bad sample must not end the run
+        raise SampleDecodeError(f"{what}: corrupt data ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_sample(key: str, members: Mapping[str, bytes], tasks: Sequence[str], *, shard: str = "",
+                  decoders: Decoders = Decoders(), image_min_hw: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The canonical sample from tar members. Any problem is a ``SampleDecodeError`` naming the shard,
+    the sample and the member. ``image_min_hw``: the image may be decoded smaller, down to this size
+    (labels always keep their full size; the transforms map between the two)."""
+    where = f"shard {shard} sample '{key}'" if shard else f"sample '{key}'"
     wanted = [IMAGE_SUFFIX] + [member_suffix(t) for t in tasks]
     missing = [m for m in wanted if m not in members]
     if missing:
-        raise SampleDecodeError(f"sample '{key}' lacks member(s) {missing}; it has {sorted(members)}")
-    sample: dict[str, Any] = {"__key__": key, "image": _decode_image(members[IMAGE_SUFFIX])}
-    shape = sample["image"].shape[:2]
+        raise SampleDecodeError(f"{where} lacks member(s) {missing}; it has {sorted(members)}")
+    image = _decoded(f"{where} member '{IMAGE_SUFFIX}' (corrupt image)",
+                     lambda: _decode_image(members[IMAGE_SUFFIX], decoders, image_min_hw))
+    sample: dict[str, Any] = {"__key__": key, "image": image}
+    shape = None
     for task in tasks:
-        try:
-            value = codec_for(task).decode(members[member_suffix(task)])
-        except SampleDecodeError as exc:
-            raise SampleDecodeError(f"sample '{key}' member '{member_suffix(task)}': {exc}") from exc
+        suffix = member_suffix(task)
+        value = _decoded(f"{where} member '{suffix}'", lambda: codec_for(task).decode(members[suffix], decoders))
+        if shape is None:
+            shape = value.shape[:2]
         if value.shape[:2] != shape:
-            raise SampleDecodeError(f"sample '{key}': '{task}' is {value.shape[:2]} but the image is {shape}")
+            raise SampleDecodeError(f"{where}: '{task}' is {value.shape[:2]} but '{tasks[0]}' is {shape}")
         sample[task] = value
+    full = shape if shape is not None else image.shape[:2]
+    reduced_ok = image_min_hw is not None and full[0] // 8 <= image.shape[0] <= full[0] and full[1] // 8 <= image.shape[1] <= full[1]
+    if image.shape[:2] != full and not reduced_ok:
+        raise SampleDecodeError(f"{where} member '{IMAGE_SUFFIX}': the image is {image.shape[:2]} but the labels "
+                                f"are {full}")
+    sample["label_hw"] = tuple(int(x) for x in full)
     return sample

@@ -19,7 +19,16 @@ Policies (details in ``docs/data.md``):
   iteration from shared memory (see :class:`~mtlora_dist.data.streaming.ShardStream`), so epochs,
   ``set_epoch`` and ``load_state_dict`` reach workers that were started earlier. ``num_workers=None``
   sizes the count from the CPUs (:func:`default_num_workers`); batches are pinned when the device is
-  CUDA (:func:`should_pin_memory`) so the trainer's ``non_blocking`` copies are asynchronous.
+  CUDA (:func:`should_pin_memory`) so the trainer's ``non_blocking`` copies are asynchronous. Workers
+  ignore SIGINT and SIGUSR1 and take SIGTERM only from their own process
+  (:mod:`~mtlora_dist.data.worker_signals`): a stop signal sent to the whole process group (Ctrl-C, a
+  launcher terminating its process tree, SLURM's warning signal) is the main process's to handle, and
+  torch's own shutdown of the workers still works.
+* **Augmentation on the training device** (``augment_device="device"``): workers only decode and
+  draw each sample's warp (from ``(seed, epoch, sample)``, as on the CPU path, so resume stays exact);
+  the loader's iterator moves each batch to ``device`` and warps it there in one batched pass
+  (``transforms.warp_batch``), yielding the same batch format, already on the device. On a CPU-only
+  machine the same code runs in the main process.
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mtlora_dist.data.encoding import Decoders
 from mtlora_dist.data.errors import DataError
 from mtlora_dist.data.manifest import Manifest, read_manifest
 from mtlora_dist.data.plan import batches_per_rank
 from mtlora_dist.data.streaming import STAT_KEYS, ShardStream, StreamConfig
+from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
+from mtlora_dist.data.transforms import Resampling, warp_batch
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks
 
@@ -90,16 +102,25 @@ class ShardLoader:
     """Iterable over the batches of one epoch for one rank; see the module docstring."""
 
     def __init__(self, cfg: StreamConfig, prefetch_factor: int = 2, pin_memory: bool = False,
-                 auto_workers: bool = False) -> None:
+                 auto_workers: bool = False, device: torch.device | str | None = None) -> None:
         self.cfg = cfg
         self.prefetch_factor = prefetch_factor
         self.pin_memory = bool(pin_memory)
         self.auto_workers = auto_workers  # the worker count was chosen for this machine, not by the user
+        self._device = torch.device(device) if device is not None else None
         self._epoch = 0
         self._consumed = 0
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._stream: ShardStream | None = None
         self._loader: DataLoader | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches are warped with ``augment_device="device"``: as given, else the current CUDA
+        device, else the CPU (resolved on first use)."""
+        if self._device is None:
+            self._device = _default_device()
+        return self._device
 
     @property
     def num_workers(self) -> int:
@@ -144,7 +165,9 @@ class ShardLoader:
             # a private generator: the DataLoader draws its worker base seed from it, not from the global
             # torch RNG that the training loop checkpoints (the data order never depends on it)
             self._loader = DataLoader(self._stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                                      generator=torch.Generator(), **extra)
+                                      generator=torch.Generator(), worker_init_fn=shield_worker_from_stop_signals if workers else None,
+                                      **extra)
+
         return self._loader
 
     def close(self) -> None:
@@ -161,13 +184,25 @@ class ShardLoader:
         assert self._stream is not None
         # before iter(): the workers read it when the DataLoader tells them a new iteration starts
         self._stream.set_position(self._epoch, self._consumed)
-        for batch in iter(loader):
+        batches = iter(loader)
+        for batch in batches:
             for key, value in batch.pop("__stats__").items():
                 self._stats[key] += value
             self._consumed += 1
-            yield batch
+            yield self._warp_on_device(batch) if "warp" in batch else batch
         if self._consumed != len(self):
             raise DataError(f"rank {self.cfg.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}")
+
+    def _warp_on_device(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A decoded batch from the workers -> the training batch, warped on ``self.device``."""
+        cfg = self.cfg
+        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+        batch = warp_batch(moved, cfg.tasks, cfg.img_size, cfg.resampling)
+        size = len(raw["__key__"])
+        batch["label_size"] = torch.tensor([cfg.img_size] * size, dtype=torch.int64, device=self.device)
+        batch["valid"] = moved["valid"]
+        batch["__key__"] = raw["__key__"]
+        return batch
 
     # ------------------------------------------------------------------------------------- checkpoint
 
@@ -214,6 +249,10 @@ class ShardLoader:
         self.cfg = dataclasses.replace(self.cfg, num_workers=num_workers)
 
 
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def build_loader(
     url: str,
     *,
@@ -236,6 +275,16 @@ def build_loader(
     max_consecutive_failures: int = 3,
     prefetch_factor: int = 2,
     pin_memory: bool | None = None,
+    verify_checksums: bool = True,
+    augment_device: str = "worker",
+    device: torch.device | str | None = None,
+    cache_dir: str | None = None,
+    cache_max_gb: float = 50.0,
+    jpeg_decoder: str = "simplejpeg",
+    png_decoder: str = "pyspng",
+    resampler: str = "opencv",
+    normals_resampling: str = "bilinear",
+    reduced_decode: bool = True,
 ) -> ShardLoader:
     """A :class:`ShardLoader` over the shards at ``url`` (a folder or ``s3://`` prefix with ``manifest.json``).
 
@@ -246,6 +295,14 @@ def build_loader(
     ``num_workers``: worker processes (0: decode in this process); ``None`` sizes it from the CPUs
     (:func:`default_num_workers`). ``pin_memory``: pin batches for fast, asynchronous host-to-GPU
     copies; ``None`` means "when CUDA is available" (:func:`should_pin_memory`).
+
+    ``verify_checksums``: check every shard's sha256 against the manifest while it streams (a mismatch
+    is a corrupt shard under ``on_error``). ``augment_device``: ``"worker"`` (workers decode and warp)
+    or ``"device"`` (workers decode; the warp runs batched on ``device``, default the current CUDA
+    device, else the CPU; training only). ``cache_dir``/``cache_max_gb``: a node-local cache of remote
+    shards (``storage/shard_cache.py``). The remaining options choose the implementation of each step
+    (the defaults are the fastest measured; ``"pil"``/``"pil"``/``"torch"``/``"bicubic"``/``False`` is
+    the baseline pipeline, see ``docs/performance-data.md``).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got '{split}'")
@@ -253,6 +310,10 @@ def build_loader(
         raise ValueError(f"on_error must be 'skip' or 'raise', got '{on_error}'")
     if protocol not in ("original", "official"):
         raise ValueError(f"protocol must be 'original' or 'official', got '{protocol}'")
+    if augment_device not in ("worker", "device"):
+        raise ValueError(f"augment_device must be 'worker' or 'device', got '{augment_device}'")
+    if cache_dir is not None and cache_max_gb <= 0:
+        raise ValueError(f"cache_max_gb must be > 0 with a cache_dir, got {cache_max_gb}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     auto_workers = num_workers is None
@@ -275,9 +336,14 @@ def build_loader(
         shuffle=train if shuffle is None else shuffle, augment=train if augment is None else augment,
         drop_last=train, protocol=protocol, on_error=on_error, storage=storage, shuffle_buffer=shuffle_buffer,
         prefetch_samples=prefetch_samples, max_consecutive_failures=max_consecutive_failures,
+        verify_checksums=verify_checksums, decoders=Decoders(jpeg_decoder, png_decoder),
+        resampling=Resampling(resampler, normals_resampling), reduced_decode=reduced_decode,
+        augment_on_device=augment_device == "device", cache_dir=cache_dir,
+        cache_max_bytes=int(cache_max_gb * 2**30) if cache_dir else 0,
     )
     pin = should_pin_memory(pin_memory)
-    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers)
+    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers,
+                         device=device)
     len(loader)  # fail now if the data cannot fill one batch per rank
     log.info("%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s", split, rank, num_workers,
              f" (automatic: {available_cpus()} CPUs, {local_world_size()} local rank(s))" if auto_workers else "",

@@ -14,7 +14,7 @@ from typing import Any
 
 from mtlora_dist.data.errors import DataError
 from mtlora_dist.data.encoding import ENCODING_VERSION
-from mtlora_dist.storage.fs import StorageOptions, cached_fs, join, url_to_fs
+from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 
 __all__ = ["MANIFEST_NAME", "FORMAT", "ShardInfo", "Manifest", "manifest_url", "read_manifest", "verify_shards"]
@@ -86,7 +86,7 @@ def manifest_url(url: str) -> tuple[str, str]:
 def read_manifest(url: str, storage: StorageOptions | None = None) -> Manifest:
     """Read the manifest of the shard folder ``url`` (local, ``file://`` or ``s3://``), with retries."""
     folder, path_url = manifest_url(url)
-    fs, path = cached_fs(path_url, storage)
+    fs, path = url_to_fs(path_url, storage)
 
     def read() -> bytes:
         return fs.cat_file(path)

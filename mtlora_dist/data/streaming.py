@@ -1,17 +1,29 @@
 """Streaming shards into augmented batches inside one DataLoader worker (or the main process).
 
 Each worker follows its :class:`~mtlora_dist.data.plan.WorkerPlan`: a background thread reads the
-shards it needs in order through fsspec (so network reads overlap with decoding), and the worker
-thread emits samples in the planned order, decodes, transforms and collates them. Samples before the
-resume point are dropped as raw bytes, never decoded.
+shards it needs in order through fsspec (so network reads overlap with decoding) and splits them
+into samples with webdataset's tar iterators, and the worker thread emits samples in the planned
+order, decodes, transforms and collates them. Samples before the resume point are dropped as raw
+bytes, never decoded. With ``augment_on_device`` the worker only decodes (and draws each sample's
+warp); the loader warps the batch on the training device (``transforms.warp_batch``).
+
+Integrity (``verify_checksums``, on by default): every byte of a shard goes through sha256 while it
+streams (no second read; a worker that needs only the start of a shard reads the rest too, without
+parsing it), and the shard's samples are handed on only once the digest and size match the
+manifest, so a shard with flipped bytes fails as a whole, like any corrupt shard. A worker therefore
+holds up to about two shards' worth of its own samples (raw bytes) in memory.
+
+Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
+(:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
+copy that fails verification is dropped and the shard read from the store again.
 
 Failures (``on_error``):
 
 * a network error is retried ``read_retries`` times with exponential backoff, resuming the shard at
   the first sample not yet delivered; then the shard fails as *unreachable*;
 * a corrupt or truncated shard (including a tar that simply ends early: the count is compared with
-  the manifest), a missing shard or a sample that does not decode or lacks a task's member fail
-  without retry;
+  the manifest; and a checksum mismatch), a missing shard or a sample that does not decode or lacks
+  a task's member fail without retry;
 * ``"raise"``: the first failure is an error naming the shard (and sample) and the cause;
 * ``"skip"``: the failure is counted in the stats (``samples_skipped``/``samples_missing``,
   ``shards_failed``), logged as a warning, and the sample's slot is filled with a copy of a good one
@@ -22,6 +34,7 @@ Failures (``on_error``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import tarfile
@@ -31,22 +44,23 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
-from mtlora_dist.data.batch import collate
-from mtlora_dist.data.encoding import decode_sample
+from mtlora_dist.data.batch import collate, collate_decoded
+from mtlora_dist.data.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
 from mtlora_dist.data.errors import DataError, SampleDecodeError, ShardError, TooManyFailuresError
 from mtlora_dist.data.manifest import Manifest
 from mtlora_dist.data.plan import WorkerPlan, locate, make_worker_plan, shard_order
 from mtlora_dist.data.tarshards import iter_tar_samples
-from mtlora_dist.data.transforms import AUGMENT, eval_transform, train_transform
-from mtlora_dist.storage.fs import StorageOptions, cached_fs
-from mtlora_dist.storage.retry import StorageUnavailableError, backoff_delays, is_transient, unreachable_message
+from mtlora_dist.data.transforms import AUGMENT, Resampling, Warp, eval_transform, reduced_image_size, sample_warp, warp_sample
+from mtlora_dist.storage.fs import StorageOptions, is_remote, url_to_fs
+from mtlora_dist.storage.retry import RetryBudget, StorageUnavailableError, is_transient
+from mtlora_dist.storage.shard_cache import CacheEntryWriter, ShardCache
 
 __all__ = ["STAT_KEYS", "StreamConfig", "ShardStream"]
 
@@ -59,7 +73,8 @@ STAT_KEYS = (
     "samples_missing",        # listed in the manifest but never read: failed or truncated shards
     "samples_padded",         # copies placed in batches (evaluation padding, stand-ins for failures)
     "samples_resume_skipped",  # consumed before a resume, skipped undecoded
-    "shards_opened",
+    "shards_opened",          # shards opened on their storage (cache hits not included)
+    "shards_from_cache",      # shards read from the local shard cache
     "shards_failed",
     "retries",
 )
@@ -87,6 +102,47 @@ class StreamConfig:
     shuffle_buffer: int = 128
     prefetch_samples: int = 16
     max_consecutive_failures: int = 3
+    verify_checksums: bool = True
+    decoders: Decoders = field(default_factory=Decoders)
+    resampling: Resampling = field(default_factory=Resampling)
+    reduced_decode: bool = True     # decode the JPEG at 1/2..1/8 size when the warp shrinks it that much anyway
+    augment_on_device: bool = False  # workers decode only; the loader warps batches on the training device
+    cache_dir: str | None = None
+    cache_max_bytes: int = 0
+
+    @property
+    def checks_shards(self) -> bool:
+        """Whole shards are read and verified: asked for, or needed to fill the cache."""
+        return self.verify_checksums or self.cache_dir is not None
+
+
+class _BadCacheEntry(Exception):
+    """A cached shard failed verification: drop it and read the shard from its store."""
+
+
+class _Source:
+    """A shard's bytes, read once: hashed and counted as they pass, copied into the cache if filling it."""
+
+    def __init__(self, f: IO[bytes], name: str, entry: CacheEntryWriter | None = None) -> None:
+        self.f, self.name, self.entry = f, name, entry
+        self.digest = hashlib.sha256()
+        self.nbytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        self.nbytes += len(data)
+        if self.entry is not None:
+            self.entry.write(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the object."""
+        while self.read(1 << 20):
+            pass
+
+    def __repr__(self) -> str:  # webdataset appends the stream to error messages: name the shard
+        return self.name
 
 
 class _Stop(Exception):
@@ -96,15 +152,19 @@ class _Stop(Exception):
 class _ShardReader(threading.Thread):
     """Reads the needed samples of a list of shard segments, in order, into a bounded queue.
 
-    Puts exactly one event per needed sample: ``("sample", shard, idx, key, members)`` or
-    ``("missing", shard, idx, reason)``; or ``("error", exc)`` and stops. Ends with ``("done",)``.
+    Delivers exactly one event per needed sample: ``("sample", shard, idx, key, members)`` or
+    ``("missing", shard, idx, reason)``; when shards are verified, the samples of a shard come together
+    as ``("bundle", [sample events])`` once it checked out. Or ``("error", exc)`` and stops. Ends with
+    ``("done",)``.
     """
 
     def __init__(self, cfg: StreamConfig, segments: list[tuple[int, list[int]]]) -> None:
         super().__init__(daemon=True, name="mtlora-shard-reader")
         self.cfg = cfg
         self.segments = segments
-        self.events: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_samples))
+        # verified shards arrive as one ("bundle", events) each: one waits while the next is read
+        self.events: queue.Queue = queue.Queue(maxsize=1 if cfg.checks_shards else max(1, cfg.prefetch_samples))
+        self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if cfg.cache_dir else None
         self.stopping = threading.Event()
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # fixed keys: read from the other thread
         self._consecutive_failures = 0
@@ -136,68 +196,127 @@ class _ShardReader(threading.Thread):
 
     def _read_segment(self, shard: int, idxs: list[int]) -> None:
         url = self.cfg.manifest.shard_url(shard)
-        delays = backoff_delays(self.cfg.storage.read_retries, self.cfg.storage.retry_delay_s)
+        budget = RetryBudget(url, self.cfg.storage)
         progress = [0]  # how many of idxs were delivered: a retry resumes there
-        attempt, progress_at_failure = 0, 0
+        progress_at_failure = 0
+        use_cache = self.cache is not None and is_remote(url)
+        bad_copies = 0
         while True:
             try:
-                self._stream(shard, url, idxs, progress)
+                self._stream(shard, url, idxs, progress, use_cache)
                 self._consecutive_failures = 0
                 return
             except _Stop:
                 raise
+            except _BadCacheEntry as exc:
+                log.warning("cached copy of %s is corrupt (%s); reading it from the store", url, exc.__cause__)
+                self.cache.discard(self.cfg.manifest.shards[shard].sha256)
+                bad_copies += 1
+                use_cache = bad_copies < 2  # re-read from the store, storing a fresh copy (once)
+                continue
             except _DATA_ERRORS as exc:
                 message = str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: {type(exc).__name__}: {exc}"
                 return self._fail(shard, idxs, progress[0], message, ShardError, storage=False)
             except Exception as exc:  # noqa: BLE001 - classified: transient is retried, the rest fails
                 if progress[0] > progress_at_failure:  # it got further this time: a fresh set of retries
-                    attempt, progress_at_failure = 0, progress[0]
-                if is_transient(exc) and attempt < len(delays):
+                    budget.reset()
+                    progress_at_failure = progress[0]
+                delay = budget.next_delay(exc)
+                if delay is not None:
                     self.stats["retries"] += 1
-                    log.warning("reading %s failed (%s: %s); retry %d/%d in %.1f s", url, type(exc).__name__, exc,
-                                attempt + 1, len(delays), delays[attempt])
-                    if self.stopping.wait(delays[attempt]):
+                    if self.stopping.wait(delay):
                         raise _Stop from None
-                    attempt += 1
                     continue
                 if isinstance(exc, FileNotFoundError):
                     message, error = f"shard {url} listed in the manifest does not exist ({exc})", ShardError
                 elif is_transient(exc):
-                    message, error = unreachable_message(url, exc, attempt + 1, self.cfg.storage), StorageUnavailableError
+                    message, error = str(budget.unavailable(exc)), StorageUnavailableError
                 else:
                     message = (f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and "
                                "the bucket's permissions")
                     error = StorageUnavailableError
                 return self._fail(shard, idxs, progress[0], message, error, storage=True)
 
-    def _stream(self, shard: int, url: str, idxs: list[int], progress: list[int]) -> None:
+    @contextmanager
+    def _open(self, shard: int, url: str, use_cache: bool) -> Iterator[_Source]:
+        """The shard's bytes: from the cache when it holds them, else from storage (filling the cache)."""
         info = self.cfg.manifest.shards[shard]
-        fs, path = cached_fs(url, self.cfg.storage)
-        seen = 0
+        cached = self.cache.open(info.sha256) if use_cache else None
+        if cached is not None:
+            self.stats["shards_from_cache"] += 1
+            with cached:
+                yield _Source(cached, f"{url} (cached as {cached.name})")
+            return
+        fs, path = url_to_fs(url, self.cfg.storage)
         with fs.open(path, "rb", block_size=self.cfg.storage.block_size) as f:
             self.stats["shards_opened"] += 1
-            for i, (key, members) in enumerate(iter_tar_samples(f)):
-                seen = i + 1
-                if progress[0] == len(idxs):
-                    raise ShardError(
-                        f"shard {url} holds more than the {info.num_samples} samples its manifest lists: the "
-                        "manifest is stale; re-run the conversion"
-                    )
-                if i < idxs[progress[0]]:
-                    continue  # not ours, or consumed before a resume: dropped undecoded
-                self._put(("sample", shard, i, key, members))
-                self.stats["samples_read"] += 1
-                progress[0] += 1
-                if progress[0] == len(idxs) and idxs[-1] != info.num_samples - 1:
-                    return  # the rest of the shard is someone else's
-            if progress[0] < len(idxs):
-                size = fs.size(path)
-                detail = (f"the object is {size} bytes, the manifest says {info.bytes}" if size != info.bytes
-                          else "the tar ends early: corrupt content")
+            entry = self.cache.new_entry(info.sha256) if use_cache else None
+            try:
+                yield _Source(f, url, entry)
+            finally:
+                if entry is not None:
+                    entry.abort()  # no-op once committed
+
+    def _stream(self, shard: int, url: str, idxs: list[int], progress: list[int], use_cache: bool) -> None:
+        with self._open(shard, url, use_cache) as source:
+            try:
+                held = self._read_samples(shard, url, idxs, progress, source)
+            except _DATA_ERRORS as exc:
+                if source.name != url:  # a cached copy
+                    raise _BadCacheEntry from exc
+                raise
+            if source.entry is not None:
+                source.entry.commit()
+        if held:
+            self._put(("bundle", held))
+            self.stats["samples_read"] += len(held)
+            progress[0] += len(held)
+
+    def _read_samples(self, shard: int, url: str, idxs: list[int], progress: list[int], source: _Source) -> list[tuple]:
+        """Put (or, when verifying, return) the needed samples of one shard; check it against the manifest."""
+        info = self.cfg.manifest.shards[shard]
+        checking = self.cfg.checks_shards
+        held: list[tuple] = []
+        seen = 0
+        for i, (key, members) in enumerate(iter_tar_samples(source, url)):
+            seen = i + 1
+            if i >= info.num_samples:
                 raise ShardError(
-                    f"shard {url} is truncated: the tar ended after {seen} sample(s) but the manifest lists "
-                    f"{info.num_samples} ({detail})"
+                    f"shard {url} holds more than the {info.num_samples} samples its manifest lists: the "
+                    "manifest is stale; re-run the conversion"
                 )
+            at = progress[0] + len(held)
+            if at < len(idxs) and i == idxs[at]:
+                event = ("sample", shard, i, key, members)
+                if checking:
+                    held.append(event)  # handed on once the whole shard checks out
+                else:
+                    self._put(event)
+                    self.stats["samples_read"] += 1
+                    progress[0] += 1
+                    if progress[0] == len(idxs) and idxs[-1] != info.num_samples - 1:
+                        return held  # the rest of the shard is someone else's
+        if checking:
+            source.drain()
+        if seen < info.num_samples:
+            size = source.nbytes if checking else self._size(url)
+            detail = (f"the object is {size} bytes, the manifest says {info.bytes}" if size != info.bytes
+                      else "the tar ends early: corrupt content")
+            raise ShardError(
+                f"shard {url} is truncated: the tar ended after {seen} sample(s) but the manifest lists "
+                f"{info.num_samples} ({detail})"
+            )
+        if checking and (source.nbytes != info.bytes or source.digest.hexdigest() != info.sha256):
+            raise ShardError(
+                f"shard {url} does not match its manifest: {source.nbytes} bytes with sha256 "
+                f"{source.digest.hexdigest()[:16]}..., the manifest says {info.bytes} bytes with sha256 "
+                f"{info.sha256[:16]}... (corrupt or replaced content; re-run the conversion or restore the shard)"
+            )
+        return held
+
+    def _size(self, url: str) -> int:
+        fs, path = url_to_fs(url, self.cfg.storage)
+        return fs.size(path)
 
     def _fail(self, shard: int, idxs: list[int], done: int, message: str, error: type[Exception], storage: bool) -> None:
         if self.cfg.on_error == "raise":
@@ -224,7 +343,7 @@ def _one_thread() -> Iterator[None]:
         yield
         return
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # OpenCV always runs on one thread (see transforms)
     try:
         yield
     finally:
@@ -287,15 +406,32 @@ class ShardStream(IterableDataset):
     def _prepare(self, event: tuple, valid: bool, epoch: int) -> dict[str, Any]:
         _, shard, idx, key, members = event
         cfg = self.cfg
-        sample = decode_sample(key, members, cfg.tasks)
+        url = cfg.manifest.shard_url(shard)
+        if not cfg.augment:
+            sample = decode_sample(key, members, cfg.tasks, shard=url, decoders=cfg.decoders)
+            with _one_thread():
+                out = eval_transform(sample, cfg.tasks, cfg.img_size, cfg.protocol, cfg.resampling)
+            out["valid"] = valid
+            return out
+        # the warp depends only on (seed, epoch, sample), wherever it is applied: resumes stay exact
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, shard, idx, 0xA06]))
+        warp = sample_warp(AUGMENT[cfg.manifest.dataset], rng)
+        sample = decode_sample(key, members, cfg.tasks, shard=url, decoders=cfg.decoders,
+                               image_min_hw=self._reduced_size(members, warp))
+        if cfg.augment_on_device:
+            sample.update(warp=warp, valid=valid)
+            return sample
         with _one_thread():
-            if cfg.augment:
-                rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, shard, idx, 0xA06]))
-                out = train_transform(sample, cfg.tasks, cfg.img_size, AUGMENT[cfg.manifest.dataset], rng)
-            else:
-                out = eval_transform(sample, cfg.tasks, cfg.img_size, cfg.protocol)
+            out = warp_sample(sample, cfg.tasks, cfg.img_size, warp, cfg.resampling)
         out["valid"] = valid
         return out
+
+    def _reduced_size(self, members: dict[str, bytes], warp: Warp) -> tuple[int, int] | None:
+        """How small the JPEG may be decoded: only when the warp shrinks it 2x or more anyway."""
+        if not (self.cfg.reduced_decode and self.cfg.decoders.jpeg == "simplejpeg"):
+            return None
+        full = jpeg_size(members.get(IMAGE_SUFFIX, b""))
+        return reduced_image_size(full, self.cfg.img_size, warp) if full else None
 
     def _samples(self, plan: WorkerPlan, reader: _ShardReader, slots: list[tuple[int, int]],
                  stats: Counter[str], epoch: int) -> Iterator[dict[str, Any]]:
@@ -309,12 +445,11 @@ class ShardStream(IterableDataset):
             if event[0] == "sample":
                 try:
                     out = self._prepare(event, valid, epoch)
-                except SampleDecodeError as exc:
-                    url = self.cfg.manifest.shard_url(slot[0])
+                except SampleDecodeError as exc:  # names the shard and the sample
                     if self.cfg.on_error == "raise":
-                        raise DataError(f"bad sample in shard {url}: {exc}") from exc
+                        raise DataError(f"bad sample: {exc}") from exc
                     stats["samples_skipped"] += 1
-                    log.warning("skipping a sample of shard %s: %s", url, exc)
+                    log.warning("skipping a bad sample: %s", exc)
             if out is not None:
                 good = event
                 yield out
@@ -345,7 +480,7 @@ class ShardStream(IterableDataset):
                 items = [next(samples) for _ in range(size)]
                 stats["samples_yielded"] += size
                 stats["samples_padded"] += sum(1 for s in items if not s["valid"])
-                batch = collate(items, cfg.tasks)
+                batch = (collate_decoded if cfg.augment and cfg.augment_on_device else collate)(items, cfg.tasks)
                 delta = {k: int(stats[k] + reader.stats[k] - reported[k]) for k in STAT_KEYS}
                 reported.update(delta)
                 batch["__stats__"] = delta  # the loader adds these up in the main process
@@ -385,6 +520,7 @@ class _Pending:
                 raise event[1]
             if event[0] == "done":
                 raise DataError(f"the shard reader finished without sample {slot} (planning bug)")
-            self.events[(event[1], event[2])] = event
+            for item in event[1] if event[0] == "bundle" else (event,):
+                self.events[(item[1], item[2])] = item
         self.uses[slot] -= 1
         return self.events[slot] if self.uses[slot] else self.events.pop(slot)

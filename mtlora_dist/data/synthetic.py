@@ -39,7 +39,7 @@ from mtlora_dist.data.labels import HUMAN_PART, PERSON_CLASS, VOC_CLASSES
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.tasks.registry import DATASET_TASKS, IGNORE_INDEX
 
-__all__ = ["Scene", "make_scene", "generate", "ensure_synthetic", "sample_ids", "main"]
+__all__ = ["Scene", "make_scene", "generate", "ensure_synthetic", "synthetic_shards", "sample_ids", "main"]
 
 MARKER = "SYNTHETIC.json"  # written last: its presence means the dataset is complete
 LIGHT = np.array([-0.5, -0.6, 1.0]) / np.linalg.norm([-0.5, -0.6, 1.0])  # x right, y down, z to camera
@@ -440,6 +440,23 @@ def ensure_synthetic(dataset: str, root: str, num_train: int, num_val: int, seed
                 return False
     generate(dataset, root, num_train, num_val, seed, size)
     return True
+
+
+def synthetic_shards(dataset: str, root: str, *, num_train: int, num_val: int, seed: int = 0,
+                     shard_size_mb: float = 1.0, make: bool = True) -> dict[str, str]:
+    """``{split: shard folder}`` of a synthetic dataset under ``root/<dataset>``; with ``make``, the raw
+    layout is generated and converted to shards on first use, and again when the settings change."""
+    from mtlora_dist.data.convert import convert  # the generator stays importable without the converter
+
+    base = os.path.abspath(os.path.join(root, dataset))
+    raw = os.path.join(base, "raw")
+    urls = {split: os.path.join(base, "shards", split) for split in ("train", "val")}
+    if make:
+        generated = ensure_synthetic(dataset, raw, num_train, num_val, seed)
+        if generated or not all(os.path.isfile(os.path.join(u, "manifest.json")) for u in urls.values()):
+            for split, url in urls.items():
+                convert(dataset, raw, split, url, shard_size_mb=shard_size_mb)
+    return urls
 
 
 def main(argv: list[str] | None = None) -> None:

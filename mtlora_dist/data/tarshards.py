@@ -1,48 +1,53 @@
-"""Writing and reading webdataset tar shards, byte for byte reproducibly.
+"""Shards in webdataset's format, written and read with webdataset's own tar primitives.
 
 A shard is a plain USTAR tar whose consecutive members ``<key>.<suffix>`` form one sample (the
-webdataset convention: the key is the member name up to the first dot of its base name). Headers are
-fixed (mtime 0, uid/gid 0, no user names, mode 0444) so the same samples give the same bytes.
+webdataset convention: the key is the member name up to the first dot of its base name), so any
+``webdataset.WebDataset`` reads our shards. What this module adds around webdataset's ``TarWriter``,
+``tar_file_iterator`` and ``group_by_keys``: fixed headers (mtime 0, uid/gid 0, no user names, mode
+0444) so the same samples give the same bytes, the size a shard will have (the converter cuts shards
+by size), and ``(key, members)`` pairs with errors the streaming code can classify.
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from typing import IO
 
-__all__ = ["TarShardWriter", "iter_tar_samples", "split_member_name"]
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.writer import TarWriter
+
+from mtlora_dist.data.errors import ShardError
+
+__all__ = ["TarShardWriter", "iter_tar_samples", "tar_size"]
+
+_BLOCK = 512
+
+
+def tar_size(members: Mapping[str, bytes]) -> int:
+    """Bytes that ``members`` take in a tar: a header block each plus the data padded to blocks."""
+    return sum(_BLOCK + -(-len(data) // _BLOCK) * _BLOCK for data in members.values())
 
 
 class TarShardWriter:
-    """Appends samples to a local tar file with deterministic headers."""
+    """Writes samples ``{suffix: bytes}`` into a local tar, reproducibly, through webdataset's ``TarWriter``.
+
+    Members of a sample are stored in sorted suffix order (``TarWriter``'s order)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file = open(path, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._writer = TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)  # USTAR
         self.num_samples = 0
+        self.size = 0  # bytes of the samples so far (before the end-of-archive blocks)
 
-    @property
-    def size(self) -> int:
-        """Bytes written so far (before the end-of-archive blocks)."""
-        return self._file.tell()
-
-    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
-        for suffix, data in members:
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
-            self._tar.addfile(info, io.BytesIO(data))
+    def add(self, key: str, members: Mapping[str, bytes]) -> None:
+        members = dict(members)
+        self._writer.write({"__key__": key, **members})
+        self.size += tar_size(members)
         self.num_samples += 1
 
     def close(self) -> None:
-        self._tar.close()
+        self._writer.close()
         self._file.close()
 
     def __enter__(self) -> TarShardWriter:
@@ -52,37 +57,23 @@ class TarShardWriter:
         self.close()
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """``"dir/2008_000002.semseg.png"`` -> ``("dir/2008_000002", "semseg.png")``."""
-    head, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), suffix
+def _named(members: Iterator[dict], url: str) -> Iterator[dict]:
+    for member in members:
+        member["__url__"] = url
+        yield member
 
 
-def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {suffix: bytes})`` per sample from a tar stream, in archive order.
+def iter_tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {suffix: bytes})`` per sample of a tar stream, in archive order (sequential reads).
 
-    Reads sequentially (``r|``), so it works on non-seekable streams. Non-file members and names
-    starting with ``__`` are ignored. ``tarfile.ReadError`` propagates for a corrupt header; note that a
-    stream cut at a header boundary just ends, which is why callers compare counts with the manifest.
+    A corrupt header or a member cut short raises ``tarfile.TarError``; a member name repeated within a
+    sample raises :class:`ShardError`. A stream cut at a header boundary just ends, which is why the
+    streaming code compares counts and checksums with the manifest.
     """
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        key: str | None = None
-        members: dict[str, bytes] = {}
-        for info in tar:
-            if not info.isreg():
-                continue
-            k, suffix = split_member_name(info.name)
-            if k.rpartition("/")[2].startswith("__"):
-                continue
-            extracted = tar.extractfile(info)
-            data = extracted.read() if extracted is not None else b""
-            if len(data) != info.size:
-                raise tarfile.ReadError(f"member {info.name} is truncated ({len(data)} of {info.size} bytes)")
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            members[suffix] = data
-        if key is not None:
-            yield key, members
+    try:
+        for sample in group_by_keys(_named(tar_file_iterator(fileobj), url)):
+            key = sample.pop("__key__")
+            sample.pop("__url__", None)
+            yield key, sample
+    except ValueError as exc:  # group_by_keys: a duplicate member name
+        raise ShardError(f"shard {url or fileobj}: {exc.args[0] if exc.args else exc}") from None

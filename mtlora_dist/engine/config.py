@@ -31,13 +31,26 @@ from mtlora_dist.choices import StrEnum
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
 
-__all__ = ["TrainConfig", "load_config", "run_config", "run_dir_of", "ConfigError", "to_yaml", "check_data", "group_options", "PACKAGE_CONFIGS",
-           "SECRET_ENV_HINT", "refuse_secret_overrides"]
+__all__ = [
+    "TrainConfig",
+    "load_config",
+    "run_config",
+    "run_dir_of",
+    "ConfigError",
+    "to_yaml",
+    "check_data",
+    "group_options",
+    "PACKAGE_CONFIGS",
+    "SECRET_ENV_HINT",
+    "refuse_secret_overrides",
+]
 
 DEFAULT_TASKS = ["semseg", "human_parts", "sal", "normals"]
 PACKAGE_CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
-SECRET_ENV_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead (or pass "
-                   "data.storage.key='${oc.env:MY_KEY_VARIABLE}', which puts only the variable's name on the command line)")
+SECRET_ENV_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead (or pass "
+    "data.storage.key='${oc.env:MY_KEY_VARIABLE}', which puts only the variable's name on the command line)"
+)
 
 
 class ConfigError(ValueError):
@@ -47,6 +60,11 @@ class ConfigError(ValueError):
 # skip: a corrupt sample or shard is counted and skipped; raise: it stops the run. (The functional form
 # because ``raise`` is a keyword; OmegaConf takes a choice by its member name.)
 OnError = StrEnum("OnError", {"skip": "skip", "raise": "raise"})
+
+
+class AugmentDevice(StrEnum):
+    worker = "worker"  # DataLoader workers decode and augment
+    device = "device"  # workers decode; flip/rotation/scale/resize run batched on the training device
 
 
 class EvalProtocol(StrEnum):
@@ -95,6 +113,10 @@ class DataConfig:
     num_workers: int | None = None  # DataLoader workers per loader; null = from the CPUs (docs/data.md)
     on_error: OnError = OnError.skip
     eval_protocol: EvalProtocol = EvalProtocol.original
+    verify_checksums: bool = True  # each shard's sha256 checked while it streams; a mismatch is a corrupt shard
+    augment_device: AugmentDevice = AugmentDevice.worker
+    cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
+    cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -159,8 +181,9 @@ class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
     max_batches: int = 0  # 0 = the whole split
     visual_samples: int = 4  # validation images in <run_dir>/reports/predictions_step_*.png; 0 = no grid
-    baselines: dict[str, float] = field(default_factory=lambda: {
-        "semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97})
+    baselines: dict[str, float] = field(
+        default_factory=lambda: {"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97}
+    )
 
 
 @dataclass
@@ -195,7 +218,9 @@ def _is_number(value: Any, kind: type) -> bool:
 
 
 def _per_stage(value: Any, kind: type) -> bool:
-    return _is_number(value, kind) or (isinstance(value, list) and bool(value) and all(_is_number(v, kind) for v in value))
+    return _is_number(value, kind) or (
+        isinstance(value, list) and bool(value) and all(_is_number(v, kind) for v in value)
+    )
 
 
 def _check_adapter(adapter: AdapterConfig, tasks: list[str]) -> None:
@@ -203,8 +228,12 @@ def _check_adapter(adapter: AdapterConfig, tasks: list[str]) -> None:
     task name to either; ``task_scale: null`` means the shared scale. OmegaConf has no union fields, so
     the schema types them ``Any`` and this check types them once, when the config is composed."""
     shape = "a positive {}, a list of them (one per stage){}"
-    fields = (("shared_rank", int, False), ("shared_scale", float, False), ("task_rank", int, True),
-              ("task_scale", float, True))
+    fields = (
+        ("shared_rank", int, False),
+        ("shared_scale", float, False),
+        ("task_rank", int, True),
+        ("task_scale", float, True),
+    )
     for name, kind, per_task in fields:
         value = getattr(adapter, name)
         if name == "task_scale" and value is None:
@@ -212,14 +241,16 @@ def _check_adapter(adapter: AdapterConfig, tasks: list[str]) -> None:
         if per_task and isinstance(value, dict):
             unknown = sorted(set(value) - set(tasks))
             if unknown:
-                raise ConfigError(f"config key 'adapter.{name}' names task(s) {unknown} that are not trained; "
-                                  f"tasks: {list(tasks)}")
+                raise ConfigError(
+                    f"config key 'adapter.{name}' names task(s) {unknown} that are not trained; tasks: {list(tasks)}"
+                )
             ok = all(_per_stage(v, kind) for v in value.values())
         else:
             ok = _per_stage(value, kind)
         if not ok:
-            what = shape.format("integer" if kind is int else "number",
-                                ", or a mapping from task name to either" if per_task else "")
+            what = shape.format(
+                "integer" if kind is int else "number", ", or a mapping from task name to either" if per_task else ""
+            )
             raise ConfigError(f"config key 'adapter.{name}' is {value!r}; expected {what}")
 
 
@@ -244,7 +275,8 @@ def check_data(data: DataConfig) -> None:
         f"{data.dataset} shards. Pass {'them' if len(missing) == 2 else 'both'}, e.g.\n"
         f"  data.train_url=s3://my-bucket/{data.dataset}/train data.val_url=s3://my-bucket/{data.dataset}/val\n"
         "(a folder or s3:// prefix holding manifest.json, written by launch/convert.py; docs/data.md)"
-        + ("" if data.synthetic.enabled else ", or add data=synthetic to try the recipe on generated data"))
+        + ("" if data.synthetic.enabled else ", or add data=synthetic to try the recipe on generated data")
+    )
 
 
 def refuse_secret_overrides(overrides: list[str]) -> None:
@@ -255,18 +287,22 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
         key, sep, value = override.partition("=")
         leaf = key.lstrip("+~").rsplit(".", 1)[-1]
         if sep and is_secret_key(leaf) and value.strip() not in ("", "null") and not value.startswith("${oc.env:"):
-            raise ConfigError(f"'{key.lstrip('+~')}' is a credential and must not be given on the command line "
-                              f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
-                              "was shared, rotate it")
+            raise ConfigError(
+                f"'{key.lstrip('+~')}' is a credential and must not be given on the command line "
+                f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
+                "was shared, rotate it"
+            )
 
 
 def _refuse_hydra_settings(overrides: list[str]) -> None:
     for override in overrides:
         key = override.partition("=")[0].lstrip("+~")
         if key == "hydra" or key.startswith("hydra."):
-            raise ConfigError(f"'{key}' is a Hydra application setting; these entry points compose the config "
-                              "with Hydra but are not Hydra apps: the output folder is run_dir=..., and a sweep "
-                              "is one command per point (a shell loop or a SLURM array, docs/slurm.md)")
+            raise ConfigError(
+                f"'{key}' is a Hydra application setting; these entry points compose the config "
+                "with Hydra but are not Hydra apps: the output folder is run_dir=..., and a sweep "
+                "is one command per point (a shell loop or a SLURM array, docs/slurm.md)"
+            )
 
 
 def _search_path_override(config_dir: str) -> list[str]:
@@ -284,14 +320,18 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     overrides = list(overrides or [])
     path = os.path.abspath(path or os.path.join(PACKAGE_CONFIGS, "quickstart.yaml"))
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML under configs/ "
-                          f"(available: {sorted(group_options([PACKAGE_CONFIGS]).get('', []))})")
+        raise ConfigError(
+            f"config file '{path}' does not exist; pass --config with a YAML under configs/ "
+            f"(available: {sorted(group_options([PACKAGE_CONFIGS]).get('', []))})"
+        )
     _refuse_hydra_settings(overrides)
     config_dir = os.path.dirname(path)
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            composed = compose(config_name=os.path.splitext(os.path.basename(path))[0],
-                               overrides=overrides + _search_path_override(config_dir))
+            composed = compose(
+                config_name=os.path.splitext(os.path.basename(path))[0],
+                overrides=overrides + _search_path_override(config_dir),
+            )
         # A plain container: keys added with '+' would otherwise ride along into the dataclass unchecked.
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(composed))
         cfg: TrainConfig = OmegaConf.to_object(merged)
@@ -314,7 +354,8 @@ def group_options(config_dirs: list[str]) -> dict[str, list[str]]:
             full = os.path.join(root, entry)
             if os.path.isdir(full):
                 found.setdefault(entry, set()).update(
-                    os.path.splitext(f)[0] for f in os.listdir(full) if f.endswith(".yaml"))
+                    os.path.splitext(f)[0] for f in os.listdir(full) if f.endswith(".yaml")
+                )
             elif entry.endswith(".yaml"):
                 found.setdefault("", set()).add(os.path.splitext(entry)[0])
     return {group: sorted(options) for group, options in sorted(found.items())}

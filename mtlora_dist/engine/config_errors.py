@@ -69,8 +69,10 @@ def unknown_key_message(full_key: str) -> str:
             valid = sorted(by_name)
             close = difflib.get_close_matches(part, valid, n=2)
             hint = f"; did you mean {' or '.join(repr('.'.join(path + [c])) for c in close)}?" if close else ";"
-            return (f"unknown config key '{'.'.join(path + [part])}'{hint} valid keys "
-                    f"{'under ' + repr(where) if where else 'at the top level'}: {valid}")
+            return (
+                f"unknown config key '{'.'.join(path + [part])}'{hint} valid keys "
+                f"{'under ' + repr(where) if where else 'at the top level'}: {valid}"
+            )
         default = by_name[part].default_factory() if callable(by_name[part].default_factory) else None
         node = type(default) if is_dataclass(default) else None
         path.append(part)
@@ -87,13 +89,17 @@ def _missing_option(message: str, search_dirs: list[str]) -> str | None:
 
     options = group_options(search_dirs).get(group)
     if not options:
-        return (f"the config's defaults list names '{group}/{option}', but there is no '{group}/' folder beside the "
-                f"file or in the package's configs/ ({search_dirs[-1]}); keep the group folders (model/, adapter/, "
-                "data/, ...) beside a copied recipe, or start from a recipe under configs/")
+        return (
+            f"the config's defaults list names '{group}/{option}', but there is no '{group}/' folder beside the "
+            f"file or in the package's configs/ ({search_dirs[-1]}); keep the group folders (model/, adapter/, "
+            "data/, ...) beside a copied recipe, or start from a recipe under configs/"
+        )
     close = difflib.get_close_matches(option, options, n=2)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return f"there is no {group} option '{option}'{hint}; available {group} options: {options} " \
-           f"(YAML files under {', '.join(os.path.join(d, group) for d in dict.fromkeys(search_dirs))})"
+    return (
+        f"there is no {group} option '{option}'{hint}; available {group} options: {options} "
+        f"(YAML files under {', '.join(os.path.join(d, group) for d in dict.fromkeys(search_dirs))})"
+    )
 
 
 def _bad_value(err: ValidationError, overrides: list[str]) -> str:
@@ -116,9 +122,11 @@ def explain(err: BaseException, overrides: list[str], search_dirs: list[str]) ->
     top = _first_line(err)
     message = None
     if "Ambiguous value for argument" in top:
-        message = (f"{top}: a comma in a value asks Hydra for a sweep, which these entry points do not run; "
-                   "quote a list as key=[a,b], or run one command per value (a shell loop or a SLURM array, "
-                   "docs/slurm.md)")
+        message = (
+            f"{top}: a comma in a value asks Hydra for a sweep, which these entry points do not run; "
+            "quote a list as key=[a,b], or run one command per value (a shell loop or a SLURM array, "
+            "docs/slurm.md)"
+        )
     elif "Error parsing override" in top:
         message = f"{top}: overrides are key=value (e.g. max_steps=100, data.batch_size=16, adapter=mtlora_r16)"
     if message is None:

@@ -18,7 +18,7 @@ import datetime
 import logging
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -30,8 +30,11 @@ log = logging.getLogger("mtlora_dist")
 
 def setup_logging(rank: int) -> None:
     """The console format of every rank; third-party chatter kept to warnings."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s r{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
     if rank != 0:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -48,8 +51,11 @@ class Progress:
         self.total, self.first_step = total, initial
         self.enabled = enabled
         self.started = time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stdout) \
-            if enabled and bar and sys.stdout.isatty() else None
+        self.bar = (
+            tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stdout)
+            if enabled and bar and sys.stdout.isatty()
+            else None
+        )
 
     @contextlib.contextmanager
     def routing_logs(self) -> Iterator[None]:
@@ -75,8 +81,15 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{samples_per_s:.1f}")
             return
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | ETA %s", step, self.total, loss, lr,
-                 samples_per_s, format_eta(self.eta(step)))
+        log.info(
+            "step %d/%d | loss %.4f | lr %.2e | %.1f img/s | ETA %s",
+            step,
+            self.total,
+            loss,
+            lr,
+            samples_per_s,
+            format_eta(self.eta(step)),
+        )
 
     def close(self) -> None:
         if self.bar is not None:

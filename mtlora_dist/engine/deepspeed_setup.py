@@ -27,8 +27,13 @@ def check_deepspeed_version(version: str) -> bool:
     low, high = (Version(v) for v in TESTED_DEEPSPEED)
     if low <= Version(version) < high:
         return True
-    log.warning("DeepSpeed %s is outside the tested range >=%s,<%s; reinstall with pip install "
-                "'deepspeed>=%s,<%s' if training or resuming fails", version, *TESTED_DEEPSPEED, *TESTED_DEEPSPEED)
+    log.warning(
+        "DeepSpeed %s is outside the tested range >=%s,<%s; reinstall with pip install "
+        "'deepspeed>=%s,<%s' if training or resuming fails",
+        version,
+        *TESTED_DEEPSPEED,
+        *TESTED_DEEPSPEED,
+    )
     return False
 
 
@@ -64,8 +69,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def initialize_engine(model: nn.Module, optim: OptimConfig, settings: DeepSpeedSettings, micro_batch: int,
-                      world_size: int, total_steps: int):
+def initialize_engine(
+    model: nn.Module,
+    optim: OptimConfig,
+    settings: DeepSpeedSettings,
+    micro_batch: int,
+    world_size: int,
+    total_steps: int,
+):
     """``deepspeed.initialize`` with AdamW over trainable parameter groups and a warmup-cosine schedule
     that DeepSpeed steps (and checkpoints) with the optimizer."""
     import deepspeed

@@ -87,7 +87,8 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not comm.is_distributed():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
+        )
     comm.init_control_group()  # host-side control collectives (NCCL refuses CPU tensors)
     return DistInfo(comm.rank(), comm.world_size(), local_rank, device)

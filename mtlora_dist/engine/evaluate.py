@@ -8,7 +8,8 @@ buffers to every rank, the metrics, their log lines, then whatever reports the e
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -30,8 +31,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, evaluator: MultiTaskEvaluator, device: torch.device, dtype: torch.dtype,
-             max_batches: int = 0) -> dict:
+def evaluate(
+    engine, loader, evaluator: MultiTaskEvaluator, device: torch.device, dtype: torch.dtype, max_batches: int = 0
+) -> dict:
     """Run ``loader`` through the model in eval mode and return the evaluator's (all-reduced) results."""
     module = engine.module if hasattr(engine, "module") else engine
     was_training = module.training
@@ -47,8 +49,9 @@ def evaluate(engine, loader, evaluator: MultiTaskEvaluator, device: torch.device
         if "valid" in batch:  # padding samples that keep ranks in step must not be counted
             keep = batch["valid"].bool()
             preds = {t: p[keep] for t, p in preds.items()}
-            batch = {k: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == keep.shape else v)
-                     for k, v in batch.items()}
+            batch = {
+                k: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == keep.shape else v) for k, v in batch.items()
+            }
             if not keep.any():
                 continue
         evaluator.update(preds, batch)
@@ -60,8 +63,7 @@ def evaluate(engine, loader, evaluator: MultiTaskEvaluator, device: torch.device
 class TrainingReports(Protocol):
     """What a training run shows people besides its metrics (``reports.TrainingReporter``)."""
 
-    def after_evaluation(self, model, step: int, logger: RunLogger, device: torch.device,
-                         dtype: torch.dtype) -> None:
+    def after_evaluation(self, model, step: int, logger: RunLogger, device: torch.device, dtype: torch.dtype) -> None:
         """Called on every rank after each evaluation (a forward may be a collective under ZeRO-3)."""
 
     def at_end(self, logger: RunLogger, step: int) -> None:
@@ -74,8 +76,18 @@ ReportsFactory = Callable[..., "TrainingReports | None"]  # (cfg, val_url) -> re
 class Validation:
     """Evaluation at ``every`` steps and at the last one; call :meth:`run` on every rank."""
 
-    def __init__(self, loader, evaluator: MultiTaskEvaluator, logger: RunLogger, *, every: int, max_batches: int,
-                 device: torch.device, dtype: torch.dtype, reports: TrainingReports | None = None) -> None:
+    def __init__(
+        self,
+        loader,
+        evaluator: MultiTaskEvaluator,
+        logger: RunLogger,
+        *,
+        every: int,
+        max_batches: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        reports: TrainingReports | None = None,
+    ) -> None:
         self.loader, self.evaluator, self.logger = loader, evaluator, logger
         self.every, self.max_batches = every, max_batches
         self.device, self.dtype = device, dtype
@@ -89,8 +101,10 @@ class Validation:
         results = evaluate(engine, self.loader, self.evaluator, self.device, self.dtype, self.max_batches)
         if self.logger.enabled:
             tasks = {t: results[t] for t in self.evaluator.tasks}
-            self.logger.log({"step": step, "split": "val", "tasks": tasks, "delta_m": results.get("delta_m")},
-                            console=f"evaluation at step {step}\n{self.evaluator.table(results)}")
+            self.logger.log(
+                {"step": step, "split": "val", "tasks": tasks, "delta_m": results.get("delta_m")},
+                console=f"evaluation at step {step}\n{self.evaluator.table(results)}",
+            )
             self.logger.flush()
         if self.reports is not None:
             self.reports.after_evaluation(engine, step, self.logger, self.device, self.dtype)

@@ -12,7 +12,9 @@ __all__ = ["run_fingerprint"]
 def run_fingerprint(cfg: TrainConfig) -> dict:
     return {
         "backbone": cfg.model.backbone,
-        "backbone_kwargs": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.backbone_kwargs.items()},
+        "backbone_kwargs": {
+            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.model.backbone_kwargs.items()
+        },
         "dataset": cfg.data.dataset,
         "tasks": list(cfg.data.tasks),
         "adapter_mode": cfg.adapter.mode,

@@ -35,8 +35,14 @@ def scaled_lrs(cfg: OptimConfig, global_batch: int) -> tuple[float, float, float
     return cfg.base_lr * factor, cfg.warmup_lr * factor, cfg.min_lr * factor
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, base_lr: float, warmup_lr: float, min_lr: float,
-                  warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    base_lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from ``warmup_lr`` to ``base_lr``, then cosine down to ``min_lr``; per step."""
 
     def factor(step: int) -> float:

@@ -26,5 +26,4 @@ def quiet_third_party() -> None:
     if "DS_ACCELERATOR" not in os.environ and not _cuda_present():
         os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed would pick, said so it need not warn
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes",
-                            category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes", category=UserWarning)

@@ -26,8 +26,8 @@ from torch import nn
 from mtlora_dist.checkpoint import format as ckpt
 from mtlora_dist.checkpoint.storage import CheckpointStore
 from mtlora_dist.engine.config import TrainConfig
-from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.fingerprint import run_fingerprint
+from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.models.precision import align_buffers
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
@@ -65,18 +65,24 @@ def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> Check
     if fs.exists(f"{path}/{ckpt.MARKER}"):
         parent, tag = posixpath.split(url)
         if posixpath.basename(parent) != CHECKPOINTS_DIR:
-            raise ckpt.CheckpointError(f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
-                                  "of a run directory; pass the run directory or <run_dir>/checkpoints/step_X")
+            raise ckpt.CheckpointError(
+                f"{url} holds a checkpoint marker but is not inside a '{CHECKPOINTS_DIR}/' folder "
+                "of a run directory; pass the run directory or <run_dir>/checkpoints/step_X"
+            )
         marker = CheckpointStore(parent, storage).marker(tag)
         if marker is None:
-            raise ckpt.CheckpointError(f"{url} is not a complete checkpoint: its {ckpt.MARKER} is unreadable or lists "
-                                  "files that are missing or of another size")
+            raise ckpt.CheckpointError(
+                f"{url} is not a complete checkpoint: its {ckpt.MARKER} is unreadable or lists "
+                "files that are missing or of another size"
+            )
         return CheckpointRef(posixpath.dirname(parent), tag, marker)
     run_dir = posixpath.dirname(url) if posixpath.basename(url) == CHECKPOINTS_DIR else url
     found = CheckpointStore(join(run_dir, CHECKPOINTS_DIR), storage).newest_complete()
     if found is None:
-        raise ckpt.CheckpointError(f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
-                              f"its {ckpt.MARKER} is written); pass a run directory or a checkpoints/step_X folder")
+        raise ckpt.CheckpointError(
+            f"no complete checkpoint under {run_dir}/{CHECKPOINTS_DIR} (a checkpoint counts once "
+            f"its {ckpt.MARKER} is written); pass a run directory or a checkpoints/step_X folder"
+        )
     return CheckpointRef(run_dir, *found)
 
 
@@ -85,12 +91,15 @@ def _check_matches(ref: CheckpointRef, cfg: TrainConfig, model: nn.Module) -> No
     problems = ckpt.fingerprint_differences(ref.marker.get("fingerprint", {}), current)
     if problems:
         raise ckpt.CheckpointMismatchError(
-            f"checkpoint {ref.url} was trained with another model or configuration:\n  " + "\n  ".join(problems)
-            + "\nUse the run's own config (omit --config to read <run_dir>/config.yaml) or the matching --config.")
+            f"checkpoint {ref.url} was trained with another model or configuration:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the run's own config (omit --config to read <run_dir>/config.yaml) or the matching --config."
+        )
 
 
-def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions | None = None,
-                  dtype: torch.dtype = torch.float32) -> MultiTaskSwin:
+def restore_model(
+    cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions | None = None, dtype: torch.dtype = torch.float32
+) -> MultiTaskSwin:
     """The model of ``ref`` in eval mode on the CPU, its parameters in ``dtype`` (the training precision
     reproduces the training run's evaluation; the frozen fingerprint is taken in it, as the trainer took it)."""
     seed_everything(cfg.seed)  # the trainer builds right after this, so random frozen weights match too
@@ -104,7 +113,8 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
         raise ckpt.CheckpointMismatchError(
             f"the frozen backbone rebuilt here differs from the one {ref.url} was trained on: use the same "
             f"model.pretrained file and seed as the training run (here: seed {cfg.seed}, "
-            f"pretrained {cfg.model.pretrained!r})")
+            f"pretrained {cfg.model.pretrained!r})"
+        )
     store = CheckpointStore(join(ref.run_dir, CHECKPOINTS_DIR), storage)
     tensors = ckpt.tensors_from_bytes(store.read(ref.tag, ckpt.TRAINABLE, ref.marker))
     weights = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith(("param/", "buffer/"))}
@@ -112,7 +122,9 @@ def restore_model(cfg: TrainConfig, ref: CheckpointRef, storage: StorageOptions 
     trainable = set(ckpt.trainable_shapes(model))
     missing = sorted(trainable & set(result.missing_keys))
     if missing or result.unexpected_keys:
-        raise ckpt.CheckpointMismatchError(f"{ref.url}/{ckpt.TRAINABLE} does not fit the model: missing trainable "
-                                      f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+        raise ckpt.CheckpointMismatchError(
+            f"{ref.url}/{ckpt.TRAINABLE} does not fit the model: missing trainable "
+            f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+        )
     log.info("restored %s (step %d) with %d tensors", ref.url, ref.step, len(weights))
     return model.eval()

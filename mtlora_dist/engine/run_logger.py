@@ -38,15 +38,25 @@ def _clean(value: Any) -> Any:
 class RunLogger:
     """Console + metrics.jsonl + wandb, on rank 0 only."""
 
-    def __init__(self, run_dir: str, *, enabled: bool, storage: StorageOptions | None = None,
-                 wandb_cfg=None, config: dict | None = None, run_id: str | None = None,
-                 local_dir: str | None = None, start: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        enabled: bool,
+        storage: StorageOptions | None = None,
+        wandb_cfg=None,
+        config: dict | None = None,
+        run_id: str | None = None,
+        local_dir: str | None = None,
+        start: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.storage = storage
         self.remote = is_remote(run_dir)
-        self.local_dir = local_dir or (os.path.join(".cache", "runs", run_dir.replace("://", "_").replace("/", "_"))
-                                       if self.remote else run_dir)
+        self.local_dir = local_dir or (
+            os.path.join(".cache", "runs", run_dir.replace("://", "_").replace("/", "_")) if self.remote else run_dir
+        )
         self.metrics_path = os.path.join(self.local_dir, "metrics.jsonl")
         self.run_id = run_id
         self.wandb_cfg, self.config = wandb_cfg, config or {}
@@ -90,9 +100,18 @@ class RunLogger:
         import wandb
 
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        self._wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=list(cfg.tags),
-                                 mode=cfg.mode, id=self.run_id, resume="allow", dir=self.local_dir,
-                                 config=redact(config), settings=wandb.Settings(**_wandb_settings(wandb)))
+        self._wandb = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            tags=list(cfg.tags),
+            mode=cfg.mode,
+            id=self.run_id,
+            resume="allow",
+            dir=self.local_dir,
+            config=redact(config),
+            settings=wandb.Settings(**_wandb_settings(wandb)),
+        )
 
     def log(self, record: dict[str, Any], *, console: str | None = None) -> None:
         """Append one JSON object (must contain ``step``) and mirror it to wandb."""

@@ -73,8 +73,11 @@ class TerminationFlag:
         self.received = self.received or signum
         if first and self.announce:
             # os.write: no locks taken inside a signal handler (logging could be mid-write)
-            os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing this step, then a checkpoint "
-                        "and exit 3\n".encode())
+            os.write(
+                2,
+                f"\nreceived {signal.Signals(signum).name}: finishing this step, then a checkpoint "
+                "and exit 3\n".encode(),
+            )
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal or lost its launcher (a collective: call it on

@@ -26,8 +26,10 @@ class DataPosition:
     def load_state_dict(self, state: dict[str, Any], same_world: bool) -> None:
         self.loader.load_state_dict(state, strict=same_world)
         if not same_world:
-            log.warning("resumed on %d ranks from a checkpoint of another world size: data continues at the "
-                        "next epoch", comm.world_size())
+            log.warning(
+                "resumed on %d ranks from a checkpoint of another world size: data continues at the next epoch",
+                comm.world_size(),
+            )
 
 
 class RNGState:

@@ -14,19 +14,19 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mtlora_dist import comm
-from mtlora_dist.data.loader import build_loader
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
-from mtlora_dist.engine.config import TrainConfig, to_yaml
+from mtlora_dist.data.loader import build_loader
+from mtlora_dist.engine.config import AugmentDevice, TrainConfig, to_yaml
+from mtlora_dist.engine.console import Progress, setup_logging
+from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
-from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.evaluate import ReportsFactory, Validation, to_device
-from mtlora_dist.engine.console import Progress, setup_logging
+from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.train_state import DataPosition, RNGState
-from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.models import build_model
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
@@ -60,7 +60,9 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     setup_logging(info.rank)
     comm.barrier()
     with comm.peer_loss_as_error():
-        return _run(cfg, info, stop, reports)
+        result = _run(cfg, info, stop, reports)
+    comm.shutdown()
+    return result
 
 
 def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None) -> TrainResult:
@@ -74,33 +76,63 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
 
-    logger = RunLogger(cfg.run_dir, enabled=info.is_main, storage=cfg.data.storage, wandb_cfg=cfg.logging.wandb,
-                       config=asdict(cfg), start=False)
-    checkpointer = Checkpointer(cfg.run_dir, engine, policy=SavePolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last),
-                                fingerprint=run_fingerprint(cfg), storage=cfg.data.storage,
-                                local_cache=cfg.checkpoint.local_cache)
+    logger = RunLogger(
+        cfg.run_dir,
+        enabled=info.is_main,
+        storage=cfg.data.storage,
+        wandb_cfg=cfg.logging.wandb,
+        config=asdict(cfg),
+        start=False,
+    )
+    checkpointer = Checkpointer(
+        cfg.run_dir,
+        engine,
+        policy=SavePolicy(cfg.checkpoint.every, cfg.checkpoint.keep_last),
+        fingerprint=run_fingerprint(cfg),
+        storage=cfg.data.storage,
+        local_cache=cfg.checkpoint.local_cache,
+    )
     checkpointer.register("data", DataPosition(train_loader), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
     if engine.global_steps >= total_steps:
-        log.info("%s is already complete (step %d of %d): nothing to train. To train longer, pass a larger "
-                 "max_steps (e.g. max_steps=%d); for a fresh run, pass another run_dir.", cfg.run_dir,
-                 engine.global_steps, total_steps, 2 * total_steps)
+        log.info(
+            "%s is already complete (step %d of %d): nothing to train. To train longer, pass a larger "
+            "max_steps (e.g. max_steps=%d); for a fresh run, pass another run_dir.",
+            cfg.run_dir,
+            engine.global_steps,
+            total_steps,
+            2 * total_steps,
+        )
         return TrainResult(engine.global_steps, total_steps, False, {})
     logger.start()  # wandb continues the restored run id
     if info.is_main:
         atomic_write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
-        log.info("run_dir %s | %d rank(s) | %d steps | restart count %s", cfg.run_dir, info.world_size, total_steps,
-                 os.environ.get("SLURM_RESTART_COUNT", "0"))
+        log.info(
+            "run_dir %s | %d rank(s) | %d steps | restart count %s",
+            cfg.run_dir,
+            info.world_size,
+            total_steps,
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+        )
 
     loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
     dtype = model_dtype(cfg.deepspeed)
-    evaluator = MultiTaskEvaluator(cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines),
-                                   protocol=cfg.data.eval_protocol)
-    validation = Validation(val_loader, evaluator, logger, every=cfg.eval.every, max_batches=cfg.eval.max_batches,
-                            device=info.device, dtype=dtype, reports=reports(cfg, val_url) if reports else None)
+    evaluator = MultiTaskEvaluator(
+        cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines), protocol=cfg.data.eval_protocol
+    )
+    validation = Validation(
+        val_loader,
+        evaluator,
+        logger,
+        every=cfg.eval.every,
+        max_batches=cfg.eval.max_batches,
+        device=info.device,
+        dtype=dtype,
+        reports=reports(cfg, val_url) if reports else None,
+    )
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
@@ -128,9 +160,13 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
                 logger.flush()
             if stopping:
                 preempted = step != job_end
-                log.info("stopping at step %d (%s) with a checkpoint; every rank exits with status %d; resume by "
-                         "running the same command", step, "steps_per_job reached" if step == job_end else stop.name,
-                         EXIT_PREEMPTED if step != job_end else 0)
+                log.info(
+                    "stopping at step %d (%s) with a checkpoint; every rank exits with status %d; resume by "
+                    "running the same command",
+                    step,
+                    "steps_per_job reached" if step == job_end else stop.name,
+                    EXIT_PREEMPTED if step != job_end else 0,
+                )
                 break
     progress.close()
     checkpointer.wait()  # a background upload to object storage must land before the job ends
@@ -178,19 +214,42 @@ def _build_model(cfg: TrainConfig, info: DistInfo):
 
 def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
     data = cfg.data
-    return build_loader(url, dataset=data.dataset, tasks=list(data.tasks), split=split,
-                        img_size=tuple(cfg.model.img_size),
-                        batch_size=data.batch_size if split == "train" else data.eval_batch_size,
-                        num_workers=data.num_workers, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                        storage=data.storage, on_error=data.on_error, protocol=data.eval_protocol)
+    return build_loader(
+        url,
+        dataset=data.dataset,
+        tasks=list(data.tasks),
+        split=split,
+        img_size=tuple(cfg.model.img_size),
+        batch_size=data.batch_size if split == "train" else data.eval_batch_size,
+        num_workers=data.num_workers,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        storage=data.storage,
+        on_error=data.on_error,
+        protocol=data.eval_protocol,
+        verify_checksums=data.verify_checksums,
+        device=info.device,
+        cache_dir=data.cache_dir,
+        cache_max_gb=data.cache_max_gb,
+        augment_device=data.augment_device if split == "train" else AugmentDevice.worker,
+    )
 
 
-def _log_train(logger: RunLogger, progress: Progress, step: int, losses: dict[str, torch.Tensor], engine,
-               rate: float, loader) -> None:
+def _log_train(
+    logger: RunLogger, progress: Progress, step: int, losses: dict[str, torch.Tensor], engine, rate: float, loader
+) -> None:
     losses = _host_values(losses)
     lr = engine.get_lr()[0]
     data_stats = comm.sum_counts(loader.stats)  # collective: skipped/corrupt samples of every rank
     progress.report(step, losses["loss"], lr, rate)
-    record = {"step": step, "split": "train", "loss": losses["loss"], "lr": lr, "samples_per_s": rate,
-              "losses": {k: v for k, v in losses.items() if k != "loss"}, "data": data_stats}
+    record = {
+        "step": step,
+        "split": "train",
+        "loss": losses["loss"],
+        "lr": lr,
+        "samples_per_s": rate,
+        "losses": {k: v for k, v in losses.items() if k != "loss"},
+        "data": data_stats,
+    }
     logger.log(record)

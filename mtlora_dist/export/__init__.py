@@ -12,5 +12,14 @@ from mtlora_dist.export.artifact import InferenceModel, ModelSpec, load, save
 from mtlora_dist.export.merge import MergeSummary, StackedLinear, to_inference
 from mtlora_dist.export.predict import decode, predict
 
-__all__ = ["InferenceModel", "MergeSummary", "ModelSpec", "StackedLinear", "decode", "load", "predict", "save",
-           "to_inference"]
+__all__ = [
+    "InferenceModel",
+    "MergeSummary",
+    "ModelSpec",
+    "StackedLinear",
+    "decode",
+    "load",
+    "predict",
+    "save",
+    "to_inference",
+]

@@ -59,8 +59,13 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(ModelConfig(**data["model"]), AdapterConfig(**data["adapter"]),
-                   TrainableConfig(**data["trainable"]), list(data["tasks"]), str(data["dataset"]))
+        return cls(
+            ModelConfig(**data["model"]),
+            AdapterConfig(**data["adapter"]),
+            TrainableConfig(**data["trainable"]),
+            list(data["tasks"]),
+            str(data["dataset"]),
+        )
 
 
 class InferenceModel(nn.Module):
@@ -93,8 +98,9 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def save(net: MultiTaskSwin, spec: ModelSpec, summary: MergeSummary, out_dir: str,
-         extra: dict[str, Any] | None = None) -> str:
+def save(
+    net: MultiTaskSwin, spec: ModelSpec, summary: MergeSummary, out_dir: str, extra: dict[str, Any] | None = None
+) -> str:
     """Write the folded ``net`` (from :func:`to_inference`) to the local folder ``out_dir``; ``extra``
     (provenance, checks) goes into ``export.json``. The manifest is written last."""
     os.makedirs(out_dir, exist_ok=True)
@@ -138,10 +144,14 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 def _load_strict(net: nn.Module, state: dict[str, Tensor], where: str) -> None:
     own = net.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state.keys()
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or mismatched:
-        raise ValueError(f"{where} does not fit the model described by its {MANIFEST}: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}")
+        raise ValueError(
+            f"{where} does not fit the model described by its {MANIFEST}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}"
+        )
     net.load_state_dict(state, strict=True)
-

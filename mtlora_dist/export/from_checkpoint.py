@@ -27,8 +27,9 @@ log = logging.getLogger("mtlora_dist")
 CHECK_BATCH = 2
 
 
-def export_checkpoint(cfg: TrainConfig, checkpoint: str, out_dir: str, *, fold_task_proj: bool = False,
-                      tolerance: float = 1e-4) -> dict[str, Any]:
+def export_checkpoint(
+    cfg: TrainConfig, checkpoint: str, out_dir: str, *, fold_task_proj: bool = False, tolerance: float = 1e-4
+) -> dict[str, Any]:
     """Write the inference form of ``checkpoint`` (run directory or ``checkpoints/step_X``) to ``out_dir``
     (local or ``s3://``); returns what ``export.json`` records. Raises if the folded model's outputs differ
     from the trained model's by more than ``tolerance`` (relative to the output scale)."""
@@ -43,17 +44,32 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: str, out_dir: str, *, fold_t
     difference = output_difference(trained, folded, images)
     worst = max(difference.values())
     if worst > tolerance:
-        raise RuntimeError(f"the folded model's outputs differ from the trained model's by {worst:.2e} (relative; "
-                           f"per task {difference}), above the tolerance {tolerance:.0e}: nothing was written")
-    extra = {"source": {"checkpoint": ref.url, "step": ref.step, "run_dir": ref.run_dir},
-             "check": {"images": f"{CHECK_BATCH} x N(0, 1) at {list(cfg.model.img_size)}",
-                       "max_relative_difference": difference, "tolerance": tolerance}}
+        raise RuntimeError(
+            f"the folded model's outputs differ from the trained model's by {worst:.2e} (relative; "
+            f"per task {difference}), above the tolerance {tolerance:.0e}: nothing was written"
+        )
+    extra = {
+        "source": {"checkpoint": ref.url, "step": ref.step, "run_dir": ref.run_dir},
+        "check": {
+            "images": f"{CHECK_BATCH} x N(0, 1) at {list(cfg.model.img_size)}",
+            "max_relative_difference": difference,
+            "tolerance": tolerance,
+        },
+    }
     spec = ModelSpec(cfg.model, cfg.adapter, cfg.trainable, list(cfg.data.tasks), cfg.data.dataset)
     _save_to(out_dir, lambda local: save(folded, spec, summary, local, extra), cfg)
-    log.info("exported %s (step %d) to %s: %d TA-LoRA layers merged, %d task proj layers folded, %d BatchNorms "
-             "folded, %d layers keep task branches; max relative output difference %.1e", ref.url, ref.step,
-             out_dir, summary.ta_lora_merged, summary.task_proj_folded, summary.batchnorm_folded,
-             len(summary.adapters_left), worst)
+    log.info(
+        "exported %s (step %d) to %s: %d TA-LoRA layers merged, %d task proj layers folded, %d BatchNorms "
+        "folded, %d layers keep task branches; max relative output difference %.1e",
+        ref.url,
+        ref.step,
+        out_dir,
+        summary.ta_lora_merged,
+        summary.task_proj_folded,
+        summary.batchnorm_folded,
+        len(summary.adapters_left),
+        worst,
+    )
     return {"summary": summary, **extra}
 
 

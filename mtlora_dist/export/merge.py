@@ -94,8 +94,9 @@ def _stacked_from(layer: MTLoRALinear) -> StackedLinear:
 
 def _plain_linear(layer: MTLoRALinear) -> nn.Linear:
     """The frozen (possibly merged) weight as an ``nn.Linear`` sharing its tensors."""
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device="meta", dtype=layer.weight.dtype)
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype
+    )
     linear.weight = layer.weight
     if layer.bias is not None:
         linear.bias = layer.bias
@@ -123,8 +124,9 @@ def _fold_batchnorm(model: nn.Module) -> int:
 def output_difference(reference: nn.Module, folded: nn.Module, images: Tensor) -> dict[str, float]:
     """Per task, max |folded - reference| over ``images``, relative to max |reference| (at least 1)."""
     ref, out = reference(images), folded(images)
-    return {t: float((out[t].float() - ref[t].float()).abs().max() / ref[t].float().abs().max().clamp_min(1.0))
-            for t in ref}
+    return {
+        t: float((out[t].float() - ref[t].float()).abs().max() / ref[t].float().abs().max().clamp_min(1.0)) for t in ref
+    }
 
 
 @torch.no_grad()

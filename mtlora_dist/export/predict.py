@@ -76,5 +76,7 @@ def predict(model, image) -> dict[str, np.ndarray]:
     x = torch.from_numpy(resize_image(array, model.img_size))[None].to(param.device)
     logits = model(normalize_image(x, param.dtype))
     size = array.shape[:2]
-    return {task: decode(task, F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False)[0])
-            for task, out in logits.items()}
+    return {
+        task: decode(task, F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False)[0])
+        for task, out in logits.items()
+    }

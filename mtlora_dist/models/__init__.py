@@ -6,5 +6,4 @@ from mtlora_dist.models.config import ModelConfig, TrainableConfig
 
 __all__ = ["ModelConfig", "MultiTaskSwin", "MTLoRASwin", "TrainableConfig", "build_model"]
 
-__getattr__ = lazy_exports(__name__, {"MultiTaskSwin": "mtlora_dist.models.multitask", "build_model": "mtlora_dist.models.multitask",
-         "MTLoRASwin": "mtlora_dist.models.mtlora_swin"})
+__getattr__ = lazy_exports(__name__, multitask=["MultiTaskSwin", "build_model"], mtlora_swin=["MTLoRASwin"])

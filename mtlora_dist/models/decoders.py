@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,8 +23,9 @@ class FP32BatchNorm2d(nn.BatchNorm2d):
         if self.training and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         use_batch_stats = self.training or self.running_mean is None
-        out = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, use_batch_stats,
-                           self.momentum, self.eps)
+        out = F.batch_norm(
+            x.float(), self.running_mean, self.running_var, weight, bias, use_batch_stats, self.momentum, self.eps
+        )
         return out.to(x.dtype)
 
 
@@ -76,8 +76,9 @@ class TaskDecoder(nn.Module):
     def __init__(self, in_dims: Sequence[int], channels: Sequence[int], hidden_channels: int, num_outputs: int) -> None:
         super().__init__()
         if len(in_dims) != len(channels):
-            raise ValueError(f"model.decoder_channels has {len(channels)} entries but the backbone "
-                             f"emits {len(in_dims)} scales")
+            raise ValueError(
+                f"model.decoder_channels has {len(channels)} entries but the backbone emits {len(in_dims)} scales"
+            )
         self.reducers = nn.ModuleList(nn.Conv2d(d, c, kernel_size=1, bias=False) for d, c in zip(in_dims, channels))
         self.head = HRNetHead(channels, hidden_channels, num_outputs)
 

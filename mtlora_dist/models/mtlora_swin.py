@@ -24,7 +24,6 @@ from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 __all__ = ["MTLoRASwin"]
 
 
-
 def _add_over_streams(shortcut: Tensor, update: Tensor) -> Tensor:
     """``shortcut`` (B, ...) + ``update`` (S*B, ...): every stream's residual is the shared input."""
     return (update.unflatten(0, (-1, shortcut.shape[0])) + shortcut).flatten(0, 1)
@@ -53,8 +52,15 @@ class MTLoRASwin(nn.Module):
         super().__init__()
         if not variant.startswith("swin"):
             raise ValueError(f"model.backbone '{variant}' is not a timm Swin (e.g. swin_tiny_patch4_window7_224)")
-        swin = timm.create_model(variant, pretrained=False, num_classes=0, img_size=tuple(img_size),
-                                 drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size, **timm_kwargs)
+        swin = timm.create_model(
+            variant,
+            pretrained=False,
+            num_classes=0,
+            img_size=tuple(img_size),
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=dynamic_img_size,
+            **timm_kwargs,
+        )
         # Keep only what the method uses: no final norm, no classifier (spec B §2.1).
         self.patch_embed = swin.patch_embed
         self.layers = swin.layers
@@ -68,7 +74,7 @@ class MTLoRASwin(nn.Module):
 
         dims = [stage.blocks[-1].dim for stage in self.layers]
         stride = swin.patch_embed.patch_size[0]
-        strides = [stride * 2 ** i for i in range(len(dims))]
+        strides = [stride * 2**i for i in range(len(dims))]
         if pyramid == "official":  # stage i is emitted after stage i+1's merge
             dims = [self.layers[i + 1].downsample.out_dim for i in range(len(dims) - 1)] + dims[-1:]
             strides = strides[1:] + strides[-1:]
@@ -92,8 +98,10 @@ class MTLoRASwin(nn.Module):
                 fc1, fc2 = block.mlp.fc1, block.mlp.fc2
                 mlp_tasks = [bool(getattr(m, "tasks", ())) for m in (fc1, fc2)]
                 if any(mlp_tasks) and not all(mlp_tasks):
-                    raise ValueError("TS-LoRA must be on both mlp.fc1 and mlp.fc2 of a block or on neither "
-                                     "(fc2 consumes fc1's task streams); fix adapter.ts_targets")
+                    raise ValueError(
+                        "TS-LoRA must be on both mlp.fc1 and mlp.fc2 of a block or on neither "
+                        "(fc2 consumes fc1's task streams); fix adapter.ts_targets"
+                    )
                 block.mtlora_stack_mlp = all(mlp_tasks)
                 block.mtlora_streams = streams
 

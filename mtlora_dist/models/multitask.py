@@ -51,15 +51,22 @@ def build_model(
     """Build the model, load pretrained weights if configured, and apply the trainable policy."""
     check_tasks(dataset, list(tasks))
     backbone = MTLoRASwin(
-        model.backbone, tasks, adapter, img_size=model.img_size, pyramid=model.pyramid,
-        drop_path_rate=model.drop_path_rate, dynamic_img_size=model.dynamic_img_size,
-        grad_checkpointing=model.grad_checkpointing, **dict(model.backbone_kwargs),
+        model.backbone,
+        tasks,
+        adapter,
+        img_size=model.img_size,
+        pyramid=model.pyramid,
+        drop_path_rate=model.drop_path_rate,
+        dynamic_img_size=model.dynamic_img_size,
+        grad_checkpointing=model.grad_checkpointing,
+        **dict(model.backbone_kwargs),
     )
     if model.pretrained:
         load_pretrained_swin(backbone, model.pretrained)
     decoders = {
-        t: TaskDecoder(backbone.feature_dims, model.decoder_channels, model.head_hidden_channels,
-                       get_task(t).outputs_for(dataset))
+        t: TaskDecoder(
+            backbone.feature_dims, model.decoder_channels, model.head_hidden_channels, get_task(t).outputs_for(dataset)
+        )
         for t in tasks
     }
     net = MultiTaskSwin(backbone, decoders)

@@ -41,7 +41,9 @@ def format_report(report: dict) -> str:
         rows.append(f"{group:<24}{counts['trainable']:>14,}{counts['total']:>14,}")
     rows.append("-" * 52)
     rows.append(f"{'trainable':<24}{report['trainable']:>14,}")
-    rows.append(f"{'trainable (as paper)':<24}{report['trainable_as_paper']:>14,}"
-                f"   (+{report['pruned_dead']:,} never-trained, not created)")
+    rows.append(
+        f"{'trainable (as paper)':<24}{report['trainable_as_paper']:>14,}"
+        f"   (+{report['pruned_dead']:,} never-trained, not created)"
+    )
     rows.append(f"{'total':<24}{report['total']:>14,}")
     return "\n".join(rows)

@@ -22,8 +22,10 @@ _UNUSED_PREFIXES = ("norm.", "head.", "layers.0.downsample.")
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read tensors from a checkpoint file without unpickling arbitrary objects."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained checkpoint '{path}' does not exist; set model.pretrained to a "
-                                "local timm Swin checkpoint file, or null for random weights")
+        raise FileNotFoundError(
+            f"pretrained checkpoint '{path}' does not exist; set model.pretrained to a "
+            "local timm Swin checkpoint file, or null for random weights"
+        )
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -44,14 +46,21 @@ def load_pretrained_swin(backbone: nn.Module, path: str) -> list[str]:
     unused = sorted(k for k in state if k.startswith(_UNUSED_PREFIXES))
     state = {k: v for k, v in state.items() if k not in set(unused)}
     own = backbone.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if mismatched:
-        raise ValueError(f"pretrained checkpoint '{path}' does not fit model.backbone; shape mismatches: "
-                         f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}")
+        raise ValueError(
+            f"pretrained checkpoint '{path}' does not fit model.backbone; shape mismatches: "
+            f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
+        )
     result = backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if "lora_" not in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"pretrained checkpoint '{path}' does not match model.backbone: missing "
-                         f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"pretrained checkpoint '{path}' does not match model.backbone: missing "
+            f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+        )
     return unused

@@ -37,11 +37,19 @@ def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:
 
 def apply_trainable_policy(model: nn.Module, cfg: TrainableConfig) -> dict[str, str]:
     """Set ``requires_grad`` on every parameter; returns name -> group."""
-    switches = {"lora": cfg.lora, "lora_scale": cfg.lora, "norms": cfg.norms,
-                "relative_position_bias": cfg.relative_position_bias, "patch_embed": cfg.patch_embed,
-                "downsample_reduction": cfg.downsample_reduction, "decoders": cfg.decoders, "frozen": False}
-    lora_reductions = {n for n, m in model.named_modules()
-                       if n.endswith("downsample.reduction") and hasattr(m, "lora_shared_A")}
+    switches = {
+        "lora": cfg.lora,
+        "lora_scale": cfg.lora,
+        "norms": cfg.norms,
+        "relative_position_bias": cfg.relative_position_bias,
+        "patch_embed": cfg.patch_embed,
+        "downsample_reduction": cfg.downsample_reduction,
+        "decoders": cfg.decoders,
+        "frozen": False,
+    }
+    lora_reductions = {
+        n for n, m in model.named_modules() if n.endswith("downsample.reduction") and hasattr(m, "lora_shared_A")
+    }
     groups: dict[str, str] = OrderedDict()
     for name, param in model.named_parameters():
         group = parameter_group(name)

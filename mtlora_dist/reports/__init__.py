@@ -13,6 +13,19 @@ from mtlora_dist.reports.predictions import PredictionReport
 from mtlora_dist.reports.tables import markdown_table, write_results
 from mtlora_dist.reports.training import TrainingReporter
 
-__all__ = ["GridLayout", "PredictionReport", "colorize", "compose_grid", "label_map", "markdown_table",
-           "panel_size", "plot_curves", "read_metrics", "save_curves", "save_png", "TrainingReporter", "voc_palette",
-           "write_results"]
+__all__ = [
+    "GridLayout",
+    "PredictionReport",
+    "colorize",
+    "compose_grid",
+    "label_map",
+    "markdown_table",
+    "panel_size",
+    "plot_curves",
+    "read_metrics",
+    "save_curves",
+    "save_png",
+    "TrainingReporter",
+    "voc_palette",
+    "write_results",
+]

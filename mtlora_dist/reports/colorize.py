@@ -57,7 +57,10 @@ def _depth(values: np.ndarray, value_range) -> np.ndarray:
 
 
 _RENDERERS: dict[str, Callable[[np.ndarray, tuple[float, float] | None], np.ndarray]] = {
-    "class_map": _class_map, "binary_map": _binary_map, "normals": _normals, "depth": _depth,
+    "class_map": _class_map,
+    "binary_map": _binary_map,
+    "normals": _normals,
+    "depth": _depth,
 }
 
 
@@ -74,8 +77,9 @@ def label_map(task: str, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return label, ignore
 
 
-def colorize(task: str, values: np.ndarray, ignore: np.ndarray | None = None,
-             value_range: tuple[float, float] | None = None) -> np.ndarray:
+def colorize(
+    task: str, values: np.ndarray, ignore: np.ndarray | None = None, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """(H, W[, 3]) map of ``task`` -> (H, W, 3) uint8; ``ignore`` pixels become a checkerboard.
     ``value_range`` fixes the colour scale of depth (pass the truth's range to both panels)."""
     rgb = _RENDERERS[get_task(task).target_kind](values, value_range)

@@ -68,9 +68,11 @@ def plot_curves(records: list[dict]) -> Image.Image | None:
 
     for ax, task in zip(axes[1:], val_tasks):
         spec = get_task(task)
-        ax.plot(*_series(val, lambda r, t=task: r["tasks"].get(t, {}).get(spec.primary_metric)), marker="o")
-        ax.set(title=f"{task} {spec.primary_metric} ({'higher' if spec.higher_is_better else 'lower'} is better)",
-               xlabel="step")
+        ax.plot(*_series(val, lambda r, t=task, m=spec.primary_metric: r["tasks"].get(t, {}).get(m)), marker="o")
+        ax.set(
+            title=f"{task} {spec.primary_metric} ({'higher' if spec.higher_is_better else 'lower'} is better)",
+            xlabel="step",
+        )
     if panels > 1 + len(val_tasks):
         axes[-1].plot(*_series(val, lambda r: r.get("delta_m")), marker="o", color="tab:red")
         axes[-1].axhline(0.0, color="grey", linewidth=0.8)

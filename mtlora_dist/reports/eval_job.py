@@ -16,9 +16,9 @@ from typing import Any
 from mtlora_dist import comm
 from mtlora_dist.data.loader import build_loader
 from mtlora_dist.engine.config import TrainConfig
+from mtlora_dist.engine.console import setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import model_dtype
-from mtlora_dist.engine.console import setup_logging
 from mtlora_dist.engine.distributed import init_distributed
 from mtlora_dist.engine.evaluate import evaluate
 from mtlora_dist.engine.restore import CheckpointRef, resolve_checkpoint, restore_model
@@ -43,8 +43,9 @@ class EvalOutcome:
     files: dict[str, str] = field(default_factory=dict)  # what rank 0 wrote
 
 
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | None = None, split: str = "val",
-                        local_rank: int | None = None) -> EvalOutcome:
+def evaluate_checkpoint(
+    cfg: TrainConfig, checkpoint: str, *, out_dir: str | None = None, split: str = "val", local_rank: int | None = None
+) -> EvalOutcome:
     """Evaluate ``checkpoint`` (a run directory: its newest complete checkpoint; or ``checkpoints/step_X``)
     on ``split`` of ``cfg.data``. Rank 0 prints the table and writes ``<tag>_<split>_<protocol>.{json,md}``,
     the training curves and the prediction grid to ``out_dir`` (default ``<run_dir>/eval``)."""
@@ -59,23 +60,47 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | Non
     model = restore_model(cfg, ref, storage, dtype=dtype).to(info.device)
 
     data = cfg.data
-    loader = build_loader(urls[split], dataset=data.dataset, tasks=list(data.tasks), split="val",
-                          img_size=tuple(cfg.model.img_size), batch_size=data.eval_batch_size,
-                          num_workers=data.num_workers, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                          storage=storage, on_error=data.on_error, protocol=data.eval_protocol)
-    evaluator = MultiTaskEvaluator(data.tasks, data.dataset, baselines=dict(cfg.eval.baselines),
-                                   protocol=data.eval_protocol)
+    loader = build_loader(
+        urls[split],
+        dataset=data.dataset,
+        tasks=list(data.tasks),
+        split="val",
+        img_size=tuple(cfg.model.img_size),
+        batch_size=data.eval_batch_size,
+        num_workers=data.num_workers,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        storage=storage,
+        on_error=data.on_error,
+        protocol=data.eval_protocol,
+    )
+    evaluator = MultiTaskEvaluator(
+        data.tasks, data.dataset, baselines=dict(cfg.eval.baselines), protocol=data.eval_protocol
+    )
     results = evaluate(model, loader, evaluator, info.device, dtype, cfg.eval.max_batches)
-    report = {"checkpoint": ref.url, "step": ref.step, "split": split, "world_size": info.world_size,
-              "eval_batch_size": data.eval_batch_size, **evaluator.to_json(results)}
+    report = {
+        "checkpoint": ref.url,
+        "step": ref.step,
+        "split": split,
+        "world_size": info.world_size,
+        "eval_batch_size": data.eval_batch_size,
+        **evaluator.to_json(results),
+    }
 
     out_dir = out_dir or join(ref.run_dir, "eval")
     grid = PredictionReport.from_config(cfg, urls["val"])
     grid_url = grid.write(model, ref.step, out_dir, info.device, dtype) if grid is not None else None
     outcome = EvalOutcome(ref.step, results, report)
     if info.is_main:
-        log.info("evaluation of %s (step %d) on the %s split, %d rank(s)\n%s", ref.url, ref.step, split,
-                 info.world_size, evaluator.table(results))
+        log.info(
+            "evaluation of %s (step %d) on the %s split, %d rank(s)\n%s",
+            ref.url,
+            ref.step,
+            split,
+            info.world_size,
+            evaluator.table(results),
+        )
         outcome.files = write_results(report, out_dir, f"{ref.tag}_{split}_{data.eval_protocol}", storage)
         curves = save_curves(join(ref.run_dir, "metrics.jsonl"), join(out_dir, "curves.png"), storage)
         if curves:
@@ -83,4 +108,5 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, *, out_dir: str | Non
         if grid_url:
             outcome.files["predictions"] = grid_url
         log.info("wrote %s", ", ".join(outcome.files.values()))
+    comm.shutdown()
     return outcome

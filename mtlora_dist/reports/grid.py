@@ -41,17 +41,22 @@ class GridLayout:
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels, PIL's order."""
-        return (self.cols * self.panel_w + (self.cols + 1) * self.gap,
-                self.header + self.rows * self.panel_h + (self.rows + 1) * self.gap)
+        return (
+            self.cols * self.panel_w + (self.cols + 1) * self.gap,
+            self.header + self.rows * self.panel_h + (self.rows + 1) * self.gap,
+        )
 
     def origin(self, row: int, col: int) -> tuple[int, int]:
         """(x, y) of the top-left pixel of a panel."""
-        return (self.gap + col * (self.panel_w + self.gap),
-                self.header + self.gap + row * (self.panel_h + self.gap))
+        return (self.gap + col * (self.panel_w + self.gap), self.header + self.gap + row * (self.panel_h + self.gap))
 
 
-def compose_grid(panels: Sequence[Sequence[np.ndarray]], titles: Sequence[str], layout: GridLayout,
-                 nearest: Sequence[bool] | None = None) -> Image.Image:
+def compose_grid(
+    panels: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    layout: GridLayout,
+    nearest: Sequence[bool] | None = None,
+) -> Image.Image:
     """``panels[row][col]``: (H, W, 3) uint8 images, each resized to the panel size (nearest-neighbour
     where ``nearest[col]``, e.g. class maps; bilinear otherwise)."""
     if len(panels) != layout.rows or any(len(row) != layout.cols for row in panels) or len(titles) != layout.cols:

@@ -29,8 +29,16 @@ __all__ = ["PredictionReport"]
 class PredictionReport:
     """Draws ``<out_dir>/predictions_step_XXXXXXXX.png`` for a model (see the module docstring)."""
 
-    def __init__(self, url: str, *, dataset: str, tasks: list[str], img_size: list[int], num_samples: int,
-                 storage: StorageOptions | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        dataset: str,
+        tasks: list[str],
+        img_size: list[int],
+        num_samples: int,
+        storage: StorageOptions | None = None,
+    ) -> None:
         self.url, self.dataset, self.tasks = url, dataset, list(tasks)
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.num_samples = num_samples
@@ -42,15 +50,29 @@ class PredictionReport:
         """From a ``TrainConfig``; ``None`` when ``eval.visual_samples`` is 0."""
         if cfg.eval.visual_samples <= 0:
             return None
-        return cls(url, dataset=cfg.data.dataset, tasks=list(cfg.data.tasks), img_size=cfg.model.img_size,
-                   num_samples=cfg.eval.visual_samples, storage=cfg.data.storage)
+        return cls(
+            url,
+            dataset=cfg.data.dataset,
+            tasks=list(cfg.data.tasks),
+            img_size=cfg.model.img_size,
+            num_samples=cfg.eval.visual_samples,
+            storage=cfg.data.storage,
+        )
 
     def samples(self) -> dict:
         """The fixed images and labels (a batch, on the CPU), read on first use."""
         if self._samples is None:
-            loader = build_loader(self.url, dataset=self.dataset, tasks=self.tasks, split="val",
-                                  img_size=self.img_size, batch_size=self.num_samples, num_workers=0,
-                                  storage=self.storage, protocol="official")
+            loader = build_loader(
+                self.url,
+                dataset=self.dataset,
+                tasks=self.tasks,
+                split="val",
+                img_size=self.img_size,
+                batch_size=self.num_samples,
+                num_workers=0,
+                storage=self.storage,
+                protocol="official",
+            )
             batches = iter(loader)
             try:
                 batch = next(batches)
@@ -89,8 +111,9 @@ class PredictionReport:
         layout = GridLayout(len(rows), len(titles), *panel_size(self.img_size))
         return compose_grid(rows, titles, layout, nearest)
 
-    def write(self, model, step: int, out_dir: str, device: torch.device, dtype: torch.dtype,
-              logger=None) -> str | None:
+    def write(
+        self, model, step: int, out_dir: str, device: torch.device, dtype: torch.dtype, logger=None
+    ) -> str | None:
         """Call on every rank: all run the forward (under ZeRO-3 it gathers weights collectively); rank 0
         draws, writes ``<out_dir>/predictions_step_XXXXXXXX.png`` and logs it to wandb through ``logger``.
         Returns the PNG's URL on rank 0."""

@@ -13,8 +13,9 @@ from mtlora_dist.tasks.results_table import markdown_table
 __all__ = ["markdown_table", "write_results"]
 
 
-def write_results(report: dict[str, Any], out_dir: str, stem: str,
-                  storage: StorageOptions | None = None) -> dict[str, str]:
+def write_results(
+    report: dict[str, Any], out_dir: str, stem: str, storage: StorageOptions | None = None
+) -> dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir`` (local or remote); returns their URLs."""
     urls = {"json": join(out_dir, f"{stem}.json"), "markdown": join(out_dir, f"{stem}.md")}
     atomic_write_text(urls["json"], json.dumps(report, indent=2, sort_keys=False) + "\n", storage)

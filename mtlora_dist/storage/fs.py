@@ -19,7 +19,6 @@ __all__ = [
     "is_remote",
     "join",
     "url_to_fs",
-    "cached_fs",
     "describe_endpoint",
     "redact",
     "is_secret_key",
@@ -52,22 +51,27 @@ class StorageOptions:
     retry_delay_s: float = 1.0
 
     def s3_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``s3fs.S3FileSystem``; ``skip_instance_cache`` so a changed endpoint or
-        key takes effect (s3fs otherwise hands back a cached client made with the old settings)."""
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        """Keyword arguments for ``s3fs.S3FileSystem``. Endpoint and credentials are resolved here (these
+        settings first, then ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+        ``AWS_SECRET_ACCESS_KEY``), so fsspec's instance cache, keyed by these arguments, hands back a
+        filesystem made with the current settings. Listings are never cached: a checkpoint folder or a
+        shard prefix is listed to see what another process has just written."""
+        env = os.environ
+        endpoint = self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         kwargs: dict[str, Any] = {
-            "skip_instance_cache": True,
             "default_block_size": self.block_size,
+            "use_listings_cache": False,
             "config_kwargs": {"retries": {"max_attempts": self.retries, "mode": "standard"}},
         }
         if self.anon:
             kwargs["anon"] = True
         if endpoint:
             kwargs["endpoint_url"] = endpoint
-        if self.key:
-            kwargs["key"] = self.key
-        if self.secret:
-            kwargs["secret"] = self.secret
+        key, secret = self.key or env.get("AWS_ACCESS_KEY_ID"), self.secret or env.get("AWS_SECRET_ACCESS_KEY")
+        if key:
+            kwargs["key"] = key
+        if secret:
+            kwargs["secret"] = secret
         if self.region:
             kwargs["client_kwargs"] = {"region_name": self.region}
         return kwargs
@@ -90,39 +94,20 @@ def join(base: str, *parts: str) -> str:
 
 
 def url_to_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the filesystem for ``url`` and the path within it (no scheme)."""
+    """Return the filesystem for ``url`` and the path within it (no scheme).
+
+    Filesystems come from fsspec's instance cache: one per process, thread and settings, so streaming
+    many shards reuses one connection pool, and a forked DataLoader worker makes its own (fsspec clears
+    the cache in a new process: an aiohttp session must not cross a fork)."""
     url = str(url)
     options = options or StorageOptions()
     if url.startswith("s3://"):
         import s3fs
 
         fs = s3fs.S3FileSystem(**options.s3_kwargs())
-        return fs, url[len("s3://"):]
+        return fs, url[len("s3://") :]
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
-
-
-_FS_CACHE: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}  # (pid, protocol, settings)
-
-
-def cached_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Like :func:`url_to_fs` but one filesystem per process, protocol and options.
-
-    Streaming opens many shards; a new ``S3FileSystem`` per shard would pay a fresh connection pool
-    each time. The process id is part of the key because an aiohttp session must not cross a fork
-    (DataLoader workers build their own).
-    """
-    url = str(url)
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    options = options or StorageOptions()
-    # The resolved endpoint and key id are part of the key: they may come from the environment.
-    resolved = repr(options.s3_kwargs()) + os.environ.get("AWS_ACCESS_KEY_ID", "") if protocol == "s3" else ""
-    key = (os.getpid(), protocol, repr(options) + resolved)
-    fs = _FS_CACHE.get(key)
-    if fs is None:
-        fs, _ = url_to_fs(url, options)
-        _FS_CACHE[key] = fs
-    return fs, fs._strip_protocol(url)
 
 
 _INHERITED: list[Any] = []  # in a forked child: the parent's S3 clients, kept alive and never closed here
@@ -134,8 +119,8 @@ def _forget_inherited_s3_sessions() -> None:
     s3fs closes a client from a ``weakref.finalize`` bound to the parent's event loop. Collected in
     the child, that finalizer blocks on a loop that does not run there, or awaits the parent's futures
     on the child's loop ("attached to a different loop" errors); without it, aiohttp warns about an
-    unclosed connector. The child never uses the parent's clients (:func:`cached_fs` keys them by
-    process id), so it keeps them referenced and disarms their finalizers; the parent closes its own.
+    unclosed connector. The child never uses the parent's clients (fsspec's instance cache is per
+    process), so it keeps them referenced and disarms their finalizers; the parent closes its own.
     """
     for finalizer in list(getattr(weakref.finalize, "_registry", {})):  # CPython keeps every finalizer here
         info = finalizer.peek()  # (object, func, args, kwargs) while alive

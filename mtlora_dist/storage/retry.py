@@ -15,7 +15,14 @@ from typing import TypeVar
 
 from mtlora_dist.storage.fs import StorageOptions, describe_endpoint, is_remote
 
-__all__ = ["StorageUnavailableError", "is_transient", "backoff_delays", "retry_call", "unreachable_message"]
+__all__ = [
+    "StorageUnavailableError",
+    "is_transient",
+    "backoff_delays",
+    "RetryBudget",
+    "retry_call",
+    "unreachable_message",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,9 +73,42 @@ def unreachable_message(url: str, exc: BaseException, attempts: int, options: St
         if is_remote(url)
         else "check that the path exists and the disk is readable"
     )
-    return (
-        f"could not read {url}{where} after {attempts} attempt(s): {type(exc).__name__}: {exc}; {hint}"
-    )
+    return f"could not read {url}{where} after {attempts} attempt(s): {type(exc).__name__}: {exc}; {hint}"
+
+
+class RetryBudget:
+    """The retries of one read: which failures are retried, how long to wait, the log line. Shared by
+    :func:`retry_call` and the shard stream (which also resets the budget when a retry got further)."""
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        self.url, self.options = url, options or StorageOptions()
+        self.delays = backoff_delays(self.options.read_retries, self.options.retry_delay_s)
+        self.attempt = 0  # retries used
+
+    def next_delay(self, exc: BaseException) -> float | None:
+        """Seconds to wait before retrying after ``exc`` (logged), or ``None``: ``exc`` is permanent or
+        the retries are spent."""
+        if not is_transient(exc) or self.attempt >= len(self.delays):
+            return None
+        delay = self.delays[self.attempt]
+        self.attempt += 1
+        log.warning(
+            "reading %s failed (%s: %s); retry %d/%d in %.1f s",
+            self.url,
+            type(exc).__name__,
+            exc,
+            self.attempt,
+            len(self.delays),
+            delay,
+        )
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    def unavailable(self, exc: BaseException) -> StorageUnavailableError:
+        """The error to raise once the retries are spent: names the URL, the endpoint and what to check."""
+        return StorageUnavailableError(unreachable_message(self.url, exc, self.attempt + 1, self.options))
 
 
 def retry_call(
@@ -84,19 +124,16 @@ def retry_call(
     Permanent failures propagate unchanged at once. When the retries run out the last error is
     wrapped in :class:`StorageUnavailableError` whose message names ``url`` and what to check.
     """
-    options = options or StorageOptions()
-    delays = backoff_delays(options.read_retries, options.retry_delay_s)
-    for attempt in range(len(delays) + 1):
+    budget = RetryBudget(url, options)
+    while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised if not transient
-            if not is_transient(exc):
+            delay = budget.next_delay(exc)
+            if delay is None:
+                if is_transient(exc):
+                    raise budget.unavailable(exc) from exc
                 raise
-            if attempt == len(delays):
-                raise StorageUnavailableError(unreachable_message(url, exc, attempt + 1, options)) from exc
-            log.warning("reading %s failed (%s: %s); retry %d/%d in %.1f s",
-                        url, type(exc).__name__, exc, attempt + 1, len(delays), delays[attempt])
             if on_retry is not None:
-                on_retry(attempt + 1, exc)
-            sleep(delays[attempt])
-    raise AssertionError("unreachable")
+                on_retry(budget.attempt, exc)
+            sleep(delay)

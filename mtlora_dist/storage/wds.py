@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from mtlora_dist.storage.fs import StorageOptions, cached_fs
+from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
 __all__ = ["gopen_fsspec", "register"]
 
@@ -18,7 +18,7 @@ __all__ = ["gopen_fsspec", "register"]
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
     """Open ``url`` for webdataset through fsspec, with a large block size for streaming reads."""
     options = StorageOptions()
-    fs, path = cached_fs(url, options)
+    fs, path = url_to_fs(url, options)
     return fs.open(path, mode, block_size=options.block_size)
 
 

@@ -20,11 +20,10 @@ from torch import Tensor
 
 from mtlora_dist.tasks.delta_m import default_baselines, delta_m, relative_change
 from mtlora_dist.tasks.metrics import build_metric
-from mtlora_dist.tasks.results_table import text_table
 from mtlora_dist.tasks.registry import check_tasks, get_task
+from mtlora_dist.tasks.results_table import text_table
 
 __all__ = ["MultiTaskEvaluator", "at_label_size"]
-
 
 
 def at_label_size(pred: Tensor, target: Tensor, label_size: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:

@@ -56,11 +56,12 @@ class TaskSpec:
             return self.num_outputs[dataset]
         except KeyError:
             raise ValueError(
-                f"task '{self.name}' is not defined for dataset '{dataset}'; "
-                f"it exists for: {sorted(self.num_outputs)}"
+                f"task '{self.name}' is not defined for dataset '{dataset}'; it exists for: {sorted(self.num_outputs)}"
             ) from None
 
 
+# A table, one task a row: left as written by the formatter.
+# fmt: off
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -78,6 +79,7 @@ TASKS: dict[str, TaskSpec] = {
                  loss="depth_l1", metric="depth"),
     )
 }
+# fmt: on
 
 DATASET_TASKS: dict[str, tuple[str, ...]] = {
     "pascal_context": ("semseg", "human_parts", "sal", "normals", "edge"),
@@ -99,9 +101,7 @@ def check_tasks(dataset: str, tasks: list[str] | tuple[str, ...]) -> None:
         raise ValueError(f"unknown dataset '{dataset}'; valid datasets: {sorted(DATASET_TASKS)}")
     missing = [t for t in tasks if t not in DATASET_TASKS[dataset]]
     if missing:
-        raise ValueError(
-            f"dataset '{dataset}' has no task(s) {missing}; it provides {list(DATASET_TASKS[dataset])}"
-        )
+        raise ValueError(f"dataset '{dataset}' has no task(s) {missing}; it provides {list(DATASET_TASKS[dataset])}")
     if not tasks:
         raise ValueError("at least one task is required")
 

@@ -92,6 +92,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [title, "", " · ".join(facts), "", _md_row(HEADER), "|---|---|---|---:|---:|---:|"]
     lines += [_md_row(row) for row in result_rows(report, _MARKDOWN)]
     in_dm, delta = _tasks_in_delta_m(report), report.get("delta_m")
-    lines += ["", f"**Δm: {_fmt(delta, _MARKDOWN, signed=True)} %** over {', '.join(in_dm)}"
-              if in_dm and delta is not None else "Δm: n/a"]
+    lines += [
+        "",
+        f"**Δm: {_fmt(delta, _MARKDOWN, signed=True)} %** over {', '.join(in_dm)}"
+        if in_dm and delta is not None
+        else "Δm: n/a",
+    ]
     return "\n".join(lines) + "\n"

@@ -79,8 +79,18 @@ def test_task_lora_linear_under_autocast_matches_fp32(dropout, positions, task_i
     mask = DropMask((N, D_IN), dropout, positions=positions) if dropout else None
 
     def run(x, w, bias, task_a, task_bt, task_scale, *sh):
-        return task_lora_linear(x, w, bias, sh, task_a, task_bt, task_scale, task_input=task_input,
-                                shared_in_tasks=shared_in_tasks, mask=mask)
+        return task_lora_linear(
+            x,
+            w,
+            bias,
+            sh,
+            task_a,
+            task_bt,
+            task_scale,
+            task_input=task_input,
+            shared_in_tasks=shared_in_tasks,
+            mask=mask,
+        )
 
     _assert_autocast_matches_fp32(run, (x, w, bias, task_a, task_bt, task_scale) + shared)
 
@@ -89,8 +99,17 @@ def test_task_lora_linear_under_autocast_matches_fp32(dropout, positions, task_i
 def test_layer_under_autocast_matches_fp32(mode):
     """Every layer mode, ``addition`` (composed from ordinary ops) included, with trainable scales."""
     torch.manual_seed(2)
-    layer = MTLoRALinear(D_IN, D_OUT, shared_rank=RANK, tasks=("a", "b"), task_rank=TASK_RANK, mode=mode,
-                         trainable_scale_shared=True, trainable_scale_per_task=True, dropout=0.2).train()
+    layer = MTLoRALinear(
+        D_IN,
+        D_OUT,
+        shared_rank=RANK,
+        tasks=("a", "b"),
+        task_rank=TASK_RANK,
+        mode=mode,
+        trainable_scale_shared=True,
+        trainable_scale_per_task=True,
+        dropout=0.2,
+    ).train()
     randomize_lora(layer, std=0.3)
     layer.weight.requires_grad_(False)
     layer.bias.requires_grad_(False)
@@ -124,8 +143,9 @@ def test_tiny_model_under_autocast_matches_fp32():
     torch.manual_seed(0)
     tasks = ["semseg", "normals"]
     cfg = tiny_model_config(drop_path_rate=0.1)
-    model = build_model(cfg, AdapterConfig(shared_rank=2, task_rank=2, dropout=0.1), TrainableConfig(), tasks,
-                        "pascal_context").train()
+    model = build_model(
+        cfg, AdapterConfig(shared_rank=2, task_rank=2, dropout=0.1), TrainableConfig(), tasks, "pascal_context"
+    ).train()
     randomize_lora(model, std=0.05)
     for t in tasks:
         model.decoders[t].head.fuse[1].eval()  # no batch-statistics update between the two runs

@@ -8,8 +8,8 @@ import weakref
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from mtlora_dist.adapters.dropout import DropMask, LoRADropout, _dropped_positions, _MaskedScale, lora_dropout
 from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
@@ -145,9 +145,18 @@ def _ops(positions: bool) -> dict:
     ta, tb, ts = torch.randn(2, 2, 32, requires_grad=True), torch.randn(2, 2, 24), torch.ones(2)
     return {
         "lora_linear": lambda x: lora_linear(x, w, None, a, b, s, mask=DropMask(x.shape, 0.3, positions=positions)),
-        "task_lora_linear": lambda x: task_lora_linear(x, w, None, (a, b, s), ta, tb, ts, task_input=False,
-                                                       shared_in_tasks=False,
-                                                       mask=DropMask(x.shape, 0.3, positions=positions)),
+        "task_lora_linear": lambda x: task_lora_linear(
+            x,
+            w,
+            None,
+            (a, b, s),
+            ta,
+            tb,
+            ts,
+            task_input=False,
+            shared_in_tasks=False,
+            mask=DropMask(x.shape, 0.3, positions=positions),
+        ),
         "lora_dropout": lambda x: _MaskedScale.apply(x, DropMask(x.shape, 0.3, positions=positions)),
     }
 

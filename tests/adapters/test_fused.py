@@ -43,8 +43,9 @@ def test_lora_linear_gives_frozen_weights_no_gradient():
 @pytest.mark.parametrize("shared_in_tasks", [False, True])
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("dropout,positions", [(0.0, None), (0.3, True), (0.3, False)])
-def test_task_lora_linear_matches_per_task_math_and_passes_gradcheck(task_input, shared_in_tasks, with_shared, dropout,
-                                                                    positions):
+def test_task_lora_linear_matches_per_task_math_and_passes_gradcheck(
+    task_input, shared_in_tasks, with_shared, dropout, positions
+):
     torch.manual_seed(1)
     x = _f64(1 + TASKS, N, D_IN) if task_input else _f64(N, D_IN)
     w, bias = _f64(D_OUT, D_IN), _f64(D_OUT)
@@ -54,8 +55,18 @@ def test_task_lora_linear_matches_per_task_math_and_passes_gradcheck(task_input,
 
     def run(x, w, bias, task_a, task_bt, task_scale, *shared_parts):
         sh = tuple(shared_parts) if shared_parts else None
-        return task_lora_linear(x, w, bias, sh, task_a, task_bt, task_scale, task_input=task_input,
-                                shared_in_tasks=shared_in_tasks, mask=mask)
+        return task_lora_linear(
+            x,
+            w,
+            bias,
+            sh,
+            task_a,
+            task_bt,
+            task_scale,
+            task_input=task_input,
+            shared_in_tasks=shared_in_tasks,
+            mask=mask,
+        )
 
     inputs = (x, w, bias, task_a, task_bt, task_scale) + (shared or ())
     out = run(*inputs)

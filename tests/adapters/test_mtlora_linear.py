@@ -23,8 +23,9 @@ def reference(layer: MTLoRALinear, x: torch.Tensor, x_tasks: dict | None):
     for i, t in enumerate(layer.tasks):
         z = x if x_tasks is None else x_tasks[t]
         u[t] = scales[i] * (z @ layer.lora_tasks_A[t].T @ layer.lora_tasks_B[t].T)
-    shared_delta = (layer.lora_shared_scale * (x @ layer.lora_shared_A.T @ layer.lora_shared_B.T)
-                    if layer.shared_rank else 0)
+    shared_delta = (
+        layer.lora_shared_scale * (x @ layer.lora_shared_A.T @ layer.lora_shared_B.T) if layer.shared_rank else 0
+    )
     if layer.mode == "addition":
         shared = p + layer.lora_norm(sum(p + u[t] for t in layer.tasks))
         tasks = {t: p + u[t] for t in layer.tasks}
@@ -42,8 +43,16 @@ def reference(layer: MTLoRALinear, x: torch.Tensor, x_tasks: dict | None):
 @pytest.mark.parametrize("ranks", [4, {"a": 2, "b": 5, "c": 3}])
 def test_batched_forward_matches_per_task_reference(mode, task_input, ranks):
     torch.manual_seed(0)
-    layer = MTLoRALinear(12, 10, shared_rank=6, tasks=TASKS, task_rank=ranks, mode=mode,
-                         task_scale={"a": 1.0, "b": 2.0, "c": 4.0}, task_input=task_input).eval()
+    layer = MTLoRALinear(
+        12,
+        10,
+        shared_rank=6,
+        tasks=TASKS,
+        task_rank=ranks,
+        mode=mode,
+        task_scale={"a": 1.0, "b": 2.0, "c": 4.0},
+        task_input=task_input,
+    ).eval()
     randomize_lora(layer, std=0.1)
     x = torch.randn(2, 7, 12)
     x_tasks = {t: torch.randn(2, 7, 12) for t in TASKS} if task_input else None
@@ -96,8 +105,9 @@ def test_matrix_mode_with_tasks_refuses_to_merge():
 
 
 def test_trainable_scales_receive_gradients_and_fixed_ones_are_buffers():
-    layer = MTLoRALinear(6, 6, shared_rank=2, tasks=TASKS, task_rank=2, trainable_scale_shared=True,
-                         trainable_scale_per_task=True)
+    layer = MTLoRALinear(
+        6, 6, shared_rank=2, tasks=TASKS, task_rank=2, trainable_scale_shared=True, trainable_scale_per_task=True
+    )
     randomize_lora(layer, std=0.1)
     layer(torch.randn(2, 6)).sum().backward()
     assert layer.lora_shared_scale.grad is not None and layer.lora_shared_scale.grad.abs().sum() > 0

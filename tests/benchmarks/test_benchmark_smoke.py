@@ -26,13 +26,28 @@ def throughput(tmp_path_factory):
     def run(*flags: str, **env: str) -> dict:
         if flags not in runs:
             out = tmp_path_factory.mktemp("throughput") / "result.json"
-            cmd = [sys.executable, "benchmarks/gpu_throughput.py", "--config", "configs/quickstart.yaml", "--batch",
-                   "2", "--size", "64", "--steps", "1", "--precision", "fp32", *flags, "--json", str(out)]
-            proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True,
-                                  timeout=300)
+            cmd = [
+                sys.executable,
+                "benchmarks/gpu_throughput.py",
+                "--config",
+                "configs/quickstart.yaml",
+                "--batch",
+                "2",
+                "--size",
+                "64",
+                "--steps",
+                "1",
+                "--precision",
+                "fp32",
+                *flags,
+                "--json",
+                str(out),
+            ]
+            proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
             runs[flags] = json.loads(out.read_text())
         return runs[flags]
+
     return run
 
 
@@ -76,8 +91,19 @@ def test_model_step_reference_agrees_with_the_model(tmp_path):
     """The benchmark refuses to time anything unless our model and its per-task-loop reference agree,
     so this keeps the reference honest as the model changes (tiny model, dropout on)."""
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "benchmarks/model_step.py", "--config", "configs/quickstart.yaml", "--size", "96",
-           "--repeats", "1", "--json", str(out), "adapter.dropout=0.05"]
+    cmd = [
+        sys.executable,
+        "benchmarks/model_step.py",
+        "--config",
+        "configs/quickstart.yaml",
+        "--size",
+        "96",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+        "adapter.dropout=0.05",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -22,8 +22,13 @@ from gpu_session import Context, Step  # noqa: E402
 def test_smoke_session_records_every_step(tmp_path):
     out = tmp_path / "out"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_session.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "session.jsonl").read_text().splitlines()]
@@ -49,8 +54,9 @@ def _ctx(tmp_path: Path) -> Context:
 
 def _python_step(code: str, timeout_s: float = 30, **kwargs) -> Step:
     """A step whose 'script' is ``python -c code`` (the runner appends ``--json PATH``: sys.argv[2])."""
-    return Step("probe", timeout_s, lambda ctx: ["-c", code], lambda r: {"value": r.get("value")}, needs=["json"],
-                **kwargs)
+    return Step(
+        "probe", timeout_s, lambda ctx: ["-c", code], lambda r: {"value": r.get("value")}, needs=["json"], **kwargs
+    )
 
 
 def test_a_step_that_writes_its_result_passes_with_its_figures(tmp_path):
@@ -61,8 +67,10 @@ def test_a_step_that_writes_its_result_passes_with_its_figures(tmp_path):
 
 def test_a_hanging_step_costs_only_the_time_left_and_its_children_die(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "MIN_STEP_S", 1)
-    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-            "open(sys.argv[2] + '.pid', 'w').write(str(p.pid)); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        "open(sys.argv[2] + '.pid', 'w').write(str(p.pid)); time.sleep(60)"
+    )
     start = time.perf_counter()
     record, _ = gpu_session.run_step(_python_step(code, timeout_s=300), _ctx(tmp_path), time_left=3)
     assert record["status"] == "timeout" and record["timeout_s"] == 3 and time.perf_counter() - start < 20

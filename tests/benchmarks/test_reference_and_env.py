@@ -12,11 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import common  # noqa: E402
-from reference_mtlora import TOLERANCE, check_agreement, max_difference, ref_model  # noqa: E402
-
 from mtlora_dist.engine.config import load_config  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
+
+import common  # noqa: E402
+from reference_mtlora import TOLERANCE, check_agreement, max_difference, ref_model  # noqa: E402
 
 
 def test_reference_agrees_with_the_model_in_bf16_with_fp32_scales():

@@ -20,14 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import deepspeed  # noqa: E402
-import deepspeed.ops  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+from torch import nn  # noqa: E402
 
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy  # noqa: E402
 from mtlora_dist.checkpoint import storage as checkpoint_storage  # noqa: E402
@@ -69,12 +68,19 @@ def make_engine(stage: int = 2, model: nn.Module | None = None):
     model = model or TinyMTL()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-2)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
-    config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-              "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10_000,
-              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10_000,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
@@ -166,11 +172,16 @@ def main() -> None:
 
     engine = make_engine(args.stage)
     torch.manual_seed(100 + rank)  # each rank's own dropout stream
-    logger = RunLogger(args.run_dir, enabled=rank == 0, start=False,
-                       local_dir=str(Path(args.report).with_suffix("")) + "-log" if "://" in args.run_dir else None)
+    logger = RunLogger(
+        args.run_dir,
+        enabled=rank == 0,
+        start=False,
+        local_dir=str(Path(args.report).with_suffix("")) + "-log" if "://" in args.run_dir else None,
+    )
     pieces = Pieces()
-    ckpt = Checkpointer(args.run_dir, engine, policy=SavePolicy(args.save_every, args.keep_last),
-                        fingerprint=FINGERPRINT)
+    ckpt = Checkpointer(
+        args.run_dir, engine, policy=SavePolicy(args.save_every, args.keep_last), fingerprint=FINGERPRINT
+    )
     ckpt.register("toy", pieces, per_rank=True)
     ckpt.register("run_log", logger, per_rank=False)
     start = ckpt.resume() or 0
@@ -203,10 +214,17 @@ def main() -> None:
     all_losses = [None] * dist.get_world_size()
     dist.all_gather_object(all_losses, losses)
     if rank == 0:
-        report = {"start": start, "losses": all_losses, "latest": ckpt.latest(), "world_size": dist.get_world_size(),
-                  "loaded_world_size": ckpt.loaded_world_size, "blocked_s": ckpt.blocked_s}
+        report = {
+            "start": start,
+            "losses": all_losses,
+            "latest": ckpt.latest(),
+            "world_size": dist.get_world_size(),
+            "loaded_world_size": ckpt.loaded_world_size,
+            "blocked_s": ckpt.blocked_s,
+        }
         Path(args.report).write_text(json.dumps(report))
     dist.barrier()
+    deepspeed.comm.destroy_process_group()  # not left to interpreter exit, which can abort (status -6)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from ckpt_worker import FINGERPRINT, TASKS, Pieces, TinyMTL, batch, full_state, make_engine  # noqa: E402
 from mtlora_dist.checkpoint import (  # noqa: E402
+    Checkpointer,
     CheckpointError,
     CheckpointMismatchError,
-    Checkpointer,
     ChecksumMismatchError,
     SavePolicy,
     frozen_fingerprint,
 )
 from mtlora_dist.checkpoint.format import sha256_bytes, tensors_from_bytes  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
+
+from ckpt_worker import FINGERPRINT, TASKS, Pieces, TinyMTL, batch, full_state, make_engine  # noqa: E402
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mtlora_dist"
 
@@ -165,9 +166,9 @@ def test_retention_and_the_save_policy(tmp_path):
 def test_an_unreachable_run_dir_is_one_message_on_every_rank():
     """Rank 0 looks for checkpoints; a dead endpoint must reach every rank as one error naming where and what to
     check (not a botocore traceback on rank 0 and a wait forever on the others)."""
-    from s3_server import free_port
-
     from mtlora_dist.storage.retry import StorageUnavailableError
+
+    from s3_server import free_port
 
     storage = StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", key="k", secret="s", retries=0)
     ckpt = Checkpointer("s3://nowhere/run", make_engine(), fingerprint=FINGERPRINT, storage=storage)
@@ -213,20 +214,28 @@ def _unpickling_calls(tree: ast.AST) -> list[int]:
     """Lines of ``pickle.load(s)`` calls and of ``torch.load`` calls without ``weights_only=True``."""
     lines = []
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+        ):
             continue
         owner, name = node.func.value.id, node.func.attr
         weights_only = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
-        if (owner == "pickle" and name in ("load", "loads")) or (owner == "torch" and name == "load" and not weights_only):
+        if (owner == "pickle" and name in ("load", "loads")) or (
+            owner == "torch" and name == "load" and not weights_only
+        ):
             lines.append(node.lineno)
     return lines
 
 
 def test_the_package_never_unpickles():
     """Checkpoints are safetensors and JSON; the one torch.load (official Swin weights) is weights-only."""
-    found = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in PACKAGE.rglob("*.py")
-             for line in _unpickling_calls(ast.parse(path.read_text()))]
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in PACKAGE.rglob("*.py")
+        for line in _unpickling_calls(ast.parse(path.read_text()))
+    ]
     assert not found, found
     probe = "import pickle, torch\npickle.loads(b)\ntorch.load(f)\ntorch.load(f, weights_only=True)\n"
     assert _unpickling_calls(ast.parse(probe)) == [2, 3]  # the check itself sees both
@@ -298,8 +307,15 @@ def test_a_checkpoint_of_the_old_format_is_named_not_ignored(tmp_path):
     tag_dir = tmp_path / "checkpoints" / "step_00000005"
     tag_dir.mkdir(parents=True)
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    (tag_dir / "COMPLETE.json").write_text(json.dumps({"format": "mtlora-dist-checkpoint/1", "tag": "step_00000005",
-                                                       "files": {"mp_rank_00_model_states.pt": {"size": 1}}}))
+    (tag_dir / "COMPLETE.json").write_text(
+        json.dumps(
+            {
+                "format": "mtlora-dist-checkpoint/1",
+                "tag": "step_00000005",
+                "files": {"mp_rank_00_model_states.pt": {"size": 1}},
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match="format 'mtlora-dist-checkpoint/1'"):
         checkpointer(tmp_path, make_engine())[0].resume()
 
@@ -336,7 +352,9 @@ def test_checkpoint_size_is_the_trainable_state(tmp_path):
     """``benchmarks/checkpoint_size.py``: ours is trainable x 12 bytes, far below DeepSpeed's default."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("checkpoint_size", PACKAGE.parent / "benchmarks" / "checkpoint_size.py")
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_size", PACKAGE.parent / "benchmarks" / "checkpoint_size.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     torch.manual_seed(0)

@@ -36,10 +36,17 @@ def free_port() -> int:
 
 
 def worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()  # the launcher or run_ranks sets these per rank
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env = {
+        k: v
+        for k, v in os.environ.items()  # the launcher or run_ranks sets these per rank
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
     return env
 
 
@@ -48,16 +55,32 @@ def run_ranks(nranks: int, args: list[str], log: Path, *, launcher: str = "env",
     env, port = worker_env(), free_port()
     with open(log, "wb") as out:
         if launcher == "deepspeed":
-            cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", str(nranks),
-                   "--master_port", str(port), str(WORKER), *args]
+            cmd = [
+                str(Path(sys.executable).with_name("deepspeed")),
+                "--num_accelerators",
+                str(nranks),
+                "--master_port",
+                str(port),
+                str(WORKER),
+                *args,
+            ]
             procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)]
         else:
             procs = []
             for rank in range(nranks):
-                rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nranks),
-                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=rank_env, stdout=out,
-                                              stderr=subprocess.STDOUT))
+                rank_env = dict(
+                    env,
+                    RANK=str(rank),
+                    LOCAL_RANK=str(rank),
+                    WORLD_SIZE=str(nranks),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                )
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), *args], env=rank_env, stdout=out, stderr=subprocess.STDOUT
+                    )
+                )
         try:
             codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
         finally:
@@ -105,10 +128,30 @@ def newest(run_dir: str) -> str | None:
 
 def reference_run(base: Path, stage: int) -> dict:
     run_dir, report, dump = base / "run", base / "report.json", base / "end.pt"
-    run_ranks(2, ["--stage", str(stage), "--run-dir", str(run_dir), "--steps", "8", "--save-every", "2",
-                  "--report", str(report), "--dump-at-end", str(dump)], base / "log.txt")
-    return {"run_dir": run_dir, "report": json.loads(report.read_text()), "state": torch.load(dump, weights_only=False),
-            "stage": stage}
+    run_ranks(
+        2,
+        [
+            "--stage",
+            str(stage),
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            "8",
+            "--save-every",
+            "2",
+            "--report",
+            str(report),
+            "--dump-at-end",
+            str(dump),
+        ],
+        base / "log.txt",
+    )
+    return {
+        "run_dir": run_dir,
+        "report": json.loads(report.read_text()),
+        "state": torch.load(dump, weights_only=False),
+        "stage": stage,
+    }
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
@@ -139,9 +182,25 @@ def test_elastic_resume_two_to_one_to_two_ranks(reference, tmp_path):
     run_dir, stage = tmp_path / "run", ["--stage", str(reference["stage"])]
     shutil.copytree(reference["run_dir"], run_dir)
     report_path, after_load, at_end = tmp_path / "report.json", tmp_path / "after_load.pt", tmp_path / "end.pt"
-    run_ranks(1, [*stage, "--run-dir", str(run_dir), "--steps", "10", "--save-every", "2", "--report",
-                  str(report_path), "--dump-after-load", str(after_load), "--dump-at-end", str(at_end)],
-              tmp_path / "log.txt")
+    run_ranks(
+        1,
+        [
+            *stage,
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            "10",
+            "--save-every",
+            "2",
+            "--report",
+            str(report_path),
+            "--dump-after-load",
+            str(after_load),
+            "--dump-at-end",
+            str(at_end),
+        ],
+        tmp_path / "log.txt",
+    )
     report = json.loads(report_path.read_text())
     assert report["start"] == 8 and report["loaded_world_size"] == 2 and report["world_size"] == 1
     # 2 -> 1: fp32 masters, module weights, both Adam moments, Adam's step, lr, scheduler and global step
@@ -150,8 +209,21 @@ def test_elastic_resume_two_to_one_to_two_ranks(reference, tmp_path):
 
     # 1 -> 2: the one-rank checkpoint of step 10 split again over two ranks
     report_path, after_load2 = tmp_path / "report2.json", tmp_path / "after_load2.pt"
-    run_ranks(2, [*stage, "--run-dir", str(run_dir), "--steps", "10", "--report", str(report_path),
-                  "--dump-after-load", str(after_load2)], tmp_path / "log2.txt")
+    run_ranks(
+        2,
+        [
+            *stage,
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            "10",
+            "--report",
+            str(report_path),
+            "--dump-after-load",
+            str(after_load2),
+        ],
+        tmp_path / "log2.txt",
+    )
     report = json.loads(report_path.read_text())
     assert report["start"] == 10 and report["loaded_world_size"] == 1
     assert_same_state(torch.load(after_load2, weights_only=False), torch.load(at_end, weights_only=False))
@@ -166,8 +238,24 @@ def test_same_world_resume_reproduces_losses_and_the_log(reference, tmp_path):
         shutil.rmtree(run_dir / "checkpoints" / tag)
     assert logged_steps(str(run_dir)) == list(range(1, 9))  # the log is ahead of the checkpoint
     report_path, dump = tmp_path / "resumed.json", tmp_path / "resumed_end.pt"
-    run_ranks(2, ["--stage", str(reference["stage"]), "--steps", "8", "--save-every", "2", "--run-dir", str(run_dir), "--report",
-                  str(report_path), "--dump-at-end", str(dump)], tmp_path / "resumed.log")
+    run_ranks(
+        2,
+        [
+            "--stage",
+            str(reference["stage"]),
+            "--steps",
+            "8",
+            "--save-every",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--report",
+            str(report_path),
+            "--dump-at-end",
+            str(dump),
+        ],
+        tmp_path / "resumed.log",
+    )
     report = json.loads(report_path.read_text())
     assert report["start"] == 4
     assert losses(report, range(5, 9)) == losses(reference["report"], range(5, 9))
@@ -178,8 +266,13 @@ def test_same_world_resume_reproduces_losses_and_the_log(reference, tmp_path):
 def test_s3_save_killed_before_marker_resumes_from_previous(zero2_reference, s3_bucket, tmp_path):
     run_dir = f"s3://{s3_bucket}/runs/killed"
     common = ["--run-dir", run_dir, "--steps", "8", "--save-every", "2"]
-    code = run_ranks(2, [*common, "--kill-at-step", "6", "--report", str(tmp_path / "killed.json")],
-                     tmp_path / "killed.log", launcher="deepspeed", expect_ok=False)
+    code = run_ranks(
+        2,
+        [*common, "--kill-at-step", "6", "--report", str(tmp_path / "killed.json")],
+        tmp_path / "killed.log",
+        launcher="deepspeed",
+        expect_ok=False,
+    )
     assert code != 0, "the run was meant to die inside its step-6 save"
 
     assert newest(run_dir) == "step_00000004"  # step 6 is uploaded but has no marker
@@ -189,8 +282,12 @@ def test_s3_save_killed_before_marker_resumes_from_previous(zero2_reference, s3_
     assert fs.cat_file(f"{root}/latest").strip() == b"step_00000004"
 
     report_path, dump = tmp_path / "resumed.json", tmp_path / "resumed_end.pt"
-    run_ranks(2, [*common, "--report", str(report_path), "--dump-at-end", str(dump)], tmp_path / "resumed.log",
-              launcher="deepspeed")
+    run_ranks(
+        2,
+        [*common, "--report", str(report_path), "--dump-at-end", str(dump)],
+        tmp_path / "resumed.log",
+        launcher="deepspeed",
+    )
     report = json.loads(report_path.read_text())
     assert report["start"] == 4
     assert losses(report, range(5, 9)) == losses(zero2_reference["report"], range(5, 9))
@@ -202,9 +299,25 @@ def test_s3_save_killed_before_marker_resumes_from_previous(zero2_reference, s3_
 
 def test_s3_killed_during_background_upload_keeps_the_previous_checkpoint(s3_bucket, tmp_path):
     run_dir = f"s3://{s3_bucket}/runs/upload-killed"
-    code = run_ranks(2, ["--run-dir", run_dir, "--steps", "8", "--save-every", "2", "--kill-at-step", "6",
-                         "--kill-when", "upload", "--report", str(tmp_path / "killed.json")],
-                     tmp_path / "killed.log", expect_ok=False)
+    code = run_ranks(
+        2,
+        [
+            "--run-dir",
+            run_dir,
+            "--steps",
+            "8",
+            "--save-every",
+            "2",
+            "--kill-at-step",
+            "6",
+            "--kill-when",
+            "upload",
+            "--report",
+            str(tmp_path / "killed.json"),
+        ],
+        tmp_path / "killed.log",
+        expect_ok=False,
+    )
     assert code != 0, "the run was meant to die inside its step-6 upload"
     fs, root = url_to_fs(f"{run_dir}/checkpoints", StorageOptions())
     fs.invalidate_cache()

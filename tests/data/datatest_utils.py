@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
 import torch
 
 from mtlora_dist.data import build_loader
+from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
 PASCAL = {"num_train": 24, "num_val": 10, "seed": 3, "size": 80}  # the session datasets (conftest.py)
 NYUD = {"num_train": 12, "num_val": 6, "seed": 4, "size": 72}
@@ -48,3 +50,22 @@ def assert_batches_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> No
 
 def multiplicity(keys) -> Counter:
     return Counter(keys)
+
+
+def upload(folder: str, url: str, storage: StorageOptions | None = None) -> str:
+    """Copy a local shard folder to ``url`` (an S3 prefix); returns ``url``."""
+    fs, path = url_to_fs(url, storage)
+    for name in sorted(os.listdir(folder)):
+        fs.put_file(os.path.join(folder, name), f"{path}/{name}")
+    return url
+
+
+def state_after(loader, batches: int) -> dict:
+    """The loader's state after ``batches`` batches of its current epoch; its workers are stopped."""
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    state = loader.state_dict()
+    del it
+    loader.close()
+    return state

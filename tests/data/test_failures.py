@@ -1,10 +1,13 @@
 """Damaged data is counted and replaced (``on_error="skip"``) or a clear error (``"raise"``), never silent.
 
 Every case runs through a real DataLoader worker: a crash in a decoder would surface as a dead worker.
+With checksums verified (the default) a damaged shard fails as a whole; without, the samples before
+the damage are still used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -29,20 +32,27 @@ def shard_with_samples(folder: str, at_least: int = 2) -> tuple[str, int, list[s
     raise AssertionError("no shard with enough samples")
 
 
-def run_epoch(folder: str, on_error: str = "skip"):
-    loader = pascal_loader(folder, num_workers=1, batch_size=2, on_error=on_error)
+def run_epoch(folder: str, on_error: str = "skip", **kw):
+    loader = pascal_loader(folder, num_workers=1, batch_size=2, on_error=on_error, **kw)
     batches = list(loader)
     assert len(batches) == len(loader) == PASCAL["num_train"] // 2  # the batch count never changes
     return batches, loader.stats
 
 
 def rewrite(path: str, edit) -> None:
-    """Rebuild a shard sample by sample, letting ``edit(index, key, members)`` change members."""
+    """Rebuild a shard sample by sample, letting ``edit(index, key, members)`` change members, and
+    record it in the manifest: bad data that was already bad when converted (the decoders' job)."""
     with open(path, "rb") as f:
         samples = list(iter_tar_samples(f))
     with TarShardWriter(path) as w:
         for i, (key, members) in enumerate(samples):
-            w.add(key, sorted(edit(i, key, dict(members)).items(), key=lambda kv: kv[0] != "jpg"))
+            w.add(key, edit(i, key, dict(members)))
+    manifest_path = os.path.join(os.path.dirname(path), "manifest.json")
+    manifest = json.load(open(manifest_path))
+    entry = next(s for s in manifest["shards"] if s["name"] == os.path.basename(path))
+    data = open(path, "rb").read()
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    json.dump(manifest, open(manifest_path, "w"))
 
 
 def check_skipped(batches, stats, lost_keys: list[str], missing: int, skipped: int, failed_shards: int) -> None:
@@ -66,7 +76,8 @@ def test_garbage_shard(shard_copy):
         run_epoch(folder, "raise")
 
 
-def test_tar_cut_at_a_header_is_caught_by_the_count(shard_copy):
+@pytest.mark.parametrize("verify", [True, False])
+def test_tar_cut_at_a_header_is_caught_by_the_count(shard_copy, verify):
     folder = shard_copy()
     path, n, keys = shard_with_samples(folder)
     with tarfile.open(path) as tar:
@@ -75,21 +86,79 @@ def test_tar_cut_at_a_header_is_caught_by_the_count(shard_copy):
         f.truncate(second.offset)  # what tarfile reads as a clean end of the archive
     with open(path, "rb") as f:
         assert [k for k, _ in iter_tar_samples(f)] == keys[:1]  # silently short without the manifest
-    check_skipped(*run_epoch(folder), keys[1:], missing=n - 1, skipped=0, failed_shards=1)
+    lost = keys if verify else keys[1:]  # verified: nothing of a damaged shard is used
+    check_skipped(*run_epoch(folder, verify_checksums=verify), lost, missing=len(lost), skipped=0, failed_shards=1)
     with pytest.raises(DataError, match=rf"{os.path.basename(path)} is truncated: the tar ended after 1 sample"):
-        run_epoch(folder, "raise")
+        run_epoch(folder, "raise", verify_checksums=verify)
 
 
-def test_tar_cut_inside_a_member(shard_copy):
+@pytest.mark.parametrize("verify", [True, False])
+def test_tar_cut_inside_a_member(shard_copy, verify):
     folder = shard_copy()
     path, n, keys = shard_with_samples(folder)
     with tarfile.open(path) as tar:
         normals = next(m for m in tar.getmembers() if m.name == f"{keys[1]}.normals.npy")
     with open(path, "r+b") as f:
         f.truncate(normals.offset_data + normals.size // 2)
-    check_skipped(*run_epoch(folder), keys[1:], missing=n - 1, skipped=0, failed_shards=1)
+    lost = keys if verify else keys[1:]
+    check_skipped(*run_epoch(folder, verify_checksums=verify), lost, missing=len(lost), skipped=0, failed_shards=1)
     with pytest.raises(DataError, match=os.path.basename(path)):
+        run_epoch(folder, "raise", verify_checksums=verify)
+
+
+def flip_jpeg_bytes(path: str, key: str, count: int = 13) -> None:
+    """Change ``count`` bytes in the middle of a sample's JPEG data, in place: the tar stays valid."""
+    with tarfile.open(path) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name == f"{key}.jpg")
+    with open(path, "r+b") as f:
+        for i in range(count):
+            f.seek(jpg.offset_data + jpg.size // 2 + 7 * i)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def test_flipped_bytes_in_a_jpeg_fail_the_checksum(shard_copy):
+    """The case that went through undetected before: 13 bytes of a JPEG changed, the tar still parses
+    and the image still decodes (to other pixels). The sha256 check catches it."""
+    folder = shard_copy()
+    path, n, keys = shard_with_samples(folder)
+    flip_jpeg_bytes(path, keys[1])
+    unverified, stats = run_epoch(folder, verify_checksums=False, jpeg_decoder="pil")
+    assert stats["samples_skipped"] == stats["samples_missing"] == stats["shards_failed"] == 0  # unnoticed
+    check_skipped(*run_epoch(folder), keys, missing=n, skipped=0, failed_shards=1)
+    with pytest.raises(DataError, match=rf"{os.path.basename(path)} does not match its manifest: .* sha256"):
         run_epoch(folder, "raise")
+
+
+def test_a_worker_that_needs_only_part_of_a_shard_still_verifies_all_of_it(shard_copy):
+    """Two workers, no shuffling: worker 0 takes the first half of the epoch, worker 1 the second, so
+    the shard across the middle is needed in part by each. Damage only its last sample: worker 0 (which
+    needs only the first sample) must still read and hash the rest, and use none of the shard."""
+    folder = shard_copy()
+    manifest = read_manifest(folder)
+    half, start = PASCAL["num_train"] // 2, 0
+    for shard in manifest.shards:
+        if start < half < start + shard.num_samples:
+            break
+        start += shard.num_samples
+    else:
+        raise AssertionError("no shard across the middle of the epoch")
+    path = os.path.join(folder, shard.name)
+    with open(path, "rb") as f:
+        keys = [k for k, _ in iter_tar_samples(f)]
+    flip_jpeg_bytes(path, keys[-1], count=3)
+    worker0_part = keys[:half - start]
+
+    def epoch(**kw):
+        loader = pascal_loader(folder, num_workers=2, batch_size=1, shuffle=False, **kw)
+        return valid_keys(list(loader)), loader.stats
+
+    unverified, _ = epoch(verify_checksums=False, jpeg_decoder="pil")
+    assert set(worker0_part) <= set(unverified)  # before: the start of the damaged shard was used
+    verified, stats = epoch()
+    assert not set(keys) & set(verified)
+    assert stats["shards_failed"] == 2 and stats["samples_missing"] == len(keys)  # both workers' parts
 
 
 def test_corrupt_png_inside_a_shard(shard_copy):
@@ -106,7 +175,26 @@ def test_corrupt_png_inside_a_shard(shard_copy):
 
     rewrite(path, corrupt)
     check_skipped(*run_epoch(folder), [keys[1]], missing=0, skipped=1, failed_shards=0)
-    with pytest.raises(DataError, match=rf"bad sample in shard .*{os.path.basename(path)}.*'{keys[1]}'.*bad CRC"):
+    with pytest.raises(DataError, match=rf"bad sample: shard .*{os.path.basename(path)} sample '{keys[1]}' "
+                                        r"member 'sal.png'.*bad CRC"):
+        run_epoch(folder, "raise")
+
+
+def test_corrupt_npy_header_is_skipped_and_named(shard_copy):
+    """A damaged .npy header used to escape the skip policy (tokenize.TokenError from numpy's parser)."""
+    folder = shard_copy()
+    path, _, keys = shard_with_samples(folder)
+
+    def corrupt(i, key, members):
+        if i == 0:
+            npy = bytearray(members["normals.npy"])
+            npy[20:26] = b"(((((("
+            members["normals.npy"] = bytes(npy)
+        return members
+
+    rewrite(path, corrupt)
+    check_skipped(*run_epoch(folder), [keys[0]], missing=0, skipped=1, failed_shards=0)
+    with pytest.raises(DataError, match=rf"shard .*{os.path.basename(path)} sample '{keys[0]}' member 'normals.npy'"):
         run_epoch(folder, "raise")
 
 
@@ -115,7 +203,7 @@ def test_sample_missing_a_task_member(shard_copy):
     path, _, keys = shard_with_samples(folder)
     rewrite(path, lambda i, key, m: {k: v for k, v in m.items() if not (i == 0 and k == "normals.npy")})
     check_skipped(*run_epoch(folder), [keys[0]], missing=0, skipped=1, failed_shards=0)
-    with pytest.raises(DataError, match=rf"{keys[0]}' lacks member\(s\) \['normals.npy'\]"):
+    with pytest.raises(DataError, match=rf"{os.path.basename(path)} sample '{keys[0]}' lacks member\(s\) \['normals.npy'\]"):
         run_epoch(folder, "raise")
 
 

@@ -12,19 +12,12 @@ import pytest
 
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.errors import StorageUnavailableError
-from mtlora_dist.storage.fs import StorageOptions, url_to_fs
+from mtlora_dist.storage.fs import StorageOptions
 from s3_server import KEY, SECRET, S3Server
 
-from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, valid_keys
+from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, upload, valid_keys
 
 pytestmark = pytest.mark.integration
-
-
-def upload(folder: str, url: str, storage: StorageOptions | None = None) -> str:
-    fs, path = url_to_fs(url, storage)
-    for name in sorted(os.listdir(folder)):
-        fs.put_file(os.path.join(folder, name), f"{path}/{name}")
-    return url
 
 
 def test_two_ranks_two_workers_from_s3(pascal_shards, s3_bucket):

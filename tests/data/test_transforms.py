@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtlora_dist.data.transforms import AUGMENT, Warp, eval_transform, sample_warp, warp_sample
+from mtlora_dist.data.transforms import AUGMENT, Resampling, Warp, eval_transform, sample_warp, warp_sample
 
 H, W = 60, 80
 YY, XX = np.mgrid[0:H, 0:W].astype(np.float64) + 0.5
@@ -34,6 +34,14 @@ def make_sample():
 
 
 TASKS = ["semseg", "sal", "normals", "depth"]
+BACKENDS = [Resampling("opencv", "bilinear"), Resampling("opencv", "bicubic"), Resampling("torch", "bicubic"),
+            Resampling("torch", "bilinear")]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda r: f"{r.backend}-{r.normals}")
+def resampling(request):
+    """Every test of the warp runs with both implementations (OpenCV per sample, torch batched)."""
+    return request.param
 
 
 def angle_error_deg(a, b, mask):
@@ -41,9 +49,9 @@ def angle_error_deg(a, b, mask):
     return np.degrees(np.arccos(cos))
 
 
-def test_identity_warp_keeps_everything():
+def test_identity_warp_keeps_everything(resampling):
     s = make_sample()
-    out = warp_sample(s, TASKS, (H, W), Warp())
+    out = warp_sample(s, TASKS, (H, W), Warp(), resampling)
     np.testing.assert_array_equal(out["image"], s["image"].transpose(2, 0, 1))
     np.testing.assert_array_equal(out["semseg"], s["semseg"])
     n = out["normals"].astype(np.float32).transpose(1, 2, 0)
@@ -53,9 +61,9 @@ def test_identity_warp_keeps_everything():
     np.testing.assert_array_equal(out["depth"], np.where(s["depth"] > 0, s["depth"], 255))
 
 
-def test_flip_mirrors_maps_and_negates_normal_x():
+def test_flip_mirrors_maps_and_negates_normal_x(resampling):
     s = make_sample()
-    out = warp_sample(s, TASKS, (H, W), Warp(flip=True))
+    out = warp_sample(s, TASKS, (H, W), Warp(flip=True), resampling)
     np.testing.assert_array_equal(out["semseg"], s["semseg"][:, ::-1])
     np.testing.assert_array_equal(out["image"], s["image"][:, ::-1].transpose(2, 0, 1))
     n = out["normals"].astype(np.float32)
@@ -66,11 +74,11 @@ def test_flip_mirrors_maps_and_negates_normal_x():
 
 
 @pytest.mark.parametrize("warp", [Warp(angle_deg=17), Warp(angle_deg=-20, scale=0.8), Warp(flip=True, angle_deg=12, scale=1.2)])
-def test_rotated_normals_match_the_rotated_surface(warp):
+def test_rotated_normals_match_the_rotated_surface(warp, resampling):
     """Warp a known surface; normals recomputed from the warped height field must match the output."""
     s = make_sample()
     s["normals"] = normals_of(height_field(XX, YY))
-    out = warp_sample(s, ["normals"], (H, W), warp)
+    out = warp_sample(s, ["normals"], (H, W), warp, resampling)
     from mtlora_dist.data.transforms import inverse_affine
 
     m = inverse_affine((H, W), (H, W), warp)
@@ -89,9 +97,9 @@ def test_rotated_normals_match_the_rotated_surface(warp):
         assert angle_error_deg(wrong, expected, inside).mean() > 3.0
 
 
-def test_rotation_fills_label_borders_with_ignore_not_background():
+def test_rotation_fills_label_borders_with_ignore_not_background(resampling):
     s = make_sample()
-    out = warp_sample(s, TASKS, (48, 64), Warp(angle_deg=20, scale=0.75))
+    out = warp_sample(s, TASKS, (48, 64), Warp(angle_deg=20, scale=0.75), resampling)
     for task in ("semseg", "sal"):
         assert out[task][0, 0] == 255 and out[task][-1, -1] == 255
         assert set(np.unique(out[task])) <= set(np.unique(s[task])) | {255}  # nearest: no new values
@@ -101,9 +109,9 @@ def test_rotation_fills_label_borders_with_ignore_not_background():
     assert (centre != 255).all()
 
 
-def test_depth_is_divided_by_the_scale_and_invalid_is_ignored():
+def test_depth_is_divided_by_the_scale_and_invalid_is_ignored(resampling):
     s = make_sample()
-    out = warp_sample(s, ["depth"], (H, W), Warp(scale=1.5))
+    out = warp_sample(s, ["depth"], (H, W), Warp(scale=1.5), resampling)
     m = out["depth"] != 255
     assert m.mean() > 0.9
     centre = out["depth"][H // 2, W // 2]
@@ -112,9 +120,9 @@ def test_depth_is_divided_by_the_scale_and_invalid_is_ignored():
     assert out["depth"].dtype == np.float32
 
 
-def test_outputs_are_compact_and_normals_unit_or_ignored():
+def test_outputs_are_compact_and_normals_unit_or_ignored(resampling):
     s = make_sample()
-    out = warp_sample(s, TASKS, (32, 40), Warp(angle_deg=9, scale=1.1))
+    out = warp_sample(s, TASKS, (32, 40), Warp(angle_deg=9, scale=1.1), resampling)
     assert out["image"].dtype == np.uint8 and out["image"].shape == (3, 32, 40)
     assert out["semseg"].dtype == np.uint8 and out["semseg"].shape == (32, 40)
     n = out["normals"]
@@ -135,13 +143,13 @@ def test_augmentation_draws_follow_the_recipe():
     assert {w.scale for w in nyud} == {1.0, 1.2, 1.5} and all(w.angle_deg == 0 for w in nyud)
 
 
-def test_eval_protocols():
+def test_eval_protocols(resampling):
     s = make_sample()
-    original = eval_transform(s, TASKS, (32, 48), "original")
+    original = eval_transform(s, TASKS, (32, 48), "original", resampling)
     assert original["image"].shape == (3, 32, 48)
     np.testing.assert_array_equal(original["semseg"], s["semseg"])
     assert original["normals"].shape == (3, H, W) and original["depth"].shape == (H, W)
-    official = eval_transform(s, TASKS, (32, 48), "official")
+    official = eval_transform(s, TASKS, (32, 48), "official", resampling)
     assert official["semseg"].shape == (32, 48) and official["normals"].shape == (3, 32, 48)
     np.testing.assert_array_equal(official["image"], original["image"])
     with pytest.raises(ValueError, match="unknown evaluation protocol"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mtlora_dist.data.plan import locate, make_worker_plan, shard_order
 from mtlora_dist.data.tarshards import iter_tar_samples
 from mtlora_dist.engine.config import ConfigError, DataConfig, load_config
 
-from datatest_utils import PASCAL, keys_of, pascal_loader
+from datatest_utils import PASCAL, keys_of, pascal_loader, state_after
 
 NO_ACCELERATOR = "ignore:'pin_memory' argument is set as true but no accelerator is found"
 
@@ -231,12 +232,7 @@ def test_automatic_count_follows_the_checkpoint(pascal_shards, monkeypatch):
     url = pascal_shards["train"]
     plans = [_planned_batches(url, epoch=e, num_workers=2, batch_size=2, seed=11) for e in range(2)]
     first = pascal_loader(url, num_workers=2, batch_size=2, seed=11)
-    it = iter(first)
-    for _ in range(3):
-        next(it)
-    state = first.state_dict()
-    del it
-    first.close()
+    state = state_after(first, 3)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # auto: 3 workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
@@ -253,3 +249,46 @@ def test_automatic_count_follows_the_checkpoint(pascal_shards, monkeypatch):
     with pytest.raises(ValueError, match="num_workers: saved 2, now 3, batch_size: saved 2, now 4"):
         other.load_state_dict(state)
     assert other.num_workers == 3
+
+
+# ---------------------------------------------------------------------------------------- signals
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    """A process's ``SigIgn`` (ignored) or ``SigBlk`` (blocked) signal set from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(f"{field}:")).split()[1], 16)
+
+
+def _has(mask: int, sig: int) -> bool:
+    return bool(mask & (1 << (sig - 1)))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads signal masks from /proc")
+def test_workers_leave_stop_signals_to_their_rank_and_survive_them(pascal_shards):
+    """A stop signal sent to the whole process group must leave the stop to the main process: workers
+    ignore SIGINT and SIGUSR1 and swallow a SIGTERM that another process sends (a launcher terminating
+    the process tree), so they keep serving the epoch; their own parent's SIGTERM still ends them."""
+    import signal
+
+    url = pascal_shards["train"]
+    plan = _planned_batches(url, epoch=0, num_workers=2, batch_size=2, seed=11)
+    loader = pascal_loader(url, num_workers=2, batch_size=2, seed=11)
+    it = iter(loader)
+    batches = [next(it)]
+    workers = loader._loader._iterator._workers
+    for worker in workers:
+        assert _has(_signal_mask(worker.pid, "SigIgn"), signal.SIGINT)
+        assert _has(_signal_mask(worker.pid, "SigIgn"), signal.SIGUSR1)
+        assert _has(_signal_mask(worker.pid, "SigBlk"), signal.SIGTERM)  # read by a thread: who sent it?
+    assert not _has(_signal_mask(os.getpid(), "SigIgn"), signal.SIGTERM)  # the main process still handles it
+    subprocess.run(["kill", "-TERM", str(workers[0].pid)], check=True)  # from another process, as a launcher
+    subprocess.run(["kill", "-INT", str(workers[1].pid)], check=True)
+    batches += list(it)
+    assert _batch_keys(batches) == plan  # every batch, in order: no worker died
+    assert all(w.is_alive() for w in workers)
+    os.kill(workers[0].pid, signal.SIGTERM)  # from the parent, as torch's shutdown does: the worker ends
+    workers[0].join(timeout=10)
+    assert not workers[0].is_alive() and workers[0].exitcode == 0
+    loader.close()
+    assert not any(w.is_alive() for w in workers)

@@ -9,8 +9,9 @@ import pytest
 from mtlora_dist.engine.deepspeed_setup import TESTED_DEEPSPEED, check_deepspeed_version
 
 
-@pytest.mark.parametrize("version,inside", [("0.18.0", True), ("0.19.8", True), ("0.17.6", False),
-                                            ("0.16.0", False), ("0.20.0", False)])
+@pytest.mark.parametrize(
+    "version,inside", [("0.18.0", True), ("0.19.8", True), ("0.17.6", False), ("0.16.0", False), ("0.20.0", False)]
+)
 def test_versions_outside_the_tested_range_warn(version, inside, caplog):
     with caplog.at_level(logging.WARNING, logger="mtlora_dist"):
         assert check_deepspeed_version(version) is inside

@@ -16,11 +16,24 @@ pytestmark = pytest.mark.integration
 
 
 def _run(tmp_path: Path, *overrides: str) -> None:
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "model.img_size=[64,64]",
-           "model.backbone_kwargs.window_size=2", "data.batch_size=4", "data.num_workers=0", "eval.every=0",
-           "logging.log_every=1", "logging.progress_bar=false", "deepspeed.precision=bf16", "max_steps=4",
-           f"run_dir={tmp_path / 'run'}", f"data.synthetic.root={tmp_path / 'data'}",
-           "data.synthetic.num_train=16", "data.synthetic.num_val=8", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "model.img_size=[64,64]",
+        "model.backbone_kwargs.window_size=2",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "eval.every=0",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "deepspeed.precision=bf16",
+        "max_steps=4",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.synthetic.root={tmp_path / 'data'}",
+        "data.synthetic.num_train=16",
+        "data.synthetic.num_val=8",
+        *overrides,
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

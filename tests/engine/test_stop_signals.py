@@ -25,47 +25,56 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from s3_server import free_port
+from runs import deepspeed_launcher, torchrun_launcher
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 STEPS = 60  # long enough to land a signal mid-run on 2 busy cores, short enough for CI
 TINY = [
-    "--config", str(REPO / "configs" / "quickstart.yaml"),
-    "model.img_size=[64,64]", "model.backbone_kwargs.window_size=2", "data.batch_size=2", "data.eval_batch_size=2",
-    "data.num_workers=1", "data.synthetic.num_train=32", "data.synthetic.num_val=4",
-    "logging.log_every=1", "logging.wandb.enabled=false", "eval.every=0", "eval.max_batches=1",
-    "eval.visual_samples=0", "checkpoint.every=0", f"max_steps={STEPS}",
+    "--config",
+    str(REPO / "configs" / "quickstart.yaml"),
+    "model.img_size=[64,64]",
+    "model.backbone_kwargs.window_size=2",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.num_workers=1",
+    "data.synthetic.num_train=32",
+    "data.synthetic.num_val=4",
+    "logging.log_every=1",
+    "logging.wandb.enabled=false",
+    "eval.every=0",
+    "eval.max_batches=1",
+    "eval.visual_samples=0",
+    "checkpoint.every=0",
+    f"max_steps={STEPS}",
 ]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _command(launcher: str) -> list[str]:
     script = str(REPO / "launch" / "train.py")
-    if launcher == "python":
-        return [sys.executable, script]
-    if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-                "--master_port", str(free_port()), script]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port()), script]
-    raise ValueError(launcher)
+    prefix = {"python": [sys.executable], "deepspeed": deepspeed_launcher(), "torchrun": torchrun_launcher()}
+    return [*prefix[launcher], script]
 
 
 class Run:
     """One training command in its own session (so a signal can go to its whole process group, as a
     terminal's Ctrl-C does), with its output in a file."""
 
-    def __init__(self, launcher: str, run_dir: Path, data_root: Path, extra: list[str] = ()):
+    def __init__(self, launcher: str, run_dir: Path, data_root: Path, extra: list[str] = (), env: dict | None = None):
         self.run_dir = run_dir
         self.log = run_dir.parent / f"{run_dir.name}-{launcher}-{time.monotonic_ns()}.log"
         args = [*TINY, f"run_dir={run_dir}", f"data.synthetic.root={data_root}", *extra]
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([*_command(launcher), *args], cwd=REPO, env=ENV, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*_command(launcher), *args],
+                cwd=REPO,
+                env=env or ENV,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.session = self.proc.pid
 
     def output(self) -> str:
@@ -148,21 +157,27 @@ def references(data_root, tmp_path_factory) -> dict[int, dict[int, float]]:
     return out
 
 
-@pytest.mark.parametrize("launcher, sig, target, world", [
-    ("python", signal.SIGINT, "group", 1),      # Ctrl-C in a terminal: the process and its workers
-    ("deepspeed", signal.SIGINT, "group", 2),   # Ctrl-C: runner, launcher, ranks and workers all get it
-    ("deepspeed", signal.SIGTERM, "launch", 2),  # a scheduler terminating the per-node launcher
-    ("deepspeed", signal.SIGTERM, "top", 2),    # `kill <pid of deepspeed>`: the runner dies, ranks notice
-    ("torchrun", signal.SIGTERM, "top", 2),     # torchrun passes SIGTERM to each rank's process group
-])
-def test_stop_signal_checkpoints_exits_3_and_resumes_exactly(launcher, sig, target, world, references,
-                                                             data_root, tmp_path):
+@pytest.mark.parametrize(
+    "launcher, sig, target, world",
+    [
+        ("python", signal.SIGINT, "group", 1),  # Ctrl-C in a terminal: the process and its workers
+        ("deepspeed", signal.SIGINT, "group", 2),  # Ctrl-C: runner, launcher, ranks and workers all get it
+        ("deepspeed", signal.SIGTERM, "launch", 2),  # a scheduler terminating the per-node launcher
+        ("deepspeed", signal.SIGTERM, "top", 2),  # `kill <pid of deepspeed>`: the runner dies, ranks notice
+        ("torchrun", signal.SIGTERM, "top", 2),  # torchrun passes SIGTERM to each rank's process group
+    ],
+)
+def test_stop_signal_checkpoints_exits_3_and_resumes_exactly(
+    launcher, sig, target, world, references, data_root, tmp_path
+):
     run = Run(launcher, tmp_path / "run", data_root)
     run.wait_for_step(3)
     if target == "group":
         run.signal_group(sig)
     elif target == "launch":  # deepspeed.launcher.launch, the child of the runner that starts the ranks
-        launch = [p for p in psutil.Process(run.proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+        launch = [
+            p for p in psutil.Process(run.proc.pid).children() if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+        ]
         assert launch, "no deepspeed.launcher.launch process found"
         launch[0].send_signal(sig)
     else:
@@ -170,8 +185,11 @@ def test_stop_signal_checkpoints_exits_3_and_resumes_exactly(launcher, sig, targ
     status = run.wait_all()
     out = run.output()
 
-    stops = re.findall(r"stopping at step (\d+) \((SIG\w+|signal on another rank|the launcher exited)\) with a "
-                       r"checkpoint", out)
+    stops = re.findall(
+        r"stopping at step (\d+) \((SIG\w+|signal on another rank|the launcher exited)\) with a "
+        r"checkpoint",
+        out,
+    )
     assert stops, out[-4000:]
     step = int(stops[0][0])
     assert 3 <= step < STEPS
@@ -209,13 +227,18 @@ def test_killed_peer_makes_the_other_rank_exit_promptly_naming_it(data_root, tmp
     assert "Traceback" not in out, out[-3000:]  # a known failure: one message, no traceback
 
 
-def test_batch_log_gets_a_plain_line_per_log_step(data_root, tmp_path):
-    """stdout is a file here (as under sbatch): no bar, one line per ``log_every`` with an ETA."""
-    run = Run("python", tmp_path / "run", data_root, ["max_steps=6", "logging.log_every=2"])
+def test_batch_log_gets_a_plain_line_per_log_step_and_no_library_noise(data_root, tmp_path):
+    """stdout is a file here (as under sbatch): no bar, one line per ``log_every`` with an ETA. And none of
+    the start-up noise DeepSpeed and torch print per rank (DS_ACCELERATOR unset, as a user's shell has it)."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    run = Run("python", tmp_path / "run", data_root, ["max_steps=6", "logging.log_every=2"], env=env)
     assert run.wait_all(timeout=300) == 0, run.output()[-3000:]
-    lines = re.findall(r"step (\d+)/6 \| loss \d+\.\d+ \| lr \S+ \| [\d.]+ img/s \| ETA \d+:\d\d:\d\d", run.output())
-    assert lines == ["2", "4", "6"], run.output()[-3000:]
-    assert "it/s]" not in run.output()  # no tqdm bar in a batch log
+    out = run.output()
+    lines = re.findall(r"step (\d+)/6 \| loss \d+\.\d+ \| lr \S+ \| [\d.]+ img/s \| ETA \d+:\d\d:\d\d", out)
+    assert lines == ["2", "4", "6"], out[-3000:]
+    assert "it/s]" not in out  # no tqdm bar in a batch log
+    for noise in ("Setting accelerator to CPU", "all_gather_into_tensor", "This DataLoader will create"):
+        assert noise not in out, noise
 
 
 def test_terminal_lines_are_not_glued_to_the_progress_bar(data_root, tmp_path):
@@ -223,8 +246,15 @@ def test_terminal_lines_are_not_glued_to_the_progress_bar(data_root, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
     args = [*TINY, f"run_dir={tmp_path / 'run'}", f"data.synthetic.root={data_root}", "max_steps=6", "eval.every=3"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=ENV,
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args],
+        cwd=REPO,
+        env=ENV,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     chunks = []
     while True:

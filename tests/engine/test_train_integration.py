@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import pytest
+from runs import TINY_RUN, deepspeed_launcher
 
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.synthetic import generate
@@ -19,11 +19,7 @@ from mtlora_dist.storage.fs import url_to_fs
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-TINY_OVERRIDES = [
-    "model.img_size=[64,64]", "model.backbone_kwargs.window_size=2", "data.batch_size=4", "data.eval_batch_size=4",
-    "data.num_workers=0", "logging.log_every=1", "logging.progress_bar=false", "eval.every=0",
-    "deepspeed.zero_stage=2", "optim.warmup_fraction=0.2",
-]
+TINY_OVERRIDES = [*TINY_RUN, "deepspeed.zero_stage=2", "optim.warmup_fraction=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +34,13 @@ def s3_shards(s3_server, tmp_path_factory):
 
 
 def _launch(args: list[str], cwd: Path, ranks: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
-    from s3_server import free_port
-
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(ranks),
-           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
-           "--config", str(REPO / "configs" / "quickstart.yaml"), *args]
+    cmd = [
+        *deepspeed_launcher(ranks),
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *args,
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

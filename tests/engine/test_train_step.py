@@ -37,9 +37,11 @@ class _Engine(nn.Module):
 def _batches():
     g = torch.Generator().manual_seed(0)
     while True:
-        yield {"image": torch.randn(2, 3, 8, 8, generator=g),
-               "semseg": torch.randint(0, 5, (2, 8, 8), generator=g),
-               "sal": torch.randint(0, 2, (2, 8, 8), generator=g).to(torch.uint8)}
+        yield {
+            "image": torch.randn(2, 3, 8, 8, generator=g),
+            "semseg": torch.randint(0, 5, (2, 8, 8), generator=g),
+            "sal": torch.randint(0, 2, (2, 8, 8), generator=g).to(torch.uint8),
+        }
 
 
 @contextlib.contextmanager

@@ -44,8 +44,19 @@ def test_eval_of_an_s3_run_dir_equals_the_training_runs_last_evaluation(trained_
 def test_eval_of_a_step_folder_on_two_ranks_with_the_official_protocol(trained_run, tmp_path):
     checkpoint = f"{trained_run.run_dir}/checkpoints/step_00000006"
     out = tmp_path / "eval"
-    run_script("eval.py", ["--config", CONFIG, *trained_run.overrides, f"checkpoint={checkpoint}",
-                           "data.eval_protocol=official", f"out={out}"], trained_run.workdir, ranks=2)
+    run_script(
+        "eval.py",
+        [
+            "--config",
+            CONFIG,
+            *trained_run.overrides,
+            f"checkpoint={checkpoint}",
+            "data.eval_protocol=official",
+            f"out={out}",
+        ],
+        trained_run.workdir,
+        ranks=2,
+    )
     report = json.loads((out / "step_00000006_val_official.json").read_text())
     assert report["protocol"] == "official" and report["world_size"] == 2
     assert report["checkpoint"] == checkpoint

@@ -34,16 +34,24 @@ def exported(trained_run, tmp_path_factory):
 @pytest.mark.integration
 def test_the_exported_model_matches_the_trained_model_on_validation_images(trained_run, exported):
     manifest = json.loads((exported / "export.json").read_text())
-    assert manifest["source"] == {"checkpoint": f"{trained_run.run_dir}/checkpoints/step_00000006", "step": 6,
-                                  "run_dir": trained_run.run_dir}
+    assert manifest["source"] == {
+        "checkpoint": f"{trained_run.run_dir}/checkpoints/step_00000006",
+        "step": 6,
+        "run_dir": trained_run.run_dir,
+    }
     assert manifest["merge"]["ta_lora_merged"] > 0 and manifest["merge"]["fold_task_proj"] is False
     assert max(manifest["check"]["max_relative_difference"].values()) < 1e-5
 
     cfg = run_config(trained_run.run_dir)
     trained = restore_model(cfg, resolve_checkpoint(trained_run.run_dir))
     model = load(str(exported))
-    batch = next(iter(build_loader(cfg.data.val_url, dataset="pascal_context", tasks=TASKS, split="val",
-                                   img_size=(64, 64), batch_size=6)))
+    batch = next(
+        iter(
+            build_loader(
+                cfg.data.val_url, dataset="pascal_context", tasks=TASKS, split="val", img_size=(64, 64), batch_size=6
+            )
+        )
+    )
     images = normalize_image(batch["image"])
     differences = output_difference(trained, model, images)
     assert max(differences.values()) < 1e-5, differences
@@ -76,8 +84,14 @@ print("predicted", sorted(maps))
 @pytest.mark.integration
 def test_an_export_loads_and_predicts_without_deepspeed(exported):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_DEEPSPEED, str(exported)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREDICT_WITHOUT_DEEPSPEED, str(exported)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted ['human_parts', 'normals', 'sal', 'semseg']" in proc.stdout
 

@@ -45,8 +45,8 @@ def test_grid_layout_places_every_panel():
     for r, row in enumerate(colours):
         for c, colour in enumerate(row):
             x, y = layout.origin(r, c)
-            assert (image[y:y + 10, x:x + 20] == colour).all()  # the whole panel, resized
-            assert (image[y - 1, x:x + 20] == 255).all()  # white gap above it
+            assert (image[y : y + 10, x : x + 20] == colour).all()  # the whole panel, resized
+            assert (image[y - 1, x : x + 20] == 255).all()  # white gap above it
     assert panel_size((448, 336)) == (PANEL_SIDE, 120) and panel_size((64, 64)) == (PANEL_SIDE, PANEL_SIDE)
 
 
@@ -75,10 +75,10 @@ def test_prediction_report_draws_input_truth_and_prediction(trained_run, tmp_pat
     samples = report.samples()
     for row in range(3):  # column 0 is the input image, upscaled 64 -> 160 px
         x, y = layout.origin(row, 0)
-        shown = image[y:y + layout.panel_h, x:x + layout.panel_w].astype(float).mean((0, 1))
+        shown = image[y : y + layout.panel_h, x : x + layout.panel_w].astype(float).mean((0, 1))
         assert np.allclose(shown, samples["image"][row].float().mean((1, 2)).numpy(), atol=3)
         x, y = layout.origin(row, 1)  # semseg truth: palette colours only (nearest resize), or the ignore checker
-        colours = {tuple(c) for c in image[y:y + layout.panel_h, x:x + layout.panel_w].reshape(-1, 3)}
+        colours = {tuple(c) for c in image[y : y + layout.panel_h, x : x + layout.panel_w].reshape(-1, 3)}
         assert colours <= {tuple(c) for c in voc_palette()} | {(255, 255, 255), (200, 200, 200)}
     assert PredictionReport.from_config(run_config(trained_run.run_dir, None, ["eval.visual_samples=0"]), "x") is None
 
@@ -98,8 +98,10 @@ def test_colours_by_target_kind():
 
 
 def test_curves_take_the_last_record_of_a_step(tmp_path):
-    records = [{"step": s, "split": "train", "loss": 10.0 / s, "losses": {"semseg": 3.0 / s, "sal": 1.0 / s}}
-               for s in (1, 2, 3, 2)]  # step 2 logged again after a resume
+    records = [
+        {"step": s, "split": "train", "loss": 10.0 / s, "losses": {"semseg": 3.0 / s, "sal": 1.0 / s}}
+        for s in (1, 2, 3, 2)
+    ]  # step 2 logged again after a resume
     records += [{"step": 3, "split": "val", "delta_m": -5.0, "tasks": {"semseg": {"mIoU": 4.0}, "sal": {"mIoU": 30.0}}}]
     image = plot_curves(records)
     assert image is not None and image.size[0] >= 3 * 400  # loss, semseg, sal, delta-m: two rows of three
@@ -108,13 +110,32 @@ def test_curves_take_the_last_record_of_a_step(tmp_path):
 
 
 def test_markdown_table():
-    report = {"checkpoint": "s3://b/run/checkpoints/step_00000010", "step": 10, "split": "val",
-              "dataset": "pascal_context", "protocol": "official", "delta_m": 1.234,
-              "tasks": {"semseg": {"metrics": {"mIoU": 70.0, "pixel_acc": 90.0}, "primary_metric": "mIoU",
-                                   "higher_is_better": True, "baseline": 67.21, "relative_change": 4.15,
-                                   "in_delta_m": True},
-                        "edge": {"metrics": {"odsF": 50.0}, "primary_metric": "odsF", "higher_is_better": True,
-                                 "baseline": None, "relative_change": None, "in_delta_m": False}}}
+    report = {
+        "checkpoint": "s3://b/run/checkpoints/step_00000010",
+        "step": 10,
+        "split": "val",
+        "dataset": "pascal_context",
+        "protocol": "official",
+        "delta_m": 1.234,
+        "tasks": {
+            "semseg": {
+                "metrics": {"mIoU": 70.0, "pixel_acc": 90.0},
+                "primary_metric": "mIoU",
+                "higher_is_better": True,
+                "baseline": 67.21,
+                "relative_change": 4.15,
+                "in_delta_m": True,
+            },
+            "edge": {
+                "metrics": {"odsF": 50.0},
+                "primary_metric": "odsF",
+                "higher_is_better": True,
+                "baseline": None,
+                "relative_change": None,
+                "in_delta_m": False,
+            },
+        },
+    }
     text = markdown_table(report)
     assert "| semseg | **mIoU** | higher | **70.00** | 67.21 | +4.15 |" in text
     assert "| semseg | pixel_acc |  | 90.00 |  |  |" in text

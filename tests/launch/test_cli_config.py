@@ -7,26 +7,33 @@ import shutil
 
 import pytest
 import yaml
-from cli_utils import REPO, output, run, script
 
 from mtlora_dist.engine.config import ConfigError, check_data, load_config
 
+from cli_utils import REPO, output, run, script
+
 # Runs the entry point in this interpreter and reports, at exit, whether torch or DeepSpeed were imported.
-_IMPORT_PROBE = ("import atexit, os, runpy, sys; "
-                 "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules), "
-                 "file=sys.stderr)); sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+_IMPORT_PROBE = (
+    "import atexit, os, runpy, sys; "
+    "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'deepspeed') if m in sys.modules), "
+    "file=sys.stderr)); sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def probe(args: list[str], cwd=REPO):
     return run(["-c", _IMPORT_PROBE, *args], cwd)
 
 
-@pytest.mark.parametrize("args", [
-    ["--config", "configs/zero2.yaml"],  # a recipe without data
-    ["max_steps=abc"],
-    ["--cfg", "job"],
-], ids=["recipe-without-data", "bad-value", "cfg-job"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "configs/zero2.yaml"],  # a recipe without data
+        ["max_steps=abc"],
+        ["--cfg", "job"],
+    ],
+    ids=["recipe-without-data", "bad-value", "cfg-job"],
+)
 def test_the_config_is_checked_before_torch_and_deepspeed_load(args):
     proc = probe([script("train.py"), *args])
     assert "HEAVY []" in proc.stderr, output(proc)[-2000:]
@@ -34,17 +41,20 @@ def test_the_config_is_checked_before_torch_and_deepspeed_load(args):
 
 
 def test_loading_a_config_imports_no_torch():
-    code = ("import sys; from mtlora_dist.engine.config import load_config, check_data, to_yaml; "
-            "cfg = load_config('configs/pascal_swin_b.yaml', ['data.train_url=/a', 'data.val_url=/b']); "
-            "check_data(cfg.data); to_yaml(cfg); "
-            "print(sorted(m for m in ('torch', 'deepspeed', 'timm') if m in sys.modules))")
+    code = (
+        "import sys; from mtlora_dist.engine.config import load_config, check_data, to_yaml; "
+        "cfg = load_config('configs/pascal_swin_b.yaml', ['data.train_url=/a', 'data.val_url=/b']); "
+        "check_data(cfg.data); to_yaml(cfg); "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'timm') if m in sys.modules))"
+    )
     proc = run(["-c", code], REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", output(proc)
 
 
 def test_a_recipe_without_data_refuses_to_start_and_names_the_keys(tmp_path):
-    proc = run([script("train.py"), "--config", str(REPO / "configs" / "zero2.yaml"), f"run_dir={tmp_path / 'run'}"],
-               tmp_path)
+    proc = run(
+        [script("train.py"), "--config", str(REPO / "configs" / "zero2.yaml"), f"run_dir={tmp_path / 'run'}"], tmp_path
+    )
     assert proc.returncode == 2, output(proc)
     assert "data.train_url and data.val_url are not set" in proc.stderr
     assert "data.train_url=s3://my-bucket/pascal_context/train" in proc.stderr  # an example to copy
@@ -60,20 +70,39 @@ def test_only_the_synthetic_data_group_trains_without_urls():
         check_data(load_config("configs/pascal_swin_t_r16.yaml").data)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["+foo=1"], ["unknown config key 'foo'", "valid keys at the top level", "'max_steps'"]),
-    (["+model.foo=1"], ["unknown config key 'model.foo'", "valid keys under 'model'", "'backbone'"]),
-    (["adapter=mtlora_r8"], ["no adapter option 'mtlora_r8'", "available adapter options",
-                             "'mtlora_r16'", "'tiny'"]),
-    (["max_steps=abc"], ["'max_steps' expects an integer, got 'abc'"]),
-    (["data.batch_size=2.5"], ["'data.batch_size' expects an integer, got '2.5'"]),
-    (["logging.progress_bar=maybe"], ["expects true or false"]),
-    (["optimizer.base_lr=1"], ["unknown config key 'optimizer'", "did you mean 'optim'", "valid keys at the top level"]),
-    (["adapter.shared_rank=16,32"], ["sweep", "shell loop"]),
-    (["-m", "adapter=mtlora_r16,mtlora_r32"], ["-m/--multirun", "own run_dir", "SLURM array"]),
-    (["hydra.run.dir=out"], ["not Hydra apps", "run_dir="]),
-], ids=["plus-key", "plus-nested-key", "group-option", "int-abc", "int-float", "bool", "section", "comma-sweep",
-        "multirun", "hydra-key"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["+foo=1"], ["unknown config key 'foo'", "valid keys at the top level", "'max_steps'"]),
+        (["+model.foo=1"], ["unknown config key 'model.foo'", "valid keys under 'model'", "'backbone'"]),
+        (
+            ["adapter=mtlora_r8"],
+            ["no adapter option 'mtlora_r8'", "available adapter options", "'mtlora_r16'", "'tiny'"],
+        ),
+        (["max_steps=abc"], ["'max_steps' expects an integer, got 'abc'"]),
+        (["data.batch_size=2.5"], ["'data.batch_size' expects an integer, got '2.5'"]),
+        (["logging.progress_bar=maybe"], ["expects true or false"]),
+        (
+            ["optimizer.base_lr=1"],
+            ["unknown config key 'optimizer'", "did you mean 'optim'", "valid keys at the top level"],
+        ),
+        (["adapter.shared_rank=16,32"], ["sweep", "shell loop"]),
+        (["-m", "adapter=mtlora_r16,mtlora_r32"], ["-m/--multirun", "own run_dir", "SLURM array"]),
+        (["hydra.run.dir=out"], ["not Hydra apps", "run_dir="]),
+    ],
+    ids=[
+        "plus-key",
+        "plus-nested-key",
+        "group-option",
+        "int-abc",
+        "int-float",
+        "bool",
+        "section",
+        "comma-sweep",
+        "multirun",
+        "hydra-key",
+    ],
+)
 def test_config_mistakes_exit_2_with_what_is_valid(args, expected, tmp_path):
     proc = run([script("train.py"), *args, f"run_dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2, output(proc)
@@ -89,8 +118,9 @@ def test_open_mappings_still_take_new_keys_with_plus():
 
 def test_a_recipe_copied_outside_configs_finds_the_package_groups(tmp_path):
     shutil.copy(REPO / "configs" / "zero2.yaml", tmp_path / "mine.yaml")
-    proc = run([script("train.py"), "--config", str(tmp_path / "mine.yaml"), "--cfg", "job", "adapter=mtlora_r16"],
-               tmp_path)
+    proc = run(
+        [script("train.py"), "--config", str(tmp_path / "mine.yaml"), "--cfg", "job", "adapter=mtlora_r16"], tmp_path
+    )
     assert proc.returncode == 0, output(proc)
     assert yaml.safe_load(proc.stdout)["adapter"]["shared_rank"] == 16
 
@@ -109,8 +139,11 @@ def test_a_group_folder_beside_a_copied_recipe_wins_and_a_missing_one_is_explain
 
 def test_cfg_job_prints_the_resolved_config_with_credentials_masked(tmp_path):
     marker = "MARKER-cfg-job-key-5d1f"
-    proc = run([script("train.py"), "--cfg", "job", "max_steps=7", "data.storage.key=${oc.env:MTLORA_TEST_KEY}"],
-               tmp_path, env={"MTLORA_TEST_KEY": marker})
+    proc = run(
+        [script("train.py"), "--cfg", "job", "max_steps=7", "data.storage.key=${oc.env:MTLORA_TEST_KEY}"],
+        tmp_path,
+        env={"MTLORA_TEST_KEY": marker},
+    )
     assert proc.returncode == 0, output(proc)
     printed = yaml.safe_load(proc.stdout)
     assert printed["max_steps"] == 7 and printed["data"]["storage"]["key"] == "***"
@@ -121,8 +154,22 @@ def test_cfg_job_prints_the_resolved_config_with_credentials_masked(tmp_path):
 def test_help_lists_the_config_groups_and_the_most_used_keys(name, tmp_path):
     proc = run([script(name), "--help"], tmp_path)
     assert proc.returncode == 0, output(proc)
-    for text in ("adapter=", "mtlora_r16", "data=", "synthetic", "deepspeed=", "zero3", "model=", "swin_b",
-                 "data.train_url", "run_dir", "max_steps", "deepspeed.zero_stage", "--cfg", "exit status"):
+    for text in (
+        "adapter=",
+        "mtlora_r16",
+        "data=",
+        "synthetic",
+        "deepspeed=",
+        "zero3",
+        "model=",
+        "swin_b",
+        "data.train_url",
+        "run_dir",
+        "max_steps",
+        "deepspeed.zero_stage",
+        "--cfg",
+        "exit status",
+    ):
         assert text in proc.stdout, (name, text)
 
 
@@ -137,5 +184,6 @@ def test_eval_and_export_print_their_resolved_config(tmp_path):
 def test_slurm_scripts_run_directly_say_to_use_sbatch(name, tmp_path):
     env = {"SLURM_JOB_ID": ""}
     proc = run([str(REPO / "slurm" / name), "max_steps=1"], tmp_path, env=env, python=["bash"])
-    assert proc.returncode == 2 and "run this through sbatch" in proc.stderr and "unbound" not in proc.stderr, \
-        output(proc)
+    assert proc.returncode == 2 and "run this through sbatch" in proc.stderr and "unbound" not in proc.stderr, output(
+        proc
+    )

@@ -4,12 +4,12 @@ or an environment variable appear nowhere in the run folder, the wandb folder or
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from runs import deepspeed_launcher
+
 from cli_utils import REPO, TINY, output, run, script
-from s3_server import free_port
 
 KEY, SECRET = "MARKERKEY7f3a9c", "MARKERSECRET2b8e41"
 
@@ -24,8 +24,10 @@ def files_containing(root: Path, *markers: str) -> list[str]:
 
 
 def test_credentials_on_the_command_line_are_refused_without_echoing_them(tmp_path):
-    proc = run([script("train.py"), f"data.storage.key={KEY}", f"data.storage.secret={SECRET}",
-                f"run_dir={tmp_path / 'run'}"], tmp_path)
+    proc = run(
+        [script("train.py"), f"data.storage.key={KEY}", f"data.storage.secret={SECRET}", f"run_dir={tmp_path / 'run'}"],
+        tmp_path,
+    )
     assert proc.returncode == 2, output(proc)
     assert "must not be given on the command line" in proc.stderr and "AWS_SECRET_ACCESS_KEY" in proc.stderr
     assert KEY not in output(proc) and SECRET not in output(proc)
@@ -39,9 +41,21 @@ def test_credential_markers_appear_nowhere_a_run_writes(tmp_path):
     recipe = (REPO / "configs" / "quickstart.yaml").read_text() + f"data:\n  storage:\n    secret: {SECRET}\n"
     (tmp_path / "mine.yaml").write_text(recipe)  # outside configs/: the package's groups are found
     run_dir = tmp_path / "run"
-    proc = run([script("train.py"), "--config", str(tmp_path / "mine.yaml"), *TINY, f"run_dir={run_dir}",
-                f"data.synthetic.root={tmp_path / 'data'}", "data.storage.key=${oc.env:MTLORA_TEST_KEY}",
-                "logging.wandb.enabled=true", "logging.wandb.mode=offline"], tmp_path, env={"MTLORA_TEST_KEY": KEY})
+    proc = run(
+        [
+            script("train.py"),
+            "--config",
+            str(tmp_path / "mine.yaml"),
+            *TINY,
+            f"run_dir={run_dir}",
+            f"data.synthetic.root={tmp_path / 'data'}",
+            "data.storage.key=${oc.env:MTLORA_TEST_KEY}",
+            "logging.wandb.enabled=true",
+            "logging.wandb.mode=offline",
+        ],
+        tmp_path,
+        env={"MTLORA_TEST_KEY": KEY},
+    )
     assert proc.returncode == 0, output(proc)[-3000:]
     assert (run_dir / "wandb").is_dir() and list((run_dir / "checkpoints").glob("step_*"))
     assert files_containing(run_dir, KEY, SECRET) == []
@@ -56,14 +70,20 @@ def test_credential_markers_appear_nowhere_a_run_writes(tmp_path):
 def test_under_the_deepspeed_launcher_only_the_launchers_own_lines_show_them(tmp_path):
     """The deepspeed launcher prints its argv (``cmd = ...``, ``spawned with command``) before any of our code
     runs; the run is refused, and nothing of ours repeats the values."""
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-                "--master_port", str(free_port())]
-    proc = run([script("train.py"), f"data.storage.key={KEY}", f"data.storage.secret={SECRET}",
-                f"run_dir={tmp_path / 'run'}"], tmp_path, python=launcher, timeout=180)
+    launcher = deepspeed_launcher()
+    proc = run(
+        [script("train.py"), f"data.storage.key={KEY}", f"data.storage.secret={SECRET}", f"run_dir={tmp_path / 'run'}"],
+        tmp_path,
+        python=launcher,
+        timeout=180,
+    )
     assert proc.returncode == 2, output(proc)[-3000:]
     assert "must not be given on the command line" in proc.stderr
-    ours = [line for line in output(proc).splitlines()
-            if (KEY in line or SECRET in line) and not ("cmd = " in line or "spawned with command" in line
-                                                        or "exits with return code" in line)]
+    ours = [
+        line
+        for line in output(proc).splitlines()
+        if (KEY in line or SECRET in line)
+        and not ("cmd = " in line or "spawned with command" in line or "exits with return code" in line)
+    ]
     assert ours == [], ours
     assert not (tmp_path / "run").exists()

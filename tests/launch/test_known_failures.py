@@ -7,22 +7,28 @@ from __future__ import annotations
 import sys
 
 import pytest
+from runs import deepspeed_launcher
+
 from cli_utils import FAST_FAIL, REPO, TINY, output, run, script
 from s3_server import free_port
 
 sys.path.insert(0, str(REPO / "launch"))
-import _cli  # noqa: E402
-
 from mtlora_dist.checkpoint import CheckpointMismatchError  # noqa: E402
 from mtlora_dist.data.errors import ShardError  # noqa: E402
 from mtlora_dist.engine.config import ConfigError  # noqa: E402
 from mtlora_dist.storage.retry import StorageUnavailableError  # noqa: E402
 
+import _cli  # noqa: E402
+
 
 def unreachable_env() -> dict[str, str]:
     """An S3 endpoint on a loopback port nobody listens on."""
-    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k",
-            "AWS_SECRET_ACCESS_KEY": "s", "AWS_EC2_METADATA_DISABLED": "true"}
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def assert_one_message(proc, *expected: str) -> None:
@@ -34,31 +40,39 @@ def assert_one_message(proc, *expected: str) -> None:
 
 
 # -- classification, in process ------------------------------------------------------------------------------
-@pytest.mark.parametrize("err, kind", [
-    (ConfigError("x"), "config"),
-    (FileNotFoundError("x"), "config"),
-    (CheckpointMismatchError("x"), "checkpoint"),
-    (ShardError("x"), "data"),
-    (StorageUnavailableError("x"), "data"),
-    (KeyError("x"), None),
-    (RuntimeError("x"), None),
-])
+@pytest.mark.parametrize(
+    "err, kind",
+    [
+        (ConfigError("x"), "config"),
+        (FileNotFoundError("x"), "config"),
+        (CheckpointMismatchError("x"), "checkpoint"),
+        (ShardError("x"), "data"),
+        (StorageUnavailableError("x"), "data"),
+        (KeyError("x"), None),
+        (RuntimeError("x"), None),
+    ],
+)
 def test_known_failures_are_told_from_bugs(err, kind):
     assert _cli.known_failure(err) == kind
 
 
 def test_a_dataloader_workers_error_keeps_its_message_not_the_workers_traceback():
-    text = ("Caught StorageUnavailableError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-            '  File "x.py", line 1, in f\n    raise StorageUnavailableError(msg)\n'
-            "mtlora_dist.storage.retry.StorageUnavailableError: could not read s3://b/x after 2 attempt(s); check it")
+    text = (
+        "Caught StorageUnavailableError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise StorageUnavailableError(msg)\n'
+        "mtlora_dist.storage.retry.StorageUnavailableError: could not read s3://b/x after 2 attempt(s); check it"
+    )
     assert _cli.failure_message(StorageUnavailableError(text)) == "could not read s3://b/x after 2 attempt(s); check it"
 
 
-@pytest.mark.parametrize("rank, err, printed", [
-    ("0", ConfigError("bad key"), "error: bad key\n"),
-    ("1", ConfigError("bad key"), ""),  # the same on every rank: rank 0 says it
-    ("1", ShardError("shard 3 is truncated"), "error (rank 1): shard 3 is truncated\n"),
-])
+@pytest.mark.parametrize(
+    "rank, err, printed",
+    [
+        ("0", ConfigError("bad key"), "error: bad key\n"),
+        ("1", ConfigError("bad key"), ""),  # the same on every rank: rank 0 says it
+        ("1", ShardError("shard 3 is truncated"), "error (rank 1): shard 3 is truncated\n"),
+    ],
+)
 def test_one_message_per_job(rank, err, printed, monkeypatch, capsys):
     monkeypatch.setenv("RANK", rank)
 
@@ -83,25 +97,48 @@ def test_a_bug_keeps_its_traceback():
 # -- real runs ----------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_an_unreachable_data_endpoint_is_one_message(tmp_path):
-    proc = run([script("train.py"), *TINY, *FAST_FAIL, f"run_dir={tmp_path / 'run'}",
-                "data.train_url=s3://nowhere/train", "data.val_url=s3://nowhere/val"], tmp_path, env=unreachable_env())
+    proc = run(
+        [
+            script("train.py"),
+            *TINY,
+            *FAST_FAIL,
+            f"run_dir={tmp_path / 'run'}",
+            "data.train_url=s3://nowhere/train",
+            "data.val_url=s3://nowhere/val",
+        ],
+        tmp_path,
+        env=unreachable_env(),
+    )
     assert_one_message(proc, "error: could not read s3://nowhere/train", "127.0.0.1", "check that the S3 server")
 
 
 @pytest.mark.integration
 def test_an_unreachable_s3_run_dir_is_one_message(tmp_path):
-    proc = run([script("train.py"), *TINY, *FAST_FAIL, "run_dir=s3://nowhere/run",
-                f"data.synthetic.root={tmp_path / 'data'}"], tmp_path, env=unreachable_env())
+    proc = run(
+        [script("train.py"), *TINY, *FAST_FAIL, "run_dir=s3://nowhere/run", f"data.synthetic.root={tmp_path / 'data'}"],
+        tmp_path,
+        env=unreachable_env(),
+    )
     assert_one_message(proc, "error: could not read s3://nowhere/run", "127.0.0.1", "check that the S3 server")
 
 
 @pytest.mark.integration
 def test_an_unreachable_data_endpoint_under_the_deepspeed_launcher(tmp_path):
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-                "--master_port", str(free_port())]
-    proc = run([script("train.py"), *TINY, *FAST_FAIL, f"run_dir={tmp_path / 'run'}", "data.num_workers=1",
-                "data.train_url=s3://nowhere/train", "data.val_url=s3://nowhere/val"], tmp_path,
-               env=unreachable_env(), python=launcher)
+    launcher = deepspeed_launcher()
+    proc = run(
+        [
+            script("train.py"),
+            *TINY,
+            *FAST_FAIL,
+            f"run_dir={tmp_path / 'run'}",
+            "data.num_workers=1",
+            "data.train_url=s3://nowhere/train",
+            "data.val_url=s3://nowhere/val",
+        ],
+        tmp_path,
+        env=unreachable_env(),
+        python=launcher,
+    )
     assert_one_message(proc, "error: could not read s3://nowhere/train", "error (rank 1): could not read")
 
 
@@ -116,8 +153,9 @@ def test_a_checkpoint_of_another_config_names_the_keys_that_differ(tmp_path):
     assert_one_message(resumed, "adapter.shared_rank: 8 in the run, 4 here", "start a new run_dir")
     assert "adapter.dropout" not in resumed.stderr  # only what differs
 
-    evaluated = run([script("eval.py"), f"checkpoint={run_dir}", "adapter.task_rank=2", f"out={tmp_path / 'eval'}"],
-                    tmp_path)
+    evaluated = run(
+        [script("eval.py"), f"checkpoint={run_dir}", "adapter.task_rank=2", f"out={tmp_path / 'eval'}"], tmp_path
+    )
     assert_one_message(evaluated, "adapter.task_rank: 4 in the run, 2 here")
 
 

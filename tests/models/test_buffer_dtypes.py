@@ -50,8 +50,9 @@ def test_bf16_forward_backward_after_align_buffers(dynamic_img_size, buffers_cas
     assert all(mask.dtype == torch.bfloat16 for mask in masks)
 
 
-@pytest.mark.parametrize("dynamic_img_size,buffers_cast", [(False, False), (True, True)],
-                         ids=["static-mask-fp32", "bn-stats-bf16"])
+@pytest.mark.parametrize(
+    "dynamic_img_size,buffers_cast", [(False, False), (True, True)], ids=["static-mask-fp32", "bn-stats-bf16"]
+)
 def test_without_align_buffers_bf16_fails(dynamic_img_size, buffers_cast):
     """The two crashes align_buffers exists for (so the test above can fail)."""
     torch.manual_seed(0)

@@ -37,8 +37,9 @@ def _literal_head(decoder, features):
     """Spec B §3 as written: reducers, resize to the finest scale, concatenate, conv -> BN -> ReLU -> conv."""
     maps = [torch.nn.functional.conv2d(f.permute(0, 3, 1, 2), r.weight) for f, r in zip(features, decoder.reducers)]
     size = maps[0].shape[-2:]
-    maps = [maps[0]] + [torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                        for m in maps[1:]]
+    maps = [maps[0]] + [
+        torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]
+    ]
     return decoder.head.classifier(decoder.head.fuse(torch.cat(maps, dim=1)))
 
 

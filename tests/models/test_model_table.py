@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factories import PAPER_TASKS, randomize_lora, tiny_model, tiny_model_config
 from mtlora_dist.adapters import AdapterConfig, mtlora_layers
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 from mtlora_dist.export import ModelSpec, StackedLinear, load, save, to_inference
@@ -22,8 +21,15 @@ from mtlora_dist.models.trainable import TrainableConfig
 from mtlora_dist.storage import atomic
 from mtlora_dist.tasks.registry import get_task
 
-TA_WITH_PATCH_MERGING = ["layers.*.blocks.*.attn.qkv", "layers.*.blocks.*.attn.proj", "layers.*.blocks.*.mlp.fc1",
-                         "layers.*.blocks.*.mlp.fc2", "layers.*.downsample.reduction"]
+from factories import PAPER_TASKS, randomize_lora, tiny_model, tiny_model_config
+
+TA_WITH_PATCH_MERGING = [
+    "layers.*.blocks.*.attn.qkv",
+    "layers.*.blocks.*.attn.proj",
+    "layers.*.blocks.*.mlp.fc1",
+    "layers.*.blocks.*.mlp.fc2",
+    "layers.*.downsample.reduction",
+]
 
 
 @dataclass
@@ -54,13 +60,22 @@ CASES = [
     Case("matrixv2", _adapter(mode="matrixv2")),
     Case("addition", _adapter(mode="addition")),
     Case("lora_only", _adapter(mode="lora_only")),
-    Case("per-task ranks and scales", _adapter(shared_rank=[4, 4, 8, 8], trainable_scale_per_task=True,
-                                               task_rank={"semseg": 2, "human_parts": 4, "sal": 3, "normals": 1},
-                                               task_scale={"semseg": 1.0, "human_parts": 2.0, "sal": 3.0,
-                                                           "normals": 0.5})),
+    Case(
+        "per-task ranks and scales",
+        _adapter(
+            shared_rank=[4, 4, 8, 8],
+            trainable_scale_per_task=True,
+            task_rank={"semseg": 2, "human_parts": 4, "sal": 3, "normals": 1},
+            task_scale={"semseg": 1.0, "human_parts": 2.0, "sal": 3.0, "normals": 0.5},
+        ),
+    ),
     Case("MTLoRA+ (patch merging)", _adapter(ta_targets=TA_WITH_PATCH_MERGING)),
     Case("NYUD tasks", _adapter(), tasks=["semseg", "depth", "normals", "edge"], dataset="nyud"),
-    Case("shallow Swin (1-2-1-1), 96 px", _adapter(), model=tiny_model_config(96, backbone_kwargs={"depths": (1, 2, 1, 1)})),
+    Case(
+        "shallow Swin (1-2-1-1), 96 px",
+        _adapter(),
+        model=tiny_model_config(96, backbone_kwargs={"depths": (1, 2, 1, 1)}),
+    ),
 ]
 pytestmark = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 
@@ -69,7 +84,8 @@ def test_forward_gives_every_task_its_map(case):
     outputs = case.build().eval()(case.images())
     h, w = case.model.img_size
     assert {t: tuple(o.shape) for t, o in outputs.items()} == {
-        t: (2, get_task(t).outputs_for(case.dataset), h, w) for t in case.tasks}
+        t: (2, get_task(t).outputs_for(case.dataset), h, w) for t in case.tasks
+    }
     assert all(torch.isfinite(o).all() for o in outputs.values())
 
 
@@ -118,8 +134,13 @@ def _engine(model: torch.nn.Module):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10_000,
-              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10_000,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=config)
     return engine
 

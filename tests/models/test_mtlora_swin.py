@@ -19,8 +19,9 @@ TINY = TINY_BACKBONE
 
 @pytest.mark.parametrize("rank,expected", [(16, 4_953_146), (32, 6_083_642), (64, 8_344_634)])
 def test_swin_t_trainable_counts_match_paper(rank, expected):
-    model = build_model(ModelConfig(), AdapterConfig(shared_rank=rank), TrainableConfig(), PAPER_TASKS,
-                        "pascal_context")
+    model = build_model(
+        ModelConfig(), AdapterConfig(shared_rank=rank), TrainableConfig(), PAPER_TASKS, "pascal_context"
+    )
     report = parameter_report(model)
     assert report["trainable_as_paper"] == expected
     # the never-trained shared fc2 branch of the last block (r * (4C + C), C = 768) is not created
@@ -29,8 +30,14 @@ def test_swin_t_trainable_counts_match_paper(rank, expected):
 
 def _timm_reference(backbone: MTLoRASwin, images: torch.Tensor) -> list[torch.Tensor]:
     """Plain timm Swin with the same frozen weights; official pyramid (stage i after merge i+1)."""
-    ref = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=(64, 64), drop_path_rate=0.0,
-                            dynamic_img_size=True, **TINY).eval()
+    ref = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=0,
+        img_size=(64, 64),
+        drop_path_rate=0.0,
+        dynamic_img_size=True,
+        **TINY,
+    ).eval()
     frozen = {k: v for k, v in backbone.state_dict().items() if "lora_" not in k}
     missing, unexpected = ref.load_state_dict(frozen, strict=False)
     assert not unexpected and all(k.startswith("norm.") or k.startswith("head.") for k in missing)
@@ -44,8 +51,9 @@ def _timm_reference(backbone: MTLoRASwin, images: torch.Tensor) -> list[torch.Te
 
 def test_zero_b_streams_equal_shared_and_shared_equals_timm():
     torch.manual_seed(0)
-    backbone = MTLoRASwin("swin_tiny_patch4_window7_224", PAPER_TASKS, img_size=(64, 64), drop_path_rate=0.0,
-                          **TINY).eval()
+    backbone = MTLoRASwin(
+        "swin_tiny_patch4_window7_224", PAPER_TASKS, img_size=(64, 64), drop_path_rate=0.0, **TINY
+    ).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         task_feats, shared = backbone(images, return_shared=True)
@@ -58,8 +66,9 @@ def test_zero_b_streams_equal_shared_and_shared_equals_timm():
 
 
 def test_nonzero_b_streams_differ_per_task():
-    backbone = MTLoRASwin("swin_tiny_patch4_window7_224", PAPER_TASKS, img_size=(64, 64), drop_path_rate=0.0,
-                          **TINY).eval()
+    backbone = MTLoRASwin(
+        "swin_tiny_patch4_window7_224", PAPER_TASKS, img_size=(64, 64), drop_path_rate=0.0, **TINY
+    ).eval()
     randomize_lora(backbone)
     with torch.no_grad():
         tasks, shared = backbone(torch.randn(1, 3, 64, 64), return_shared=True)
@@ -68,8 +77,9 @@ def test_nonzero_b_streams_differ_per_task():
 
 
 def test_gradients_reach_exactly_the_trainable_parameters():
-    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
-                        "pascal_context").train()
+    model = build_model(
+        tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS, "pascal_context"
+    ).train()
     randomize_lora(model)
     out = model(torch.randn(2, 3, 64, 64))
     sum(v.square().mean() for v in out.values()).backward()
@@ -85,15 +95,21 @@ def test_gradients_reach_exactly_the_trainable_parameters():
 def test_task_blocks_are_only_the_last_block_of_each_stage():
     backbone = MTLoRASwin("swin_tiny_patch4_window7_224", PAPER_TASKS, img_size=(64, 64), **TINY)
     with_tasks = sorted(n for n, m in mtlora_layers(backbone).items() if m.tasks)
-    assert with_tasks == sorted(f"layers.{s}.blocks.1.{m}" for s in range(4)
-                                for m in ("attn.proj", "mlp.fc1", "mlp.fc2"))
+    assert with_tasks == sorted(
+        f"layers.{s}.blocks.1.{m}" for s in range(4) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")
+    )
     assert len(mtlora_layers(backbone)) == 4 * 2 * 4  # qkv, proj, fc1, fc2 in every block
 
 
 @pytest.mark.parametrize("size", [(64, 96), (96, 64), (128, 128)])
 def test_any_window_compatible_input_size(size):
-    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=2, task_rank=2), TrainableConfig(), ["semseg", "sal"],
-                        "pascal_context").eval()
+    model = build_model(
+        tiny_model_config(),
+        AdapterConfig(shared_rank=2, task_rank=2),
+        TrainableConfig(),
+        ["semseg", "sal"],
+        "pascal_context",
+    ).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
     assert out["semseg"].shape == (1, 21, *size) and out["sal"].shape == (1, 1, *size)
@@ -115,8 +131,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     torch.manual_seed(0)
     tasks = ["semseg", "normals"]
     cfgs = [tiny_model_config(grad_checkpointing=flag) for flag in (False, True)]
-    models = [build_model(c, AdapterConfig(shared_rank=2, task_rank=2, dropout=dropout), TrainableConfig(), tasks,
-                          "pascal_context") for c in cfgs]
+    models = [
+        build_model(
+            c, AdapterConfig(shared_rank=2, task_rank=2, dropout=dropout), TrainableConfig(), tasks, "pascal_context"
+        )
+        for c in cfgs
+    ]
     models[1].load_state_dict(models[0].state_dict())
     for m in models:
         randomize_lora(m)
@@ -139,18 +159,29 @@ def test_timm_checkpoint_loads_by_timm_key_names(tmp_path):
     source = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=(64, 64), **TINY)
     path = tmp_path / "swin.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(tiny_model_config(pretrained=str(path)), AdapterConfig(shared_rank=2), TrainableConfig(),
-                        ["semseg"], "pascal_context")
+    model = build_model(
+        tiny_model_config(pretrained=str(path)),
+        AdapterConfig(shared_rank=2),
+        TrainableConfig(),
+        ["semseg"],
+        "pascal_context",
+    )
     src = source.state_dict()
     own = model.backbone.state_dict()
-    for key in ("layers.2.blocks.1.attn.qkv.weight", "layers.3.blocks.0.mlp.fc2.bias", "patch_embed.proj.weight",
-                "layers.1.downsample.reduction.weight", "layers.0.blocks.1.attn.relative_position_bias_table"):
+    for key in (
+        "layers.2.blocks.1.attn.qkv.weight",
+        "layers.3.blocks.0.mlp.fc2.bias",
+        "patch_embed.proj.weight",
+        "layers.1.downsample.reduction.weight",
+        "layers.0.blocks.1.attn.relative_position_bias_table",
+    ):
         assert torch.equal(own[key], src[key]), key
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
-    other = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=(64, 64),
-                              **{**TINY, "embed_dim": 24})
+    other = timm.create_model(
+        "swin_tiny_patch4_window7_224", num_classes=0, img_size=(64, 64), **{**TINY, "embed_dim": 24}
+    )
     path = tmp_path / "other.pth"
     torch.save(other.state_dict(), path)
     backbone = MTLoRASwin("swin_tiny_patch4_window7_224", ["semseg"], img_size=(64, 64), **TINY)
@@ -161,8 +192,9 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 
 
 def test_merged_backbone_matches_unmerged():
-    model = build_model(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS,
-                        "pascal_context").eval()
+    model = build_model(
+        tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), PAPER_TASKS, "pascal_context"
+    ).eval()
     randomize_lora(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -181,8 +213,9 @@ def test_ts_lora_outside_last_block_is_refused():
 
 
 def test_mtlora_plus_freezes_reduction_and_adapts_it():
-    cfg = AdapterConfig(shared_rank=4, task_rank=2,
-                        ta_targets=AdapterConfig().ta_targets + ["layers.*.downsample.reduction"])
+    cfg = AdapterConfig(
+        shared_rank=4, task_rank=2, ta_targets=AdapterConfig().ta_targets + ["layers.*.downsample.reduction"]
+    )
     model = build_model(tiny_model_config(), cfg, TrainableConfig(), ["semseg"], "pascal_context")
     reduction = model.backbone.layers[1].downsample.reduction
     assert isinstance(reduction, MTLoRALinear) and not reduction.weight.requires_grad

@@ -48,11 +48,15 @@ def ensure_installed(log=print) -> float:
     if not missing_binaries():
         return 0.0
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"SLURM binaries {missing_binaries()} are missing and there is no apt-get to install "
-                               f"them (needs Debian/Ubuntu packages {' '.join(PACKAGES)})")
+        raise SlurmUnavailable(
+            f"SLURM binaries {missing_binaries()} are missing and there is no apt-get to install "
+            f"them (needs Debian/Ubuntu packages {' '.join(PACKAGES)})"
+        )
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM binaries {missing_binaries()} are missing and installing them needs root "
-                               f"(apt-get install {' '.join(PACKAGES)})")
+        raise SlurmUnavailable(
+            f"SLURM binaries {missing_binaries()} are missing and installing them needs root "
+            f"(apt-get install {' '.join(PACKAGES)})"
+        )
     start = time.monotonic()
     own_policy = not POLICY_RC.exists()
     if own_policy:
@@ -67,9 +71,11 @@ def ensure_installed(log=print) -> float:
             update = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
             proc = subprocess.run(install, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed (status {proc.returncode}):\n"
-                                   f"{update.stdout[-1500:]}{update.stderr[-1500:]}\n{proc.stdout[-3000:]}"
-                                   f"{proc.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"apt-get install {' '.join(PACKAGES)} failed (status {proc.returncode}):\n"
+                    f"{update.stdout[-1500:]}{update.stderr[-1500:]}\n{proc.stdout[-3000:]}"
+                    f"{proc.stderr[-3000:]}"
+                )
     finally:
         if own_policy:
             POLICY_RC.unlink(missing_ok=True)
@@ -138,7 +144,8 @@ class SlurmCluster:
         node_lines = "\n".join(
             f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={self.ports[1 + i]} "
             f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
-            for i, name in enumerate(self.nodes))
+            for i, name in enumerate(self.nodes)
+        )
         self.conf.write_text(f"""\
 # written by tests/slurm/slurm_cluster.py
 ClusterName=mtlora-test
@@ -175,7 +182,7 @@ SchedulerParameters=sched_interval=2
 SlurmctldDebug=info
 SlurmdDebug=info
 {node_lines}
-PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
         # without a cgroup.conf slurmd dies on a fresh machine ("No filesystem mounted on /sys/fs/cgroup")
         (r / "etc" / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
@@ -186,25 +193,55 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
         env = {**os.environ, **self.env}
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
         log.close()
 
     def start(self, timeout: float = 60.0) -> SlurmCluster:
         self._write_configs()
         r, munge = self.root, self.root / "munge"
         try:
-            self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={munge}/munge.key",
-                                   f"--socket={munge}/munge.socket.2", f"--pid-file={r}/run/munged.pid",
-                                   f"--log-file={r}/log/munged.log", f"--seed-file={munge}/munge.seed"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--key-file={munge}/munge.key",
+                    f"--socket={munge}/munge.socket.2",
+                    f"--pid-file={r}/run/munged.pid",
+                    f"--log-file={r}/log/munged.log",
+                    f"--seed-file={munge}/munge.seed",
+                ],
+            )
             self._wait(lambda: (munge / "munge.socket.2").exists(), "munged socket", 15, ("munged",))
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait(self._controller_up, "slurmctld answering", timeout, ("munged", "slurmctld"))
             for name in self.nodes:
                 # private mount namespace: the node names resolve for this slurmd and its jobs only
                 inner = 'mount --bind "$1" /etc/hosts && exec "$2" -D -N "$3" -f "$4"'
-                self._spawn(f"slurmd-{name}", ["unshare", "--mount", "sh", "-c", inner, "sh",
-                                               str(r / "etc" / "hosts"), _which("slurmd"), name, str(self.conf)])
+                self._spawn(
+                    f"slurmd-{name}",
+                    [
+                        "unshare",
+                        "--mount",
+                        "sh",
+                        "-c",
+                        inner,
+                        "sh",
+                        str(r / "etc" / "hosts"),
+                        _which("slurmd"),
+                        name,
+                        str(self.conf),
+                    ],
+                )
             self._wait(self._nodes_idle, "nodes idle", timeout, tuple(self.procs))
         except BaseException:
             self.stop()
@@ -216,13 +253,15 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         while time.monotonic() < deadline:
             dead = [d for d in daemons if self.procs[d].poll() is not None]
             if dead:
-                raise RuntimeError(f"SLURM test cluster: {', '.join(dead)} exited while waiting for {what}\n"
-                                   + self.logs_tail())
+                raise RuntimeError(
+                    f"SLURM test cluster: {', '.join(dead)} exited while waiting for {what}\n" + self.logs_tail()
+                )
             if ready():
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"SLURM test cluster: timed out after {timeout:.0f} s waiting for {what}\n"
-                           + self.logs_tail())
+        raise RuntimeError(
+            f"SLURM test cluster: timed out after {timeout:.0f} s waiting for {what}\n" + self.logs_tail()
+        )
 
     def _controller_up(self) -> bool:
         return self.run(["scontrol", "ping"], check=False).stdout.find("UP") >= 0
@@ -270,8 +309,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ clients
-    def run(self, cmd: list[str], *, check: bool = True, env: dict | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: list[str], *, check: bool = True, env: dict | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         full_env = {**os.environ, **self.env, **(env or {})}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
         if check and proc.returncode != 0:
@@ -280,8 +320,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     def sbatch(self, args: list[str], env: dict | None = None, cwd: Path | None = None) -> int:
         full_env = {**os.environ, **self.env, **(env or {})}
-        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=full_env,
-                              cwd=cwd, timeout=30)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=30
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return int(proc.stdout.strip().split(";")[0])

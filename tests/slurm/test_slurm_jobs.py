@@ -27,9 +27,11 @@ SCRIPT = REPO / "slurm" / "train_swinb.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 STEPS = 24  # long enough to signal a job mid-training (~0.3 s a step on 2 cores), short enough to be cheap
-TINY = ("model.img_size=[64,64] model.backbone_kwargs.window_size=2 data.batch_size=4 data.eval_batch_size=4 "
-        "data.num_workers=1 logging.progress_bar=false logging.log_every=1 eval.every=0 eval.max_batches=1 "
-        f"max_steps={STEPS} checkpoint.every=8 optim.warmup_fraction=0.2")
+TINY = (
+    "model.img_size=[64,64] model.backbone_kwargs.window_size=2 data.batch_size=4 data.eval_batch_size=4 "
+    "data.num_workers=1 logging.progress_bar=false logging.log_every=1 eval.every=0 eval.max_batches=1 "
+    f"max_steps={STEPS} checkpoint.every=8 optim.warmup_fraction=0.2"
+)
 # a CPU allocation instead of the script's GPU defaults: 2 nodes x 1 task, no GPUs
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 JOB_TIMEOUT = 240
@@ -54,27 +56,44 @@ def data_root(tmp_path_factory) -> Path:
 class Job:
     """One submission of the recipe script, with its run directory and output file."""
 
-    def __init__(self, cluster, workdir: Path, data_root: Path, name: str, *, launcher: str = "srun",
-                 extra_env: dict[str, str] | None = None, overrides: str = "") -> None:
+    def __init__(
+        self,
+        cluster,
+        workdir: Path,
+        data_root: Path,
+        name: str,
+        *,
+        launcher: str = "srun",
+        extra_env: dict[str, str] | None = None,
+        overrides: str = "",
+    ) -> None:
         self.cluster = cluster
         self.run_dir = workdir / name
         self.final: dict[str, str] = {}  # scontrol's view once it has ended
         self.output = workdir / f"{name}.out"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SLURM_")
+            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        }
         env.update(cluster.env)
-        env.update({
-            "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-            "MTLORA_PYTHON": sys.executable,
-            "MTLORA_CONFIG": "configs/quickstart.yaml",  # relative: the script finds it in the checkout
-            "MTLORA_RUN_DIR": str(self.run_dir),
-            "MTLORA_LAUNCHER": launcher,
-            "MTLORA_OVERRIDES": f"{TINY} data.synthetic.root={data_root} {overrides}".strip(),
-        })
+        env.update(
+            {
+                "WANDB_MODE": "offline",
+                "DS_ACCELERATOR": "cpu",
+                "PYTHONUNBUFFERED": "1",
+                "MTLORA_PYTHON": sys.executable,
+                "MTLORA_CONFIG": "configs/quickstart.yaml",  # relative: the script finds it in the checkout
+                "MTLORA_RUN_DIR": str(self.run_dir),
+                "MTLORA_LAUNCHER": launcher,
+                "MTLORA_OVERRIDES": f"{TINY} data.synthetic.root={data_root} {overrides}".strip(),
+            }
+        )
         env.update(extra_env or {})
-        self.id = cluster.sbatch([*SBATCH_CPU, f"--job-name=t-{name}", f"--output={self.output}", str(SCRIPT)],
-                                 env=env, cwd=workdir)
+        self.id = cluster.sbatch(
+            [*SBATCH_CPU, f"--job-name=t-{name}", f"--output={self.output}", str(SCRIPT)], env=env, cwd=workdir
+        )
 
     def info(self) -> dict[str, str]:
         return self.cluster.job(self.id)
@@ -85,8 +104,12 @@ class Job:
     def describe(self) -> str:
         return f"job {self.id}: {self.info()}\n--- job output ---\n{self.text()[-6000:]}"
 
-    def wait(self, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-             timeout: float = JOB_TIMEOUT, restarts: int | None = None) -> dict[str, str]:
+    def wait(
+        self,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+        timeout: float = JOB_TIMEOUT,
+        restarts: int | None = None,
+    ) -> dict[str, str]:
         """Poll until the job is in one of ``states`` (after ``restarts`` requeues, when given)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -98,8 +121,9 @@ class Job:
                 raise AssertionError(f"the job ended without being requeued {restarts} time(s)\n{self.describe()}")
             time.sleep(1)
         self.cluster.run(["scancel", str(self.id)], check=False)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {states}\n{self.describe()}\n"
-                             f"{self.cluster.logs_tail(1500)}")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {states}\n{self.describe()}\n{self.cluster.logs_tail(1500)}"
+        )
 
     def wait_for_step(self, step: int, timeout: float = JOB_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -137,7 +161,8 @@ def assert_finished(job: Job, info: dict[str, str], restarts: int) -> None:
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
     assert int(info["Restarts"]) == restarts, job.describe()
     assert train_steps(job.run_dir) == list(range(1, STEPS + 1)), (
-        f"every step 1..{STEPS} must be logged exactly once, got {train_steps(job.run_dir)}\n{job.describe()}")
+        f"every step 1..{STEPS} must be logged exactly once, got {train_steps(job.run_dir)}\n{job.describe()}"
+    )
     final = job.run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE.json"
     assert final.exists(), f"no complete final checkpoint: {sorted(job.run_dir.rglob('*'))}"
     assert (job.run_dir / "checkpoints" / "latest").read_text().strip().endswith(f"step_{STEPS:08d}")
@@ -154,7 +179,8 @@ def assert_resumed_exactly(job: Job, reference: Job) -> None:
     for step in range(1, STEPS + 1):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-4, abs=1e-6), (
             f"step {step}: loss {ours[step]} after preemption/resume vs {theirs[step]} uninterrupted "
-            f"(resumed from step {resumed.group(1)})")
+            f"(resumed from step {resumed.group(1)})"
+        )
     ids = wandb_run_ids(job.run_dir)
     assert len(ids) == 1, f"the requeued job must continue the wandb run, found runs {ids}"
 

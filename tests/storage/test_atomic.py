@@ -36,7 +36,6 @@ def test_s3_write_is_one_object(s3_bucket):
     assert fs.find(f"{s3_bucket}/runs/x") == [path]
 
 
-
 def test_a_written_file_gets_the_mode_of_any_new_file(tmp_path):
     """0666 less the umask (0644 under the usual 022), not mkstemp's 0600: run folders are shared."""
     atomic_write(str(tmp_path / "shared.txt"), b"x")

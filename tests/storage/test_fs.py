@@ -12,7 +12,6 @@ import webdataset as wds
 
 from mtlora_dist.storage.fs import (
     StorageOptions,
-    cached_fs,
     describe_endpoint,
     is_remote,
     join,
@@ -31,20 +30,30 @@ def test_paths_stay_strings_and_keep_the_scheme():
 
 def test_storage_options_and_redaction(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
     kwargs = StorageOptions(retries=2).s3_kwargs()
-    assert kwargs["endpoint_url"] == "http://127.0.0.1:1234" and kwargs["skip_instance_cache"]
+    assert kwargs["endpoint_url"] == "http://127.0.0.1:1234" and kwargs["key"] == "env-key"
+    assert kwargs["use_listings_cache"] is False  # another process's new files show up in a listing
     assert kwargs["config_kwargs"]["retries"]["max_attempts"] == 2
     assert StorageOptions(endpoint_url="http://h:1").s3_kwargs()["endpoint_url"] == "http://h:1"
     assert "StorageOptions.endpoint_url" in describe_endpoint(StorageOptions(endpoint_url="http://h:1"))
     assert redact({"key": "AKIA", "secret": "s", "nested": {"aws_secret_access_key": "x"}, "endpoint_url": "e"}) == {
-        "key": "***", "secret": "***", "nested": {"aws_secret_access_key": "***"}, "endpoint_url": "e"}
+        "key": "***",
+        "secret": "***",
+        "nested": {"aws_secret_access_key": "***"},
+        "endpoint_url": "e",
+    }
 
 
-def test_cached_fs_is_per_process_and_settings(tmp_path):
+def test_filesystems_are_reused_per_settings(tmp_path, s3_server, monkeypatch):
     (tmp_path / "f.txt").write_text("hi")
-    fs1, path = cached_fs(str(tmp_path / "f.txt"))
-    fs2, _ = cached_fs(f"file://{tmp_path}/f.txt")
+    fs1, path = url_to_fs(str(tmp_path / "f.txt"))
+    fs2, _ = url_to_fs(f"file://{tmp_path}/f.txt")
     assert fs1 is fs2 and fs1.cat_file(path) == b"hi"
+    first = url_to_fs("s3://b/x")[0]
+    assert url_to_fs("s3://b/y")[0] is first  # one client (and connection pool) for many shards
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    assert url_to_fs("s3://b/x")[0] is not first  # changed credentials: a new client
 
 
 def test_s3_round_trip_through_env_and_options(s3_server, s3_bucket):
@@ -52,9 +61,9 @@ def test_s3_round_trip_through_env_and_options(s3_server, s3_bucket):
     fs.pipe_file(path, b"payload")
     assert fs.cat_file(path) == b"payload"
     explicit = StorageOptions(endpoint_url=s3_server.endpoint)
-    fs2, path2 = cached_fs(f"s3://{s3_bucket}/dir/obj.bin", explicit)
+    fs2, path2 = url_to_fs(f"s3://{s3_bucket}/dir/obj.bin", explicit)
     assert fs2.cat_file(path2) == b"payload"
-    assert cached_fs(f"s3://{s3_bucket}/other", explicit)[0] is fs2
+    assert url_to_fs(f"s3://{s3_bucket}/other", explicit)[0] is fs2
 
 
 def _first_keys(url):
@@ -84,20 +93,21 @@ def test_forked_workers_do_not_inherit_s3_session_cleanup(s3_bucket):
     """A parent's S3 client collected in a forked child must neither block nor spill asyncio errors."""
     code = (
         "import gc, os, sys, time\n"
-        "from mtlora_dist.storage.fs import cached_fs, url_to_fs\n"
+        "from mtlora_dist.storage.fs import url_to_fs\n"
         "gc.disable()\n"
         f"fs, p = url_to_fs('s3://{s3_bucket}/x'); fs.pipe_file(p, b'1')\n"
         "cycle = [fs]; cycle.append(cycle); del fs, cycle  # garbage that only gc frees\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    fs2, p2 = cached_fs(p and 's3://' + p)\n"
+        "    fs2, p2 = url_to_fs(p and 's3://' + p)\n"
         "    assert fs2.cat_file(p2) == b'1'\n"
         "    t = time.time(); gc.collect(); fs2.cat_file(p2)\n"
         "    sys.stderr.write(f'gc took {time.time() - t:.2f} s\\n'); sys.stderr.flush(); os._exit(0)\n"
         "os.waitpid(pid, 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ)
+    )
     assert out.returncode == 0, out.stderr
     for noise in ("different loop", "Unclosed", "Traceback"):
         assert noise not in out.stderr, out.stderr

@@ -33,8 +33,9 @@ def test_retry_call_recovers_after_transient_failures():
         return "ok"
 
     options = StorageOptions(read_retries=4, retry_delay_s=0.5)
-    result = retry_call(flaky, url="s3://b/k", options=options, sleep=slept.append,
-                        on_retry=lambda n, exc: seen.append(n))
+    result = retry_call(
+        flaky, url="s3://b/k", options=options, sleep=slept.append, on_retry=lambda n, exc: seen.append(n)
+    )
     assert result == "ok" and len(calls) == 3 and slept == [0.5, 1.0] and seen == [1, 2]
 
 
@@ -46,8 +47,12 @@ def test_retry_call_gives_up_with_a_message_naming_url_and_checks(monkeypatch):
         raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:7777")
 
     with pytest.raises(StorageUnavailableError) as err:
-        retry_call(down, url="s3://bucket/shards/x.tar", options=StorageOptions(read_retries=2, retry_delay_s=0.1),
-                   sleep=slept.append)
+        retry_call(
+            down,
+            url="s3://bucket/shards/x.tar",
+            options=StorageOptions(read_retries=2, retry_delay_s=0.1),
+            sleep=slept.append,
+        )
     message = str(err.value)
     assert "s3://bucket/shards/x.tar" in message and "after 3 attempt(s)" in message
     assert "endpoint http://127.0.0.1:7777 ($AWS_ENDPOINT_URL)" in message and "credentials" in message

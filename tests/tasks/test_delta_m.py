@@ -6,7 +6,6 @@ import pytest
 
 from mtlora_dist.tasks.delta_m import default_baselines, delta_m, relative_change
 
-
 PASCAL = default_baselines("pascal_context")
 
 

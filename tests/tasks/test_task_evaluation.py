@@ -44,7 +44,7 @@ def test_at_label_size_groups_equal_sizes():
     groups = list(at_label_size(pred, target, torch.tensor([[6, 5], [4, 4], [6, 5]])))
     assert [tuple(p.shape) for p, _ in groups] == [(2, 2, 6, 5), (1, 2, 4, 4)]
     assert [tuple(t.shape) for _, t in groups] == [(2, 6, 5), (1, 4, 4)]
-    (p, t), = at_label_size(pred, target, None)  # no label_size: the whole target
+    ((p, t),) = at_label_size(pred, target, None)  # no label_size: the whole target
     assert p.shape[-2:] == (6, 5) and t.shape == target.shape
 
 

@@ -119,8 +119,9 @@ def test_saliency_matches_per_image_reference():
     prob = torch.sigmoid(logits).squeeze(1).numpy()
     g = gt.numpy()
     thresholds = np.linspace(0.2, 0.9, 15)
-    stats = np.array([[_jaccard_pr(g[i] == 1, prob[i] > np.float32(t), g[i] == IGNORE) for t in thresholds]
-                      for i in range(4)])  # (images, thresholds, 3)
+    stats = np.array(
+        [[_jaccard_pr(g[i] == 1, prob[i] > np.float32(t), g[i] == IGNORE) for t in thresholds] for i in range(4)]
+    )  # (images, thresholds, 3)
     miou, prec, rec = stats.mean(0).T
     f = 2 * prec * rec / (prec + rec + 1e-12)
     out = m.compute()

@@ -66,4 +66,3 @@ class Metric:
         other = copy.deepcopy(self)
         other.all_reduce()
         return other
-
