@@ -169,19 +169,7 @@ def levers(url: str, args: argparse.Namespace) -> list[dict]:
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
     for _ in range(args.repeats):
         for name, options in configs:
-            runs[name].append(
-                run_epoch(
-                    url,
-                    StorageOptions(),
-                    0,
-                    args.img_size,
-                    args.batch_size,
-                    None,
-                    epochs=args.epochs,
-                    tasks=args.tasks,
-                    **options,
-                )
-            )
+            runs[name].append(_local_epoch(url, args, **options))
     rows = []
     for name, options in configs:
         median = sorted(runs[name], key=lambda r: r["samples_per_cpu_s"])[len(runs[name]) // 2]
@@ -197,6 +185,12 @@ def levers(url: str, args: argparse.Namespace) -> list[dict]:
         row["vs_baseline"] = round(row["samples_per_cpu_s"] / rows[0]["samples_per_cpu_s"], 2)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _local_epoch(url: str, args: argparse.Namespace, **options) -> dict:
+    """One epoch of ``args``' size from local shards in the main process (no workers), with ``options``."""
+    return run_epoch(url, StorageOptions(), 0, args.img_size, args.batch_size, None, epochs=args.epochs,
+                     tasks=args.tasks, **options)  # fmt: skip
 
 
 def device_split(url: str, args: argparse.Namespace) -> list[dict]:
@@ -215,20 +209,7 @@ def device_split(url: str, args: argparse.Namespace) -> list[dict]:
         for _ in range(args.repeats):
             for name, fn in modes.items():
                 loader_module.warp_batch = fn
-                runs[name].append(
-                    run_epoch(
-                        url,
-                        StorageOptions(),
-                        0,
-                        args.img_size,
-                        args.batch_size,
-                        None,
-                        epochs=args.epochs,
-                        tasks=args.tasks,
-                        augment_device="device",
-                        device="cpu",
-                    )
-                )
+                runs[name].append(_local_epoch(url, args, augment_device="device", device="cpu"))
     finally:
         loader_module.warp_batch = warp
     rows = []

@@ -151,6 +151,11 @@ def _launcher(ctx: Context) -> list[str]:
     ]
 
 
+def _model_step_figures(result: dict) -> dict:
+    keys = ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s", "max_abs_diff_vs_reference")
+    return {k: _round(result[k]) for k in keys}
+
+
 def _model_step(precision: str, batch: int):
     def args(ctx: Context) -> list[str]:
         if ctx.smoke:
@@ -281,26 +286,10 @@ STEPS = [
         needs=TRAINER,
         passed=lambda r: r["passed"],
     ),
-    Step(
-        "model_step_fp32",
-        90,
-        _model_step("fp32", 2),
-        lambda r: {
-            k: _round(r[k])
-            for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s", "max_abs_diff_vs_reference")
-        },
-        needs=MODEL + CONFIG,
-    ),
-    Step(
-        "model_step_bf16",
-        90,
-        _model_step("bf16", 16),
-        lambda r: {
-            k: _round(r[k])
-            for k in ("speedup_vs_reference", "adapter_overhead_backbone", "mtlora_step_s", "max_abs_diff_vs_reference")
-        },
-        needs=MODEL + CONFIG,
-    ),
+    *(
+        Step(f"model_step_{precision}", 90, _model_step(precision, batch), _model_step_figures, needs=MODEL + CONFIG)
+        for precision, batch in (("fp32", 2), ("bf16", 16))
+    ),  # fmt: skip
     Step("loader", 120, _loader, _loader_figures, needs=["torch", "numpy", "PIL", "fsspec"]),
     Step("h2d_copy", 60, lambda ctx: ["benchmarks/h2d_copy.py"], _h2d_figures, needs=["torch"], cpu_skip="needs CUDA"),
     Step(

@@ -10,10 +10,12 @@ Exit status: 0 done, 2 a known failure (configuration, data, storage, checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,11 +104,32 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
-def quiet_third_party() -> None:
-    """Before torch and DeepSpeed load: silence their start-up noise once (``engine/quiet.py``)."""
-    from mtlora_dist.engine.quiet import quiet_third_party as quiet
+def print_or_prepare(args: argparse.Namespace, cfg, *, needs_data: bool = True) -> bool:
+    """With ``--cfg job``, print the resolved config and return True (nothing else to do). Otherwise
+    check the data settings and silence the libraries' start-up noise (``engine/quiet.py``), before
+    torch and DeepSpeed load, and return False."""
+    if args.cfg:
+        print_config(cfg)
+        return True
+    if needs_data:
+        from mtlora_dist.engine.config import check_data
 
-    quiet()
+        check_data(cfg.data)
+    from mtlora_dist.engine.quiet import quiet_third_party
+
+    quiet_third_party()
+    return False
+
+
+@contextlib.contextmanager
+def mismatch_explained(cfg, run_dir: str) -> Iterator[None]:
+    """A checkpoint of another configuration: its message, led by the config keys that differ."""
+    from mtlora_dist.checkpoint import CheckpointMismatchError
+
+    try:
+        yield
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(explain_mismatch(err, cfg, run_dir)) from None
 
 
 def print_config(cfg) -> None:

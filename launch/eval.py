@@ -29,31 +29,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError, check_data, run_config, run_dir_of
+    from mtlora_dist.engine.config import ConfigError, run_config, run_dir_of
 
     extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint"):
         raise ConfigError("checkpoint=PATH is required: a run directory or <run_dir>/checkpoints/step_XXXXXXXX")
     cfg = run_config(extra["checkpoint"], args.config, overrides)
-    if args.cfg:
-        _cli.print_config(cfg)
+    if _cli.print_or_prepare(args, cfg):
         return
-    check_data(cfg.data)
 
-    _cli.quiet_third_party()
-    from mtlora_dist.checkpoint import CheckpointMismatchError
     from mtlora_dist.reports.eval_job import evaluate_checkpoint
 
-    try:
-        evaluate_checkpoint(
-            cfg,
-            extra["checkpoint"],
-            out_dir=extra.get("out"),
-            split=extra.get("split", "val"),
-            local_rank=args.local_rank,
-        )
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(_cli.explain_mismatch(err, cfg, run_dir_of(extra["checkpoint"]))) from None
+    with _cli.mismatch_explained(cfg, run_dir_of(extra["checkpoint"])):
+        evaluate_checkpoint(cfg, extra["checkpoint"], out_dir=extra.get("out"), split=extra.get("split", "val"),
+                            local_rank=args.local_rank)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,21 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     if fold not in ("true", "false"):
         raise ConfigError(f"fold_task_proj must be true or false, got '{fold}'")
     cfg = run_config(extra["checkpoint"], args.config, overrides)
-    if args.cfg:
-        _cli.print_config(cfg)
+    if _cli.print_or_prepare(args, cfg, needs_data=False):
         return
 
     import logging
 
-    _cli.quiet_third_party()
-    from mtlora_dist.checkpoint import CheckpointMismatchError
     from mtlora_dist.export.from_checkpoint import export_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    try:
+    with _cli.mismatch_explained(cfg, run_dir_of(extra["checkpoint"])):
         export_checkpoint(cfg, extra["checkpoint"], extra["out"], fold_task_proj=fold == "true")
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(_cli.explain_mismatch(err, cfg, run_dir_of(extra["checkpoint"]))) from None
 
 
 if __name__ == "__main__":

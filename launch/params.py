@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     from mtlora_dist.engine.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.cfg:
-        _cli.print_config(cfg)
+    if _cli.print_or_prepare(args, cfg, needs_data=False):
         return
 
     from mtlora_dist.models import build_model

@@ -36,23 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import check_data, load_config
+    from mtlora_dist.engine.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before anything is written or imported
-    if args.cfg:
-        _cli.print_config(cfg)
+    if _cli.print_or_prepare(args, cfg):
         return
-    check_data(cfg.data)
 
-    _cli.quiet_third_party()
-    from mtlora_dist.checkpoint import CheckpointMismatchError
     from mtlora_dist.engine.trainer import EXIT_PREEMPTED, train
     from mtlora_dist.reports import TrainingReporter
 
-    try:
+    with _cli.mismatch_explained(cfg, cfg.run_dir):
         result = train(cfg, local_rank=args.local_rank, reports=TrainingReporter.from_config)
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(_cli.explain_mismatch(err, cfg, cfg.run_dir)) from None
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)  # checkpoint written; the SLURM script requeues on this status
 
