@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtlora_dist.engine.config import load_config  # noqa: E402
+from mtlora_dist.config import load_config  # noqa: E402
 from mtlora_dist.export import to_inference  # noqa: E402
 from mtlora_dist.export.merge import output_difference  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from mtlora_dist.engine.config import load_config
+    from mtlora_dist.config import load_config
     from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
     from mtlora_dist.engine.distributed import init_distributed
     from mtlora_dist.tasks.losses import MultiTaskLoss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtlora_dist.engine.config import load_config
+from mtlora_dist.config import load_config
 from mtlora_dist.models import build_model
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timm  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from mtlora_dist.engine.config import load_config  # noqa: E402
+from mtlora_dist.config import load_config  # noqa: E402
 from mtlora_dist.engine.host_memory import keep_freed_memory  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
 

@@ -52,7 +52,7 @@ def optimizer_state_bytes(engine) -> int:
 def worker(args) -> None:
     import torch
 
-    from mtlora_dist.engine.config import load_config
+    from mtlora_dist.config import load_config
     from mtlora_dist.engine.deepspeed_setup import initialize_engine
     from mtlora_dist.engine.distributed import init_distributed
     from mtlora_dist.models import build_model

@@ -46,7 +46,7 @@ _SWEEP_HINT = (
 
 def config_epilog() -> str:
     """The config groups with their options, and the most used keys (for ``--help``)."""
-    from mtlora_dist.engine.config import PACKAGE_CONFIGS, group_options
+    from mtlora_dist.config import PACKAGE_CONFIGS, group_options
 
     groups = group_options([PACKAGE_CONFIGS])
     recipes = groups.pop("", [])
@@ -96,7 +96,7 @@ def config_parser(doc: str, *, config_help: str, overrides_help: str) -> argpars
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, then refuse what no run should start with: a sweep, or a credential on the command line."""
     args = parser.parse_args(argv)
-    from mtlora_dist.engine.config import ConfigError, refuse_secret_overrides
+    from mtlora_dist.config import ConfigError, refuse_secret_overrides
 
     if args.multirun:
         raise ConfigError(_SWEEP_HINT)
@@ -112,7 +112,7 @@ def print_or_prepare(args: argparse.Namespace, cfg, *, needs_data: bool = True) 
         print_config(cfg)
         return True
     if needs_data:
-        from mtlora_dist.engine.config import check_data
+        from mtlora_dist.config import check_data
 
         check_data(cfg.data)
     from mtlora_dist.engine.quiet import quiet_third_party
@@ -134,7 +134,7 @@ def mismatch_explained(cfg, run_dir: str) -> Iterator[None]:
 
 def print_config(cfg) -> None:
     """``--cfg job``: the resolved config as YAML, credentials masked."""
-    from mtlora_dist.engine.config import to_yaml
+    from mtlora_dist.config import to_yaml
 
     sys.stdout.write(to_yaml(cfg))
     sys.stdout.flush()
@@ -144,7 +144,7 @@ def print_config(cfg) -> None:
 # (module, class): looked up in sys.modules when an error arrives, so the check imports nothing heavy (an
 # exception of a class whose module was never imported cannot have been raised).
 _KNOWN = {
-    "config": (("mtlora_dist.engine.config", "ConfigError"), ("builtins", "FileNotFoundError")),
+    "config": (("mtlora_dist.config", "ConfigError"), ("builtins", "FileNotFoundError")),
     "checkpoint": (("mtlora_dist.checkpoint.format", "CheckpointError"),),
     "data": (("mtlora_dist.data.errors", "DataError"), ("mtlora_dist.storage.retry", "StorageUnavailableError")),
     "peer": (("mtlora_dist.comm", "PeerLostError"),),  # another rank died: its own output has the cause

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError, run_config, run_dir_of
+    from mtlora_dist.config import ConfigError, run_config, run_dir_of
 
     extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint"):

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import ConfigError, run_config, run_dir_of
+    from mtlora_dist.config import ConfigError, run_config, run_dir_of
 
     extra, overrides = _cli.split_cli_keys(args.overrides, EXTRA_KEYS)
     if not extra.get("checkpoint") or (not extra.get("out") and not args.cfg):

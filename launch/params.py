@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import load_config
+    from mtlora_dist.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if _cli.print_or_prepare(args, cfg, needs_data=False):

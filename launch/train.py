@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = _cli.parse(parser, argv)
 
-    from mtlora_dist.engine.config import load_config
+    from mtlora_dist.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before anything is written or imported
     if _cli.print_or_prepare(args, cfg):

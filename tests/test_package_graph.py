@@ -3,7 +3,7 @@
     comm, storage, choices, lazy      the bottom: processes, bytes, the config's Enum base, lazy exports
     tasks, adapters                   what a task is; the LoRA math
     data, models                      shards -> batches; backbone + heads
-    config                            the run configuration (every job reads it)
+    config, config_errors             the run configuration (every job reads it)
     checkpoint                        trainable state on disk
     engine                            DeepSpeed set-up and the training loop
     export                            merged weights for inference
@@ -26,7 +26,7 @@ LEVELS = [
     {"comm", "storage", "choices", "lazy"},
     {"tasks", "adapters"},
     {"data", "models"},
-    {"config"},
+    {"config", "config_errors"},
     {"checkpoint"},
     {"engine"},
     {"export"},

@@ -8,7 +8,7 @@ import logging
 import os
 
 from mtlora_dist import comm
-from mtlora_dist.engine.config import DataConfig, check_data
+from mtlora_dist.config import DataConfig, check_data
 from mtlora_dist.engine.distributed import DistInfo
 
 __all__ = ["prepare_data"]

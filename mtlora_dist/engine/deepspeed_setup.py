@@ -10,7 +10,7 @@ import torch
 from packaging.version import Version
 from torch import nn
 
-from mtlora_dist.engine.config import DeepSpeedSettings, OptimConfig
+from mtlora_dist.config import DeepSpeedSettings, OptimConfig
 from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
 from mtlora_dist.models.precision import align_buffers
 

@@ -4,7 +4,7 @@ writes it into each checkpoint's marker, and by evaluation and export, which che
 
 from __future__ import annotations
 
-from mtlora_dist.engine.config import TrainConfig
+from mtlora_dist.config import TrainConfig
 
 __all__ = ["run_fingerprint"]
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mtlora_dist.engine.config import OptimConfig
+from mtlora_dist.config import OptimConfig
 from mtlora_dist.models.trainable import NO_DECAY_GROUPS, parameter_group
 
 __all__ = ["param_groups", "scaled_lrs", "warmup_cosine"]

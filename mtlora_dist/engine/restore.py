@@ -25,7 +25,7 @@ from torch import nn
 
 from mtlora_dist.checkpoint import format as ckpt
 from mtlora_dist.checkpoint.storage import CheckpointStore
-from mtlora_dist.engine.config import TrainConfig
+from mtlora_dist.config import TrainConfig
 from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.models import MultiTaskSwin, build_model

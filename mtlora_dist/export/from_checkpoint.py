@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mtlora_dist.engine.config import TrainConfig
+from mtlora_dist.config import TrainConfig
 from mtlora_dist.engine.deepspeed_setup import model_dtype
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.export.artifact import MANIFEST, WEIGHTS, ModelSpec, save

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mtlora_dist import comm
-from mtlora_dist.engine.config import TrainConfig
+from mtlora_dist.config import TrainConfig
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.reports.curves import save_curves
 from mtlora_dist.reports.predictions import PredictionReport

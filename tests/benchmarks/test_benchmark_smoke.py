@@ -80,7 +80,7 @@ def test_model_flops_are_linear_in_the_batch():
     """gpu_throughput counts a batch of one and multiplies (a whole un-checkpointed batch may not fit)."""
     from gpu_throughput import step_flops
 
-    from mtlora_dist.engine.config import load_config
+    from mtlora_dist.config import load_config
 
     cfg = load_config("configs/quickstart.yaml", ["model.img_size=[64,64]", "model.backbone_kwargs.window_size=2"])
     one, two = (step_flops(cfg, batch, 64, torch.device("cpu"), torch.float32, False) for batch in (1, 2))

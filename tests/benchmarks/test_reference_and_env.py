@@ -12,7 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from mtlora_dist.engine.config import load_config  # noqa: E402
+from mtlora_dist.config import load_config  # noqa: E402
 from mtlora_dist.models import build_model  # noqa: E402
 
 import common  # noqa: E402

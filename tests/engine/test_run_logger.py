@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mtlora_dist.engine.config import load_config, to_yaml
+from mtlora_dist.config import load_config, to_yaml
 from mtlora_dist.engine.run_logger import RunLogger
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mtlora_dist.checkpoint import CheckpointMismatchError
-from mtlora_dist.engine.config import load_config, run_config
+from mtlora_dist.config import load_config, run_config
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.storage.fs import url_to_fs
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
+from mtlora_dist.config import run_config
 from mtlora_dist.data.batch import normalize_image
 from mtlora_dist.data.loader import build_loader
-from mtlora_dist.engine.config import run_config
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.export import load
 from mtlora_dist.export.merge import output_difference

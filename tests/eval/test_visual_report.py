@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mtlora_dist.engine.config import run_config
+from mtlora_dist.config import run_config
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.reports import (
     GridLayout,

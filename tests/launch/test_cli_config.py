@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from mtlora_dist.engine.config import ConfigError, check_data, load_config
+from mtlora_dist.config import ConfigError, check_data, load_config
 
 from cli_utils import REPO, output, run, script
 
@@ -42,7 +42,7 @@ def test_the_config_is_checked_before_torch_and_deepspeed_load(args):
 
 def test_loading_a_config_imports_no_torch():
     code = (
-        "import sys; from mtlora_dist.engine.config import load_config, check_data, to_yaml; "
+        "import sys; from mtlora_dist.config import load_config, check_data, to_yaml; "
         "cfg = load_config('configs/pascal_swin_b.yaml', ['data.train_url=/a', 'data.val_url=/b']); "
         "check_data(cfg.data); to_yaml(cfg); "
         "print(sorted(m for m in ('torch', 'deepspeed', 'timm') if m in sys.modules))"

@@ -14,8 +14,8 @@ from s3_server import free_port
 
 sys.path.insert(0, str(REPO / "launch"))
 from mtlora_dist.checkpoint import CheckpointMismatchError  # noqa: E402
+from mtlora_dist.config import ConfigError  # noqa: E402
 from mtlora_dist.data.errors import ShardError  # noqa: E402
-from mtlora_dist.engine.config import ConfigError  # noqa: E402
 from mtlora_dist.storage.retry import StorageUnavailableError  # noqa: E402
 
 import _cli  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlora_dist.engine.config import load_config
+from mtlora_dist.config import load_config
 from mtlora_dist.models import build_model
 from mtlora_dist.models.decoders import FP32BatchNorm2d
 from mtlora_dist.models.precision import align_buffers

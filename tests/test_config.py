@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mtlora_dist.adapters.config import AdapterMode
-from mtlora_dist.engine.config import ConfigError, Precision, load_config, to_yaml
+from mtlora_dist.config import ConfigError, Precision, load_config, to_yaml
 
 
 @pytest.mark.parametrize(

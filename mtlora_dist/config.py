@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_TASKS = ["semseg", "human_parts", "sal", "normals"]
-PACKAGE_CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
+PACKAGE_CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))
 SECRET_ENV_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead (or pass "
     "data.storage.key='${oc.env:MY_KEY_VARIABLE}', which puts only the variable's name on the command line)"
@@ -315,7 +315,7 @@ def _search_path_override(config_dir: str) -> list[str]:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """Compose ``path`` (a YAML under ``configs/``) with ``overrides`` and validate it against the schema."""
-    from mtlora_dist.engine.config_errors import explain  # the error path only
+    from mtlora_dist.config_errors import explain  # the error path only
 
     overrides = list(overrides or [])
     path = os.path.abspath(path or os.path.join(PACKAGE_CONFIGS, "quickstart.yaml"))

@@ -55,7 +55,7 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 def unknown_key_message(full_key: str) -> str:
     """Walk ``full_key`` down the schema; name the first part that does not exist, the valid keys at that
     level and the closest ones."""
-    from mtlora_dist.engine.config import TrainConfig
+    from mtlora_dist.config import TrainConfig
 
     node, path = TrainConfig, []
     for part in re.split(r"\.|\[\d+\]", full_key):
@@ -85,7 +85,7 @@ def _missing_option(message: str, search_dirs: list[str]) -> str | None:
     if not match:
         return None
     group, option = match.groups()
-    from mtlora_dist.engine.config import group_options
+    from mtlora_dist.config import group_options
 
     options = group_options(search_dirs).get(group)
     if not options:
