@@ -451,39 +451,35 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if "levers" in results:
-        print("\n| pipeline | samples/CPU-s (median) | all runs | vs baseline | samples/s |")
-        print("|---|---|---|---|---|")
-        for r in results["levers"]:
-            print(
-                f"| {r['pipeline']} | {r['samples_per_cpu_s']} | {r['all_samples_per_cpu_s']} | {r['vs_baseline']}x | "
-                f"{r['samples_per_s']} |"
-            )
+        _print_table(["pipeline", "samples/CPU-s (median)", "all runs", "vs baseline", "samples/s"],
+                     [[r["pipeline"], r["samples_per_cpu_s"], r["all_samples_per_cpu_s"], f"{r['vs_baseline']}x",
+                       r["samples_per_s"]] for r in results["levers"]])  # fmt: skip
     if "device_split" in results:
-        print("\n| augment_device='device' | samples/CPU-s (median) | all runs |")
-        print("|---|---|---|")
-        for r in results["device_split"]:
-            print(f"| {r['mode']} | {r['samples_per_cpu_s']} | {r['all_samples_per_cpu_s']} |")
+        _print_table(["augment_device='device'", "samples/CPU-s (median)", "all runs"],
+                     [[r["mode"], r["samples_per_cpu_s"], r["all_samples_per_cpu_s"]] for r in results["device_split"]])  # fmt: skip
     if "cache" in results:
-        print("\n| what | cache | epoch | epoch s | samples/s | loader CPU-s | S3 server CPU-s | shards from cache |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in results["cache"]:
-            print(
-                f"| {r['what']} | {'on' if r['cache'] else 'off'} | {r['epoch']} | {r['epoch_s']} | {r['samples_per_s']} | "
-                f"{r['loader_cpu_s']} | {r['server_cpu_s']} | {r['shards_from_cache'] if r['shards_from_cache'] is not None else '-'} |"
-            )
-    print("\n| source | workers | pinned | samples/s (median) | all runs | epoch s | samples/CPU-s | server CPU-s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["epochs"]:
-        print(
-            f"| {r['source']} | {r['workers']} | {r['pin_memory']} | {r['samples_per_s']} | {r['all_samples_per_s']} | "
-            f"{r['epoch_s']} | {r['samples_per_cpu_s']} | {r['server_cpu_s'] if r['server_cpu_s'] is not None else '-'} |"
-        )
+        _print_table(["what", "cache", "epoch", "epoch s", "samples/s", "loader CPU-s", "S3 server CPU-s",
+                      "shards from cache"],
+                     [[r["what"], "on" if r["cache"] else "off", r["epoch"], r["epoch_s"], r["samples_per_s"],
+                       r["loader_cpu_s"], r["server_cpu_s"], r["shards_from_cache"]] for r in results["cache"]])  # fmt: skip
+    _print_table(["source", "workers", "pinned", "samples/s (median)", "all runs", "epoch s", "samples/CPU-s",
+                  "server CPU-s"],
+                 [[r["source"], r["workers"], r["pin_memory"], r["samples_per_s"], r["all_samples_per_s"], r["epoch_s"],
+                   r["samples_per_cpu_s"], r["server_cpu_s"]] for r in results["epochs"]])  # fmt: skip
     if set(sources) == {"local", "s3"} and results["epochs"]:
         rate = {(r["source"], r["workers"], r["pin_memory"]): r["samples_per_s"] for r in results["epochs"]}
         for workers, pin in sorted({(w, p) for _, w, p in rate}):
             print(
                 f"workers={workers} pinned={pin}: s3 / local = {rate['s3', workers, pin] / rate['local', workers, pin]:.2f}"
             )
+
+
+def _print_table(columns: list[str], rows: list[list]) -> None:
+    """A Markdown table on stdout (``None`` cells as ``-``)."""
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,15 @@ def randomize_lora(module: nn.Module, std: float = 0.05, seed: int = 0, batchnor
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return module
+
+
+def task_lora_positional(task_input: bool, shared_in_tasks: bool, mask=None):
+    """``task_lora_linear`` over positional tensors only, ``(x, w, bias, task_a, task_bt, task_scale,
+    *shared)`` with ``shared`` empty for no shared branch: the form gradcheck and autocast comparisons take."""
+    from mtlora_dist.adapters.fused import task_lora_linear
+
+    def run(x, w, bias, task_a, task_bt, task_scale, *shared):
+        return task_lora_linear(x, w, bias, tuple(shared) or None, task_a, task_bt, task_scale,
+                                task_input=task_input, shared_in_tasks=shared_in_tasks, mask=mask)  # fmt: skip
+
+    return run

@@ -11,12 +11,12 @@ import torch
 
 from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.adapters.dropout import DropMask
-from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
+from mtlora_dist.adapters.fused import lora_linear
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 from mtlora_dist.models import build_model
 from mtlora_dist.models.trainable import TrainableConfig
 
-from factories import randomize_lora, tiny_model_config
+from factories import randomize_lora, task_lora_positional, tiny_model_config
 
 D_IN, D_OUT, RANK, TASKS, TASK_RANK, N = 48, 40, 4, 3, 2, 96
 BF16_TOL = 2e-2  # relative error of a few bf16 GEMMs (bf16 keeps 8 bits: 4e-3 per rounding)
@@ -78,19 +78,7 @@ def test_task_lora_linear_under_autocast_matches_fp32(dropout, positions, task_i
     task_scale = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     mask = DropMask((N, D_IN), dropout, positions=positions) if dropout else None
 
-    def run(x, w, bias, task_a, task_bt, task_scale, *sh):
-        return task_lora_linear(
-            x,
-            w,
-            bias,
-            sh,
-            task_a,
-            task_bt,
-            task_scale,
-            task_input=task_input,
-            shared_in_tasks=shared_in_tasks,
-            mask=mask,
-        )
+    run = task_lora_positional(task_input, shared_in_tasks, mask)
 
     _assert_autocast_matches_fp32(run, (x, w, bias, task_a, task_bt, task_scale) + shared)
 

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mtlora_dist.adapters.dropout import DropMask
-from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
+from mtlora_dist.adapters.fused import lora_linear
+
+from factories import task_lora_positional
 
 D_IN, D_OUT, RANK, TASKS, TASK_RANK, N = 6, 5, 3, 3, 2, 7
 
@@ -53,20 +55,7 @@ def test_task_lora_linear_matches_per_task_math_and_passes_gradcheck(
     task_a, task_bt, task_scale = _f64(TASKS, TASK_RANK, D_IN), _f64(TASKS, TASK_RANK, D_OUT), _f64(TASKS)
     mask = DropMask((N, D_IN), dropout, positions=positions) if dropout else None
 
-    def run(x, w, bias, task_a, task_bt, task_scale, *shared_parts):
-        sh = tuple(shared_parts) if shared_parts else None
-        return task_lora_linear(
-            x,
-            w,
-            bias,
-            sh,
-            task_a,
-            task_bt,
-            task_scale,
-            task_input=task_input,
-            shared_in_tasks=shared_in_tasks,
-            mask=mask,
-        )
+    run = task_lora_positional(task_input, shared_in_tasks, mask)
 
     inputs = (x, w, bias, task_a, task_bt, task_scale) + (shared or ())
     out = run(*inputs)
