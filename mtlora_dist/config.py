@@ -20,14 +20,16 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
+from mtlora_dist.data.format_spec import DatasetFormat, register_format
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
 
@@ -39,6 +41,7 @@ __all__ = [
     "ConfigError",
     "to_yaml",
     "check_data",
+    "data_config",
     "group_options",
     "PACKAGE_CONFIGS",
     "SECRET_ENV_HINT",
@@ -119,6 +122,9 @@ class DataConfig:
     cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
+    # a dataset of your own: file patterns and label kinds (data/format_spec.py, docs/data.md); null for
+    # the built-in pascal_context and nyud
+    format: DatasetFormat | None = None
 
 
 @dataclass
@@ -181,9 +187,9 @@ class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
     max_batches: int = 0  # 0 = the whole split
     visual_samples: int = 4  # validation images in <run_dir>/reports/predictions_step_*.png; 0 = no grid
-    baselines: dict[str, float] = field(
-        default_factory=lambda: {"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97}
-    )
+    # single-task values of each task's primary metric for Delta-m; null = the dataset's own (the paper's
+    # for pascal_context, none for nyud, a declared format's 'baselines')
+    baselines: dict[str, float] | None = None
 
 
 @dataclass
@@ -340,8 +346,54 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     except ValueError as err:  # a dataclass's own check (e.g. AdapterConfig.mode)
         raise ConfigError(f"invalid configuration: {err}") from None
     _check_choices(cfg)
+    _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
     return cfg
+
+
+def _check_dataset(data: DataConfig) -> None:
+    """Register a declared dataset (every process that loads the config does), then check the tasks."""
+    from mtlora_dist.tasks.registry import DATASETS, check_tasks
+
+    builtin = data.dataset in ("pascal_context", "nyud")
+    try:
+        if data.format is not None:
+            if builtin:
+                raise ValueError(f"'{data.dataset}' is a built-in dataset with its own reader; give the declared "
+                                 "dataset another name (data.dataset=...)")
+            register_format(data.dataset, data.format)
+        elif data.dataset not in DATASETS:
+            raise ValueError(
+                f"config key 'data.dataset' is '{data.dataset}', which is neither built in {sorted(DATASETS)} nor "
+                "declared: add a 'format:' section to the data config (configs/data/cityscapes.yaml is an "
+                "example; docs/data.md)"
+            )
+        check_tasks(data.dataset, data.tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def data_config(name_or_path: str) -> DataConfig:
+    """A data config on its own (``launch/convert.py``): a YAML path, or the name of one in the package's
+    ``configs/data/``; validated against the schema, its declared dataset registered."""
+    path = name_or_path
+    if not os.path.isfile(path):
+        path = os.path.join(PACKAGE_CONFIGS, "data", f"{name_or_path}.yaml")
+    if not os.path.isfile(path):
+        options = group_options([PACKAGE_CONFIGS]).get("data", [])
+        raise ConfigError(
+            f"no data config '{name_or_path}': give a YAML path or one of configs/data/ {options} (a dataset of "
+            "your own is a data config with a 'format:' section, docs/data.md)"
+        )
+    try:
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path} is not a mapping of data config keys")
+        data: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), loaded))
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {err} (quote path patterns inside {{...}} mappings: file: '{{id}}.png')") from None
+    _check_dataset(data)
+    return data
 
 
 def group_options(config_dirs: list[str]) -> dict[str, list[str]]:

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from mtlora_dist.data.encoding import describe_encodings, encode_sample
+from mtlora_dist.data.format_spec import DatasetFormat, register_format
 from mtlora_dist.data.formats import READERS, get_reader
 from mtlora_dist.data.labels import CLASS_NAMES
 from mtlora_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
@@ -27,7 +28,7 @@ from mtlora_dist.data.tarshards import TarShardWriter, tar_size
 from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
-from mtlora_dist.tasks.registry import get_task
+from mtlora_dist.tasks.registry import get_dataset
 
 __all__ = ["convert", "main"]
 
@@ -39,14 +40,16 @@ _WORKER_READER: dict[tuple, Any] = {}
 def _encoded(args: tuple[str, str, tuple[str, ...], dict[str, Any], str]) -> tuple[str, list[tuple[str, bytes]]]:
     """Read and encode one sample (runs in a worker process when ``workers > 1``)."""
     dataset, root, tasks, reader_kwargs, sample_id = args
-    key = (dataset, root, tasks, tuple(sorted(reader_kwargs.items())))
+    key = repr((dataset, root, tasks, sorted(reader_kwargs.items())))
     reader = _WORKER_READER.get(key)
     if reader is None:
+        if reader_kwargs.get("fmt") is not None:  # a worker started by spawn has an empty registry
+            register_format(dataset, reader_kwargs["fmt"])
         reader = _WORKER_READER[key] = get_reader(dataset, root, list(tasks), **reader_kwargs)
     sample = reader.read(sample_id)
     with open(reader.image_path(sample_id), "rb") as f:
         source = f.read()
-    return sample_id, encode_sample(sample, reader.tasks, source_jpeg=source)
+    return sample_id, encode_sample(sample, reader.tasks, source_jpeg=source, optional=reader.optional_tasks)
 
 
 def _samples(jobs: list[tuple], workers: int) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
@@ -67,13 +70,19 @@ def convert(
     storage: StorageOptions | None = None,
     workers: int = 1,
     db_info: str | None = None,
+    fmt: DatasetFormat | None = None,
 ) -> dict[str, Any]:
     """Write ``split`` of the dataset at ``root`` as shards of about ``shard_size_mb`` to ``out_url``.
 
-    Returns the manifest as a dict. A shard is closed before the sample that would push it past the
-    target size (a single larger sample still gets a shard of its own).
+    ``fmt``: the declaration of a dataset that is not built in (a data config's ``format``). Returns the
+    manifest as a dict. A shard is closed before the sample that would push it past the target size (a
+    single larger sample still gets a shard of its own).
     """
-    reader_kwargs = {"db_info": db_info} if db_info else {}
+    if fmt is not None:
+        register_format(dataset, fmt)
+        reader_kwargs: dict[str, Any] = {"fmt": fmt, "split": split}
+    else:
+        reader_kwargs = {"db_info": db_info} if db_info else {}
     reader = get_reader(dataset, root, tasks, **reader_kwargs)
     tasks = list(reader.tasks)
     ids = reader.ids(split)
@@ -89,6 +98,7 @@ def convert(
 
     target = int(shard_size_mb * 1024 * 1024)
     shards: list[ShardInfo] = []
+    missing = dict.fromkeys(reader.optional_tasks, 0)
     jobs = [(dataset, str(root), tuple(tasks), reader_kwargs, i) for i in ids]
     with tempfile.TemporaryDirectory(prefix="mtlora-convert-") as tmp:
         writer: TarShardWriter | None = None
@@ -108,6 +118,9 @@ def convert(
             log.info("wrote %s (%d samples)", remote_url, w.num_samples)
 
         for key, members in _samples(jobs, workers):
+            stored = {suffix.split(".")[0] for suffix, _ in members}
+            for task in missing:
+                missing[task] += task not in stored
             if writer is not None and writer.size + tar_size(dict(members)) > target:
                 finish(writer)
                 writer = None
@@ -121,15 +134,21 @@ def convert(
         dataset=dataset,
         split=split,
         tasks=tasks,
-        num_outputs={t: get_task(t).outputs_for(dataset) for t in tasks},
-        class_names={t: list(n) for t, n in CLASS_NAMES[dataset].items() if t in tasks},
+        num_outputs={t: get_dataset(dataset).num_outputs[t] for t in tasks},
+        class_names={t: list(n) for t, n in _class_names(dataset).items() if t in tasks},
         encodings=describe_encodings(tasks),
         shards=shards,
+        optional_tasks=list(reader.optional_tasks),
+        labels_missing=missing,
     )
     text = manifest.to_json()
     manifest_url = join(out_url, MANIFEST_NAME)  # written last and atomically: readers never see half a manifest
     retry_call(lambda: atomic_write(manifest_url, text.encode(), storage), url=manifest_url, options=storage)
     return json.loads(text)
+
+
+def _class_names(dataset: str) -> dict[str, tuple[str, ...]]:
+    return dict(CLASS_NAMES.get(dataset) or get_dataset(dataset).class_names)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -228,10 +228,16 @@ def _encode_image(image: np.ndarray, source_jpeg: bytes | None) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: bytes | None = None) -> list[tuple[str, bytes]]:
-    """Tar members ``(suffix, bytes)`` of a canonical sample, in a fixed order (image, then ``tasks``)."""
+def encode_sample(sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: bytes | None = None,
+                  optional: Sequence[str] = ()) -> list[tuple[str, bytes]]:
+    """Tar members ``(suffix, bytes)`` of a canonical sample, in a fixed order (image, then ``tasks``).
+    A task in ``optional`` that the sample lacks gets no member (a partial label); any other must be there."""
     members = [(IMAGE_SUFFIX, _encode_image(np.asarray(sample["image"]), source_jpeg))]
     for task in tasks:
+        if task not in sample:
+            if task in optional:
+                continue
+            raise ValueError(f"sample '{sample.get('__key__')}' has no '{task}' label, which is not optional")
         members.append((member_suffix(task), codec_for(task).encode(np.asarray(sample[task]))))
     return members
 

@@ -40,6 +40,8 @@ class Manifest:
     class_names: dict[str, list[str]]
     encodings: dict[str, str]
     shards: list[ShardInfo]
+    optional_tasks: list[str] = field(default_factory=list)  # tasks some samples have no label for
+    labels_missing: dict[str, int] = field(default_factory=dict)  # per task: samples without its label
     encoding_version: int = ENCODING_VERSION
     format: str = FORMAT
     base_url: str = field(default="", compare=False)  # where it was read from; not stored

@@ -121,7 +121,7 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
     dtype = model_dtype(cfg.deepspeed)
     evaluator = MultiTaskEvaluator(
-        cfg.data.tasks, cfg.data.dataset, baselines=dict(cfg.eval.baselines), protocol=cfg.data.eval_protocol
+        cfg.data.tasks, cfg.data.dataset, baselines=cfg.eval.baselines, protocol=cfg.data.eval_protocol
     )
     validation = Validation(
         val_loader,

@@ -76,7 +76,7 @@ def evaluate_checkpoint(
         protocol=data.eval_protocol,
     )
     evaluator = MultiTaskEvaluator(
-        data.tasks, data.dataset, baselines=dict(cfg.eval.baselines), protocol=data.eval_protocol
+        data.tasks, data.dataset, baselines=cfg.eval.baselines, protocol=data.eval_protocol
     )
     results = evaluate(model, loader, evaluator, info.device, dtype, cfg.eval.max_batches)
     report = {

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from mtlora_dist.tasks.registry import TASKS, get_task
+from mtlora_dist.tasks.registry import DATASETS, TASKS, get_dataset, get_task
 
 __all__ = ["PAPER_BASELINES", "default_baselines", "delta_m", "relative_change"]
 
 # Fully fine-tuned single-task Swin-T models, primary metric per task (paper Table 1, spec B §9.1).
-PAPER_BASELINES: dict[str, dict[str, float]] = {
-    "pascal_context": {"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
-}
+PAPER_BASELINES: dict[str, dict[str, float]] = {"pascal_context": dict(DATASETS["pascal_context"].baselines)}
 
 
 def default_baselines(dataset: str) -> dict[str, float]:
-    """The paper's single-task numbers for ``dataset`` (none for NYUD: the paper reports none)."""
-    return dict(PAPER_BASELINES.get(dataset, {}))
+    """The dataset's registered single-task numbers: the paper's for PASCAL-Context, none for NYUD (the
+    paper reports none), a declared dataset's own ``baselines``."""
+    return dict(get_dataset(dataset).baselines)
 
 
 def relative_change(task: str, value: float, baseline: float) -> float:

@@ -1,8 +1,10 @@
 """The one place that says what each dense task is.
 
-A task is data, not a branch: its head width, how its target is stored and resized, its loss weight,
-its ignore value and its metric all live in one :class:`TaskSpec`. Adding a task or a dataset is a
-new entry here, not an ``if task == ...`` elsewhere.
+A task is data, not a branch: how its target is stored and resized, its loss weight, its ignore value
+and its metric all live in one :class:`TaskSpec`; what a dataset provides (its tasks, each one's head
+width and class names) lives in one :class:`DatasetSpec`. Adding a task or a dataset is a new entry
+here -- or a declared dataset format (``configs/data/*.yaml``, ``docs/data.md``) registered at run
+time with :func:`register_dataset` -- not an ``if task == ...`` elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ class TaskSpec:
         interpolation: how the label is resized: ``nearest`` for ids and maps, ``normals`` for bicubic
             plus renormalisation (Part B §7).
         loss_weight: default weight in the total loss (Part B §5).
-        num_outputs: prediction channels per dataset (class maps differ between datasets).
         ignore_index: label value that marks pixels without supervision.
         higher_is_better: direction of the task's primary metric (for Delta-m).
         primary_metric: the metric that enters Delta-m.
@@ -41,7 +42,6 @@ class TaskSpec:
     target_kind: TargetKind
     interpolation: Interpolation
     loss_weight: float
-    num_outputs: dict[str, int]
     primary_metric: str
     higher_is_better: bool
     ignore_index: int = IGNORE_INDEX
@@ -52,12 +52,43 @@ class TaskSpec:
 
     def outputs_for(self, dataset: str) -> int:
         """Prediction channels of this task on ``dataset``."""
-        try:
-            return self.num_outputs[dataset]
-        except KeyError:
-            raise ValueError(
-                f"task '{self.name}' is not defined for dataset '{dataset}'; it exists for: {sorted(self.num_outputs)}"
-            ) from None
+        spec = get_dataset(dataset)
+        if self.name not in spec.num_outputs:
+            raise ValueError(f"task '{self.name}' is not defined for dataset '{dataset}'; it provides {list(spec.tasks)}")
+        return spec.num_outputs[self.name]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What one dataset provides.
+
+    Attributes:
+        name: the dataset's key (``data.dataset``, the manifest's ``dataset``).
+        num_outputs: prediction channels per task, in the dataset's task order (class maps differ
+            between datasets).
+        class_names: class names of class-map tasks (optional; tables and reports use them).
+        baselines: single-task values of each task's primary metric, for Delta-m (optional).
+    """
+
+    name: str
+    num_outputs: Mapping[str, int]
+    class_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    baselines: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.num_outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (stored in export artifacts, so they rebuild without the config)."""
+        return {"name": self.name, "num_outputs": dict(self.num_outputs),
+                "class_names": {t: list(n) for t, n in self.class_names.items()}, "baselines": dict(self.baselines)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetSpec:
+        return cls(str(data["name"]), {str(t): int(n) for t, n in data["num_outputs"].items()},
+                   {str(t): tuple(n) for t, n in data.get("class_names", {}).items()},
+                   {str(t): float(v) for t, v in data.get("baselines", {}).items()})
 
 
 # A table, one task a row: left as written by the formatter.
@@ -65,26 +96,33 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("semseg", "class_map", "nearest", 1.0, {"pascal_context": 21, "nyud": 40}, "mIoU", True,
-                 loss="cross_entropy", metric="segmentation"),
-        TaskSpec("human_parts", "class_map", "nearest", 2.0, {"pascal_context": 7}, "mIoU", True,
-                 loss="cross_entropy", metric="segmentation"),
-        TaskSpec("sal", "binary_map", "nearest", 5.0, {"pascal_context": 1}, "mIoU", True,
+        TaskSpec("semseg", "class_map", "nearest", 1.0, "mIoU", True, loss="cross_entropy", metric="segmentation"),
+        TaskSpec("human_parts", "class_map", "nearest", 2.0, "mIoU", True, loss="cross_entropy", metric="segmentation"),
+        TaskSpec("sal", "binary_map", "nearest", 5.0, "mIoU", True,
                  loss="balanced_bce", metric="saliency"),  # pos_weight None: beta from the batch
-        TaskSpec("normals", "normals", "normals", 10.0, {"pascal_context": 3, "nyud": 3}, "mean", False,
-                 loss="normals_l1", metric="normals"),
-        TaskSpec("edge", "binary_map", "nearest", 50.0, {"pascal_context": 1, "nyud": 1}, "odsF", True,
+        TaskSpec("normals", "normals", "normals", 10.0, "mean", False, loss="normals_l1", metric="normals"),
+        TaskSpec("edge", "binary_map", "nearest", 50.0, "odsF", True,
                  loss="balanced_bce", metric="edge", loss_kwargs={"pos_weight": 0.95}),
-        TaskSpec("depth", "depth", "nearest", 1.0, {"nyud": 1}, "rmse", False,
-                 loss="depth_l1", metric="depth"),
+        TaskSpec("depth", "depth", "nearest", 1.0, "rmse", False, loss="depth_l1", metric="depth"),
     )
 }
 # fmt: on
 
-DATASET_TASKS: dict[str, tuple[str, ...]] = {
-    "pascal_context": ("semseg", "human_parts", "sal", "normals", "edge"),
-    "nyud": ("semseg", "depth", "normals", "edge"),
+# A task declared by a dataset format that the registry does not know is made from its kind's row.
+KIND_DEFAULTS: dict[str, TaskSpec] = {
+    spec.target_kind: spec for spec in (TASKS["semseg"], TASKS["sal"], TASKS["normals"], TASKS["depth"])
 }
+
+DATASETS: dict[str, DatasetSpec] = {
+    "pascal_context": DatasetSpec(
+        "pascal_context", {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1},
+        # fully fine-tuned single-task Swin-T models, primary metric per task (paper Table 1, spec B §9.1)
+        baselines={"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
+    ),
+    "nyud": DatasetSpec("nyud", {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}),  # the paper has no baselines
+}
+
+DATASET_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in DATASETS.items()}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -95,10 +133,46 @@ def get_task(name: str) -> TaskSpec:
         raise ValueError(f"unknown task '{name}'; valid tasks: {sorted(TASKS)}") from None
 
 
+def get_dataset(name: str) -> DatasetSpec:
+    """Look a dataset up by name, with the valid names and how to add one in the error."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset '{name}'; known datasets: {sorted(DATASETS)}. A dataset of your own is declared "
+            "in a data config with a 'format:' section (configs/data/*.yaml, docs/data.md)"
+        ) from None
+
+
+def register_task(spec: TaskSpec) -> None:
+    """Add a task; registering an identical spec again is a no-op, a different one under a used name an error."""
+    known = TASKS.get(spec.name)
+    if known is not None and known != spec:
+        raise ValueError(f"task '{spec.name}' is already registered with different settings: {known}")
+    TASKS[spec.name] = spec
+
+
+def register_dataset(spec: DatasetSpec, tasks: list[TaskSpec] | tuple[TaskSpec, ...] = ()) -> None:
+    """Add a dataset (and tasks of its own); idempotent, so every process may register what its config
+    declares. Every task of the dataset must be registered (here or before)."""
+    for task in tasks:
+        register_task(task)
+    unknown = [t for t in spec.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"dataset '{spec.name}' names task(s) {unknown} that are not registered; give each a 'kind'")
+    known = DATASETS.get(spec.name)
+    if known is not None and known != spec:
+        raise ValueError(
+            f"dataset '{spec.name}' is already registered with different settings ({known.to_dict()}); "
+            "give the declared dataset a name of its own"
+        )
+    DATASETS[spec.name] = spec
+    DATASET_TASKS[spec.name] = spec.tasks
+
+
 def check_tasks(dataset: str, tasks: list[str] | tuple[str, ...]) -> None:
     """Raise a clear error if ``dataset`` is unknown or does not provide every task in ``tasks``."""
-    if dataset not in DATASET_TASKS:
-        raise ValueError(f"unknown dataset '{dataset}'; valid datasets: {sorted(DATASET_TASKS)}")
+    get_dataset(dataset)
     missing = [t for t in tasks if t not in DATASET_TASKS[dataset]]
     if missing:
         raise ValueError(f"dataset '{dataset}' has no task(s) {missing}; it provides {list(DATASET_TASKS[dataset])}")

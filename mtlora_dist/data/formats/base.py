@@ -115,6 +115,7 @@ class LayoutReader:
         self._split_file = split_file
         self._image_file = image_file
         self._loaders = dict(loaders)
+        self.optional_tasks: tuple[str, ...] = ()  # built-in layouts have every label of every sample
 
     def ids(self, split: str) -> list[str]:
         """Sample ids of ``split`` in file order (one per line, blank lines ignored)."""
