@@ -359,8 +359,10 @@ def _check_dataset(data: DataConfig) -> None:
     try:
         if data.format is not None:
             if builtin:
-                raise ValueError(f"'{data.dataset}' is a built-in dataset with its own reader; give the declared "
-                                 "dataset another name (data.dataset=...)")
+                raise ValueError(
+                    f"'{data.dataset}' is a built-in dataset with its own reader; give the declared "
+                    "dataset another name (data.dataset=...)"
+                )
             register_format(data.dataset, data.format)
         elif data.dataset not in DATASETS:
             raise ValueError(

@@ -13,6 +13,9 @@ key             dtype, shape                 meaning
 ``label_size``  int64 (B, 2)                 each sample's true label (h, w) before padding
 ``valid``       bool (B,)                    False for padding copies (evaluation padding, or
                                              stand-ins for unreadable samples): metrics skip them
+``labeled/<t>`` bool (B,)                    False where the sample has no label for task ``t``
+                                             (partial labels): its target is all ignore, so its
+                                             loss is 0 with 0 gradient, and metrics skip it
 ``__key__``     list[str]                    sample ids
 =============== ============================ =====================================================
 
@@ -31,9 +34,11 @@ import numpy as np
 import torch
 
 from mtlora_dist.data.transforms import warps_to_tensor
-from mtlora_dist.tasks.registry import IGNORE_INDEX
+from mtlora_dist.tasks.registry import IGNORE_INDEX, labeled_key
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "collate", "collate_decoded", "normalize_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LABELED", "collate", "collate_decoded", "labeled", "normalize_image"]
+
+LABELED = labeled_key("")  # batch key prefix: ``labeled/<task>`` says which samples have that task's label
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,11 +56,17 @@ def _pad_stack(arrays: Sequence[np.ndarray], fill: float) -> np.ndarray:
     return out
 
 
+def labeled(samples: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``labeled/<task>``: which samples carry a label of each task (a sample without ``labeled`` has all)."""
+    return {labeled_key(t): torch.tensor([bool(s.get("labeled", {}).get(t, True)) for s in samples]) for t in tasks}
+
+
 def collate(samples: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
     """One batch from per-sample outputs of the transforms (see the module docstring)."""
     batch: dict[str, Any] = {"image": torch.from_numpy(np.stack([s["image"] for s in samples]))}
     for task in tasks:
         batch[task] = torch.from_numpy(_pad_stack([s[task] for s in samples], IGNORE_INDEX))
+    batch.update(labeled(samples, tasks))
     batch["label_size"] = torch.tensor([s[tasks[0]].shape[-2:] for s in samples], dtype=torch.int64)
     batch["valid"] = torch.tensor([bool(s["valid"]) for s in samples], dtype=torch.bool)
     batch["__key__"] = [s["__key__"] for s in samples]
@@ -71,8 +82,8 @@ def _pad_edge(arrays: Sequence[np.ndarray]) -> np.ndarray:
     for i, a in enumerate(arrays):
         ah, aw = a.shape[:2]
         out[i, :ah, :aw] = a
-        out[i, :ah, aw:] = a[:, aw - 1:aw]
-        out[i, ah:] = out[i, ah - 1:ah]
+        out[i, :ah, aw:] = a[:, aw - 1 : aw]
+        out[i, ah:] = out[i, ah - 1 : ah]
     return out
 
 
@@ -83,6 +94,7 @@ def collate_decoded(samples: Sequence[dict[str, Any]], tasks: Sequence[str]) -> 
     batch: dict[str, Any] = {"image": torch.from_numpy(_pad_edge([s["image"] for s in samples]))}
     for task in tasks:
         batch[task] = torch.from_numpy(_pad_edge([s[task] for s in samples]))
+    batch.update(labeled(samples, tasks))
     batch["image_hw"] = torch.tensor([s["image"].shape[:2] for s in samples], dtype=torch.int64)
     batch["label_hw"] = torch.tensor([s["label_hw"] for s in samples], dtype=torch.int64)
     batch["warp"] = warps_to_tensor([s["warp"] for s in samples])

@@ -71,7 +71,7 @@ class Decoders:
     (``docs/performance-data.md``), ``"pil"`` is the baseline."""
 
     jpeg: str = "simplejpeg"  # simplejpeg | pil
-    png: str = "pyspng"       # pyspng | pil
+    png: str = "pyspng"  # pyspng | pil
 
     def __post_init__(self) -> None:
         if self.jpeg not in ("simplejpeg", "pil") or self.png not in ("pyspng", "pil"):
@@ -89,18 +89,18 @@ def check_png(data: bytes) -> tuple[int, int, int, int]:
         raise SampleDecodeError("not a PNG (bad signature)")
     pos, first, end, header = len(_PNG_SIGNATURE), True, False, (0, 0, 0, 0)
     while pos + 12 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        ctype = data[pos + 4:pos + 8]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        ctype = data[pos + 4 : pos + 8]
         body_end = pos + 8 + length
         if body_end + 4 > len(data):
             raise SampleDecodeError(f"PNG chunk {ctype!r} runs past the end of the data (truncated)")
-        (crc,) = struct.unpack(">I", data[body_end:body_end + 4])
-        if zlib.crc32(data[pos + 4:body_end]) != crc:
+        (crc,) = struct.unpack(">I", data[body_end : body_end + 4])
+        if zlib.crc32(data[pos + 4 : body_end]) != crc:
             raise SampleDecodeError(f"PNG chunk {ctype!r} has a bad CRC (corrupt data)")
         if first:
             if ctype != b"IHDR" or length != 13:
                 raise SampleDecodeError("PNG does not start with IHDR")
-            width, height, depth, colour = struct.unpack(">IIBB", data[pos + 8:pos + 18])
+            width, height, depth, colour = struct.unpack(">IIBB", data[pos + 8 : pos + 18])
             header = (height, width, depth, colour)
         first = False
         pos = body_end + 4
@@ -137,8 +137,10 @@ def _decode_png8(data: bytes, decoders: Decoders = Decoders()) -> np.ndarray:
 
 
 _NPY_MAGIC = b"\x93NUMPY"
-_NPY_HEADER = re.compile(r"^\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), "
-                         r"'shape': \(((?:\d+, ?)*\d*)\), \}\s*$")
+_NPY_HEADER = re.compile(
+    r"^\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), "
+    r"'shape': \(((?:\d+, ?)*\d*)\), \}\s*$"
+)
 
 
 def read_npy(data: bytes) -> np.ndarray:
@@ -152,7 +154,7 @@ def read_npy(data: bytes) -> np.ndarray:
     size_bytes = 2 if data[6] == 1 else 4
     start = 8 + size_bytes
     header_len = int.from_bytes(data[8:start], "little")
-    match = _NPY_HEADER.match(data[start:start + header_len].decode("latin1"))
+    match = _NPY_HEADER.match(data[start : start + header_len].decode("latin1"))
     if match is None:
         raise SampleDecodeError("corrupt .npy: unreadable header")
     descr, fortran, shape_text = match.groups()
@@ -161,14 +163,16 @@ def read_npy(data: bytes) -> np.ndarray:
     except TypeError as exc:
         raise SampleDecodeError(f"corrupt .npy: bad dtype {descr!r}") from exc
     shape = tuple(int(x) for x in shape_text.replace(" ", "").split(",") if x)
-    body = memoryview(data)[start + header_len:]
+    body = memoryview(data)[start + header_len :]
     count = int(np.prod(shape, dtype=np.int64))
     if dtype.hasobject or len(body) != count * dtype.itemsize:
         raise SampleDecodeError(f"corrupt .npy: {len(body)} data bytes for shape {shape} of {dtype}")
     return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran == "True" else "C")
 
 
-def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
+def _npy_codec(
+    dtype: type, ndim: int, channels: int | None
+) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
     def encode(array: np.ndarray) -> bytes:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
@@ -177,7 +181,9 @@ def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[
     def decode(data: bytes, decoders: Decoders | None = None) -> np.ndarray:
         array = read_npy(data)
         if array.dtype != np.dtype(dtype) or array.ndim != ndim or (channels and array.shape[-1] != channels):
-            raise SampleDecodeError(f"expected a {np.dtype(dtype)} array with {ndim} dims, got {array.dtype} {array.shape}")
+            raise SampleDecodeError(
+                f"expected a {np.dtype(dtype)} array with {ndim} dims, got {array.dtype} {array.shape}"
+            )
         return array  # float16 normals stay float16: the transforms convert once, where they need floats
 
     return encode, decode
@@ -185,19 +191,28 @@ def _npy_codec(dtype: type, ndim: int, channels: int | None) -> tuple[Callable[[
 
 @dataclass(frozen=True)
 class Codec:
-    """How one target kind is stored: file extension, encoder, decoder, and a manifest description."""
+    """How one target kind is stored: file extension, encoder, decoder, a manifest description, and the
+    canonical label of a sample that has none (a partial label: every pixel without supervision)."""
 
     ext: str
     encode: Callable[[np.ndarray], bytes]
     decode: Callable[..., np.ndarray]  # (data, decoders) -> array
     description: str
+    missing: Callable[[int, int], np.ndarray]  # (h, w) -> the all-unsupervised label
 
 
 _CODECS: dict[str, Codec] = {
-    "class_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
-    "binary_map": Codec("png", _encode_png8, _decode_png8, "png:uint8"),
-    "normals": Codec("npy", *_npy_codec(np.float16, 3, 3), "npy:float16:HxWx3"),  # decoded as float16
-    "depth": Codec("npy", *_npy_codec(np.float32, 2, None), "npy:float32:HxW"),
+    "class_map": Codec("png", _encode_png8, _decode_png8, "png:uint8", lambda h, w: np.full((h, w), 255, np.uint8)),
+    "binary_map": Codec("png", _encode_png8, _decode_png8, "png:uint8", lambda h, w: np.full((h, w), 255, np.uint8)),
+    "normals": Codec(
+        "npy",
+        *_npy_codec(np.float16, 3, 3),
+        "npy:float16:HxWx3",  # decoded as float16
+        lambda h, w: np.zeros((h, w, 3), np.float16),
+    ),
+    "depth": Codec(
+        "npy", *_npy_codec(np.float32, 2, None), "npy:float32:HxW", lambda h, w: np.zeros((h, w), np.float32)
+    ),
 }
 
 
@@ -228,8 +243,9 @@ def _encode_image(image: np.ndarray, source_jpeg: bytes | None) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: bytes | None = None,
-                  optional: Sequence[str] = ()) -> list[tuple[str, bytes]]:
+def encode_sample(
+    sample: Mapping[str, Any], tasks: Sequence[str], source_jpeg: bytes | None = None, optional: Sequence[str] = ()
+) -> list[tuple[str, bytes]]:
     """Tar members ``(suffix, bytes)`` of a canonical sample, in a fixed order (image, then ``tasks``).
     A task in ``optional`` that the sample lacks gets no member (a partial label); any other must be there."""
     members = [(IMAGE_SUFFIX, _encode_image(np.asarray(sample["image"]), source_jpeg))]
@@ -274,32 +290,54 @@ def _decoded(what: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
         raise SampleDecodeError(f"{what}: corrupt data ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_sample(key: str, members: Mapping[str, bytes], tasks: Sequence[str], *, shard: str = "",
-                  decoders: Decoders = Decoders(), image_min_hw: tuple[int, int] | None = None) -> dict[str, Any]:
+def decode_sample(
+    key: str,
+    members: Mapping[str, bytes],
+    tasks: Sequence[str],
+    *,
+    shard: str = "",
+    decoders: Decoders = Decoders(),
+    image_min_hw: tuple[int, int] | None = None,
+    optional: Sequence[str] = (),
+) -> dict[str, Any]:
     """The canonical sample from tar members. Any problem is a ``SampleDecodeError`` naming the shard,
     the sample and the member. ``image_min_hw``: the image may be decoded smaller, down to this size
-    (labels always keep their full size; the transforms map between the two)."""
+    (labels always keep their full size; the transforms map between the two). A task in ``optional``
+    (the manifest's ``optional_tasks``) without a member gets its all-unsupervised label and
+    ``sample["labeled"][task] = False``."""
     where = f"shard {shard} sample '{key}'" if shard else f"sample '{key}'"
-    wanted = [IMAGE_SUFFIX] + [member_suffix(t) for t in tasks]
+    labeled = {t: member_suffix(t) in members for t in tasks}
+    wanted = [IMAGE_SUFFIX] + [member_suffix(t) for t in tasks if t not in optional]
     missing = [m for m in wanted if m not in members]
     if missing:
         raise SampleDecodeError(f"{where} lacks member(s) {missing}; it has {sorted(members)}")
-    image = _decoded(f"{where} member '{IMAGE_SUFFIX}' (corrupt image)",
-                     lambda: _decode_image(members[IMAGE_SUFFIX], decoders, image_min_hw))
-    sample: dict[str, Any] = {"__key__": key, "image": image}
-    shape = None
-    for task in tasks:
+    if not any(labeled.values()):  # no label gives the full size: the image must
+        image_min_hw = None
+    image = _decoded(
+        f"{where} member '{IMAGE_SUFFIX}' (corrupt image)",
+        lambda: _decode_image(members[IMAGE_SUFFIX], decoders, image_min_hw),
+    )
+    sample: dict[str, Any] = {"__key__": key, "image": image, "labeled": labeled}
+    shape, first = None, ""
+    for task in (t for t in tasks if labeled[t]):
         suffix = member_suffix(task)
         value = _decoded(f"{where} member '{suffix}'", lambda: codec_for(task).decode(members[suffix], decoders))
         if shape is None:
-            shape = value.shape[:2]
+            shape, first = value.shape[:2], task
         if value.shape[:2] != shape:
-            raise SampleDecodeError(f"{where}: '{task}' is {value.shape[:2]} but '{tasks[0]}' is {shape}")
+            raise SampleDecodeError(f"{where}: '{task}' is {value.shape[:2]} but '{first}' is {shape}")
         sample[task] = value
     full = shape if shape is not None else image.shape[:2]
-    reduced_ok = image_min_hw is not None and full[0] // 8 <= image.shape[0] <= full[0] and full[1] // 8 <= image.shape[1] <= full[1]
+    for task in (t for t in tasks if not labeled[t]):
+        sample[task] = codec_for(task).missing(*full)
+    reduced_ok = (
+        image_min_hw is not None
+        and full[0] // 8 <= image.shape[0] <= full[0]
+        and full[1] // 8 <= image.shape[1] <= full[1]
+    )
     if image.shape[:2] != full and not reduced_ok:
-        raise SampleDecodeError(f"{where} member '{IMAGE_SUFFIX}': the image is {image.shape[:2]} but the labels "
-                                f"are {full}")
+        raise SampleDecodeError(
+            f"{where} member '{IMAGE_SUFFIX}': the image is {image.shape[:2]} but the labels are {full}"
+        )
     sample["label_hw"] = tuple(int(x) for x in full)
     return sample

@@ -32,10 +32,10 @@ __all__ = ["LabelKind", "LabelFormat", "DatasetFormat", "KIND_TARGET", "pattern_
 
 
 class LabelKind(StrEnum):
-    class_map = "class_map"      # ids of K classes (+ an ignore value)
-    binary_map = "binary_map"    # a mask: positive where the stored value is above a threshold
+    class_map = "class_map"  # ids of K classes (+ an ignore value)
+    binary_map = "binary_map"  # a mask: positive where the stored value is above a threshold
     unit_vector = "unit_vector"  # a direction per pixel (surface normals)
-    scalar = "scalar"            # a measurement per pixel in some unit (depth); 0 after decoding = none
+    scalar = "scalar"  # a measurement per pixel in some unit (depth); 0 after decoding = none
 
 
 # the registry's target kind (storage, resizing, loss and metric family) of each declared kind
@@ -59,14 +59,14 @@ class LabelFormat:
     decoder: str | None = None
     decoder_args: dict[str, Any] = field(default_factory=dict)
     optional: bool = False
-    num_classes: int | None = None       # class_map: K (ids 0..K-1 after id_map)
-    ignore_value: int | None = None      # class_map / binary_map: stored value of unlabelled pixels
+    num_classes: int | None = None  # class_map: K (ids 0..K-1 after id_map)
+    ignore_value: int | None = None  # class_map / binary_map: stored value of unlabelled pixels
     id_map: dict[int, int] | None = None  # class_map: stored id -> class id; ids not listed become ignore
     class_names: list[str] | None = None  # class_map: K names, for tables and reports
-    positive_above: float = 0.5          # binary_map: positive where stored / dtype max > this
-    units: str | None = None             # scalar: what one unit of the decoded value is (e.g. m)
-    scale: float = 1.0                   # scalar: decoded value = stored value * scale
-    invalid_value: float | None = None   # scalar: stored value of pixels without a measurement
+    positive_above: float = 0.5  # binary_map: positive where stored / dtype max > this
+    units: str | None = None  # scalar: what one unit of the decoded value is (e.g. m)
+    scale: float = 1.0  # scalar: decoded value = stored value * scale
+    invalid_value: float | None = None  # scalar: stored value of pixels without a measurement
 
     def num_outputs(self) -> int:
         if self.kind == LabelKind.class_map:
@@ -124,10 +124,14 @@ def check_format(name: str, fmt: DatasetFormat) -> None:
             if not label.num_classes or label.num_classes < 1 or label.num_classes > 255:
                 raise ValueError(f"{key}.num_classes must be 1..255 for a class_map, got {label.num_classes}")
             if label.class_names is not None and len(label.class_names) != label.num_classes:
-                raise ValueError(f"{key}.class_names lists {len(label.class_names)} names for {label.num_classes} classes")
+                raise ValueError(
+                    f"{key}.class_names lists {len(label.class_names)} names for {label.num_classes} classes"
+                )
             bad = sorted(v for v in (label.id_map or {}).values() if not 0 <= v < label.num_classes and v != 255)
             if bad:
-                raise ValueError(f"{key}.id_map maps to class ids {bad} outside 0..{label.num_classes - 1} (255 = ignore)")
+                raise ValueError(
+                    f"{key}.id_map maps to class ids {bad} outside 0..{label.num_classes - 1} (255 = ignore)"
+                )
         if label.kind == LabelKind.scalar and label.scale <= 0:
             raise ValueError(f"{key}.scale must be > 0, got {label.scale}")
 

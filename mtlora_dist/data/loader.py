@@ -46,14 +46,22 @@ from mtlora_dist.data.encoding import Decoders
 from mtlora_dist.data.errors import DataError
 from mtlora_dist.data.manifest import Manifest, read_manifest
 from mtlora_dist.data.plan import batches_per_rank
-from mtlora_dist.data.streaming import STAT_KEYS, ShardStream, StreamConfig
+from mtlora_dist.data.batch import LABELED
+from mtlora_dist.data.streaming import ShardStream, StreamConfig, stat_keys
 from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.data.transforms import Resampling, warp_batch
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks
 
-__all__ = ["ShardLoader", "build_loader", "STATE_VERSION", "available_cpus", "local_world_size",
-           "default_num_workers", "should_pin_memory"]
+__all__ = [
+    "ShardLoader",
+    "build_loader",
+    "STATE_VERSION",
+    "available_cpus",
+    "local_world_size",
+    "default_num_workers",
+    "should_pin_memory",
+]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -101,8 +109,14 @@ def should_pin_memory(pin_memory: bool | None = None) -> bool:
 class ShardLoader:
     """Iterable over the batches of one epoch for one rank; see the module docstring."""
 
-    def __init__(self, cfg: StreamConfig, prefetch_factor: int = 2, pin_memory: bool = False,
-                 auto_workers: bool = False, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        auto_workers: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.prefetch_factor = prefetch_factor
         self.pin_memory = bool(pin_memory)
@@ -110,7 +124,7 @@ class ShardLoader:
         self._device = torch.device(device) if device is not None else None
         self._epoch = 0
         self._consumed = 0
-        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._stats = dict.fromkeys(stat_keys(cfg.tasks), 0)
         self._stream: ShardStream | None = None
         self._loader: DataLoader | None = None
 
@@ -140,7 +154,8 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Cumulative counters of this loader (see ``streaming.STAT_KEYS``); per rank, not reduced."""
+        """Cumulative counters of this loader (``streaming.STAT_KEYS``, and ``labels_missing/<task>``: samples
+        without that task's label); per rank, not reduced."""
         return dict(self._stats)
 
     def __len__(self) -> int:
@@ -164,9 +179,15 @@ class ShardLoader:
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True} if workers > 0 else {}
             # a private generator: the DataLoader draws its worker base seed from it, not from the global
             # torch RNG that the training loop checkpoints (the data order never depends on it)
-            self._loader = DataLoader(self._stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                                      generator=torch.Generator(), worker_init_fn=shield_worker_from_stop_signals if workers else None,
-                                      **extra)
+            self._loader = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator(),
+                worker_init_fn=shield_worker_from_stop_signals if workers else None,
+                **extra,
+            )
 
         return self._loader
 
@@ -191,7 +212,9 @@ class ShardLoader:
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch
         if self._consumed != len(self):
-            raise DataError(f"rank {self.cfg.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}")
+            raise DataError(
+                f"rank {self.cfg.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}"
+            )
 
     def _warp_on_device(self, raw: dict[str, Any]) -> dict[str, Any]:
         """A decoded batch from the workers -> the training batch, warped on ``self.device``."""
@@ -201,6 +224,7 @@ class ShardLoader:
         size = len(raw["__key__"])
         batch["label_size"] = torch.tensor([cfg.img_size] * size, dtype=torch.int64, device=self.device)
         batch["valid"] = moved["valid"]
+        batch.update({k: v for k, v in moved.items() if k.startswith(LABELED)})
         batch["__key__"] = raw["__key__"]
         return batch
 
@@ -208,13 +232,24 @@ class ShardLoader:
 
     def _layout(self) -> dict[str, int]:
         cfg = self.cfg
-        return {"seed": cfg.seed, "world_size": cfg.world_size, "num_workers": max(1, cfg.num_workers),
-                "batch_size": cfg.batch_size, "num_samples": cfg.manifest.num_samples, "shuffle": int(cfg.shuffle)}
+        return {
+            "seed": cfg.seed,
+            "world_size": cfg.world_size,
+            "num_workers": max(1, cfg.num_workers),
+            "batch_size": cfg.batch_size,
+            "num_samples": cfg.manifest.num_samples,
+            "shuffle": int(cfg.shuffle),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Position and the layout it is valid for; ints and strings only."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batches_consumed": self._consumed,
-                "split": self.cfg.manifest.split, **self._layout()}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            "split": self.cfg.manifest.split,
+            **self._layout(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Resume at ``state``'s position. A different layout would change the order: with ``strict``
@@ -223,11 +258,20 @@ class ShardLoader:
             raise ValueError(f"unknown data loader state version {state.get('version')!r} (expected {STATE_VERSION})")
         saved_workers = state.get("num_workers")
         others_match = all(state.get(k) == v for k, v in self._layout().items() if k != "num_workers")
-        if (self.auto_workers and others_match and isinstance(saved_workers, int) and saved_workers >= 1
-                and saved_workers != self._layout()["num_workers"]):
+        if (
+            self.auto_workers
+            and others_match
+            and isinstance(saved_workers, int)
+            and saved_workers >= 1
+            and saved_workers != self._layout()["num_workers"]
+        ):
             # an automatic count follows the saved run's: the order of an epoch depends on it
-            log.info("data loader: using the checkpoint's %d workers instead of the automatic %d so the data "
-                     "position resumes exactly", saved_workers, self.cfg.num_workers)
+            log.info(
+                "data loader: using the checkpoint's %d workers instead of the automatic %d so the data "
+                "position resumes exactly",
+                saved_workers,
+                self.cfg.num_workers,
+            )
             self._set_workers(saved_workers)
         mismatch = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
@@ -331,21 +375,41 @@ def build_loader(
         raise ValueError(f"{url} has no labels for task(s) {absent}; it stores {manifest.tasks}")
     train = split == "train"
     cfg = StreamConfig(
-        manifest=manifest, tasks=tuple(tasks), img_size=(int(img_size[0]), int(img_size[1])), batch_size=batch_size,
-        world_size=world_size, rank=rank, num_workers=num_workers, seed=seed,
-        shuffle=train if shuffle is None else shuffle, augment=train if augment is None else augment,
-        drop_last=train, protocol=protocol, on_error=on_error, storage=storage, shuffle_buffer=shuffle_buffer,
-        prefetch_samples=prefetch_samples, max_consecutive_failures=max_consecutive_failures,
-        verify_checksums=verify_checksums, decoders=Decoders(jpeg_decoder, png_decoder),
-        resampling=Resampling(resampler, normals_resampling), reduced_decode=reduced_decode,
-        augment_on_device=augment_device == "device", cache_dir=cache_dir,
+        manifest=manifest,
+        tasks=tuple(tasks),
+        img_size=(int(img_size[0]), int(img_size[1])),
+        batch_size=batch_size,
+        world_size=world_size,
+        rank=rank,
+        num_workers=num_workers,
+        seed=seed,
+        shuffle=train if shuffle is None else shuffle,
+        augment=train if augment is None else augment,
+        drop_last=train,
+        protocol=protocol,
+        on_error=on_error,
+        storage=storage,
+        shuffle_buffer=shuffle_buffer,
+        prefetch_samples=prefetch_samples,
+        max_consecutive_failures=max_consecutive_failures,
+        verify_checksums=verify_checksums,
+        decoders=Decoders(jpeg_decoder, png_decoder),
+        resampling=Resampling(resampler, normals_resampling),
+        reduced_decode=reduced_decode,
+        augment_on_device=augment_device == "device",
+        cache_dir=cache_dir,
         cache_max_bytes=int(cache_max_gb * 2**30) if cache_dir else 0,
     )
     pin = should_pin_memory(pin_memory)
-    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers,
-                         device=device)
+    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers, device=device)
     len(loader)  # fail now if the data cannot fill one batch per rank
-    log.info("%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s", split, rank, num_workers,
-             f" (automatic: {available_cpus()} CPUs, {local_world_size()} local rank(s))" if auto_workers else "",
-             ", persistent" if num_workers > 0 else "", "on" if pin else "off")
+    log.info(
+        "%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s",
+        split,
+        rank,
+        num_workers,
+        f" (automatic: {available_cpus()} CPUs, {local_world_size()} local rank(s))" if auto_workers else "",
+        ", persistent" if num_workers > 0 else "",
+        "on" if pin else "off",
+    )
     return loader

@@ -25,7 +25,7 @@ FORMAT = "mtlora-dist/webdataset"
 
 @dataclass(frozen=True)
 class ShardInfo:
-    name: str          # file name relative to the manifest's folder
+    name: str  # file name relative to the manifest's folder
     num_samples: int
     bytes: int
     sha256: str

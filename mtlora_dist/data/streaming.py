@@ -41,7 +41,7 @@ import tarfile
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -57,27 +57,47 @@ from mtlora_dist.data.errors import DataError, SampleDecodeError, ShardError, To
 from mtlora_dist.data.manifest import Manifest
 from mtlora_dist.data.plan import WorkerPlan, locate, make_worker_plan, shard_order
 from mtlora_dist.data.tarshards import iter_tar_samples
-from mtlora_dist.data.transforms import AUGMENT, Resampling, Warp, eval_transform, reduced_image_size, sample_warp, warp_sample
+from mtlora_dist.data.transforms import (
+    augment_for,
+    Resampling,
+    Warp,
+    eval_transform,
+    reduced_image_size,
+    sample_warp,
+    warp_sample,
+)
 from mtlora_dist.storage.fs import StorageOptions, is_remote, url_to_fs
 from mtlora_dist.storage.retry import RetryBudget, StorageUnavailableError, is_transient
 from mtlora_dist.storage.shard_cache import CacheEntryWriter, ShardCache
 
-__all__ = ["STAT_KEYS", "StreamConfig", "ShardStream"]
+__all__ = ["STAT_KEYS", "StreamConfig", "ShardStream", "labels_missing_key", "stat_keys"]
 
 log = logging.getLogger(__name__)
 
 STAT_KEYS = (
-    "samples_read",           # raw samples read from shards
-    "samples_yielded",        # samples placed in batches (padding copies included)
-    "samples_skipped",        # read but unusable: corrupt member, missing task member
-    "samples_missing",        # listed in the manifest but never read: failed or truncated shards
-    "samples_padded",         # copies placed in batches (evaluation padding, stand-ins for failures)
+    "samples_read",  # raw samples read from shards
+    "samples_yielded",  # samples placed in batches (padding copies included)
+    "samples_skipped",  # read but unusable: corrupt member, missing task member
+    "samples_missing",  # listed in the manifest but never read: failed or truncated shards
+    "samples_padded",  # copies placed in batches (evaluation padding, stand-ins for failures)
     "samples_resume_skipped",  # consumed before a resume, skipped undecoded
-    "shards_opened",          # shards opened on their storage (cache hits not included)
-    "shards_from_cache",      # shards read from the local shard cache
+    "shards_opened",  # shards opened on their storage (cache hits not included)
+    "shards_from_cache",  # shards read from the local shard cache
     "shards_failed",
     "retries",
 )
+
+
+def labels_missing_key(task: str) -> str:
+    """The stats counter of samples that had no ``task`` label (partial labels)."""
+    return f"labels_missing/{task}"
+
+
+def stat_keys(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Every counter a loader over ``tasks`` reports (the same on every rank, so they can be summed)."""
+    return STAT_KEYS + tuple(labels_missing_key(t) for t in tasks)
+
+
 _DATA_ERRORS = (tarfile.TarError, ShardError, EOFError, zlib.error)
 
 
@@ -105,7 +125,7 @@ class StreamConfig:
     verify_checksums: bool = True
     decoders: Decoders = field(default_factory=Decoders)
     resampling: Resampling = field(default_factory=Resampling)
-    reduced_decode: bool = True     # decode the JPEG at 1/2..1/8 size when the warp shrinks it that much anyway
+    reduced_decode: bool = True  # decode the JPEG at 1/2..1/8 size when the warp shrinks it that much anyway
     augment_on_device: bool = False  # workers decode only; the loader warps batches on the training device
     cache_dir: str | None = None
     cache_max_bytes: int = 0
@@ -215,7 +235,9 @@ class _ShardReader(threading.Thread):
                 use_cache = bad_copies < 2  # re-read from the store, storing a fresh copy (once)
                 continue
             except _DATA_ERRORS as exc:
-                message = str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: {type(exc).__name__}: {exc}"
+                message = (
+                    str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: {type(exc).__name__}: {exc}"
+                )
                 return self._fail(shard, idxs, progress[0], message, ShardError, storage=False)
             except Exception as exc:  # noqa: BLE001 - classified: transient is retried, the rest fails
                 if progress[0] > progress_at_failure:  # it got further this time: a fresh set of retries
@@ -232,8 +254,10 @@ class _ShardReader(threading.Thread):
                 elif is_transient(exc):
                     message, error = str(budget.unavailable(exc)), StorageUnavailableError
                 else:
-                    message = (f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and "
-                               "the bucket's permissions")
+                    message = (
+                        f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and "
+                        "the bucket's permissions"
+                    )
                     error = StorageUnavailableError
                 return self._fail(shard, idxs, progress[0], message, error, storage=True)
 
@@ -300,8 +324,11 @@ class _ShardReader(threading.Thread):
             source.drain()
         if seen < info.num_samples:
             size = source.nbytes if checking else self._size(url)
-            detail = (f"the object is {size} bytes, the manifest says {info.bytes}" if size != info.bytes
-                      else "the tar ends early: corrupt content")
+            detail = (
+                f"the object is {size} bytes, the manifest says {info.bytes}"
+                if size != info.bytes
+                else "the tar ends early: corrupt content"
+            )
             raise ShardError(
                 f"shard {url} is truncated: the tar ended after {seen} sample(s) but the manifest lists "
                 f"{info.num_samples} ({detail})"
@@ -318,7 +345,9 @@ class _ShardReader(threading.Thread):
         fs, path = url_to_fs(url, self.cfg.storage)
         return fs.size(path)
 
-    def _fail(self, shard: int, idxs: list[int], done: int, message: str, error: type[Exception], storage: bool) -> None:
+    def _fail(
+        self, shard: int, idxs: list[int], done: int, message: str, error: type[Exception], storage: bool
+    ) -> None:
         if self.cfg.on_error == "raise":
             raise error(message)
         lost = len(idxs) - done
@@ -385,9 +414,16 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         now_epoch, now_consumed = self.position
         return make_worker_plan(
-            cfg.manifest.num_samples, world_size=cfg.world_size, rank=cfg.rank,
-            num_workers=max(1, cfg.num_workers), worker=worker, batch_size=cfg.batch_size, seed=cfg.seed,
-            epoch=now_epoch if epoch is None else epoch, shuffle=cfg.shuffle, drop_last=cfg.drop_last,
+            cfg.manifest.num_samples,
+            world_size=cfg.world_size,
+            rank=cfg.rank,
+            num_workers=max(1, cfg.num_workers),
+            worker=worker,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            epoch=now_epoch if epoch is None else epoch,
+            shuffle=cfg.shuffle,
+            drop_last=cfg.drop_last,
             shuffle_buffer=cfg.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
         )
@@ -407,23 +443,31 @@ class ShardStream(IterableDataset):
         _, shard, idx, key, members = event
         cfg = self.cfg
         url = cfg.manifest.shard_url(shard)
+        optional = cfg.manifest.optional_tasks
         if not cfg.augment:
-            sample = decode_sample(key, members, cfg.tasks, shard=url, decoders=cfg.decoders)
+            sample = decode_sample(key, members, cfg.tasks, shard=url, decoders=cfg.decoders, optional=optional)
             with _one_thread():
                 out = eval_transform(sample, cfg.tasks, cfg.img_size, cfg.protocol, cfg.resampling)
-            out["valid"] = valid
+            out.update(valid=valid, labeled=sample["labeled"])
             return out
         # the warp depends only on (seed, epoch, sample), wherever it is applied: resumes stay exact
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, shard, idx, 0xA06]))
-        warp = sample_warp(AUGMENT[cfg.manifest.dataset], rng)
-        sample = decode_sample(key, members, cfg.tasks, shard=url, decoders=cfg.decoders,
-                               image_min_hw=self._reduced_size(members, warp))
+        warp = sample_warp(augment_for(cfg.manifest.dataset), rng)
+        sample = decode_sample(
+            key,
+            members,
+            cfg.tasks,
+            shard=url,
+            decoders=cfg.decoders,
+            image_min_hw=self._reduced_size(members, warp),
+            optional=optional,
+        )
         if cfg.augment_on_device:
             sample.update(warp=warp, valid=valid)
             return sample
         with _one_thread():
             out = warp_sample(sample, cfg.tasks, cfg.img_size, warp, cfg.resampling)
-        out["valid"] = valid
+        out.update(valid=valid, labeled=sample["labeled"])
         return out
 
     def _reduced_size(self, members: dict[str, bytes], warp: Warp) -> tuple[int, int] | None:
@@ -433,8 +477,9 @@ class ShardStream(IterableDataset):
         full = jpeg_size(members.get(IMAGE_SUFFIX, b""))
         return reduced_image_size(full, self.cfg.img_size, warp) if full else None
 
-    def _samples(self, plan: WorkerPlan, reader: _ShardReader, slots: list[tuple[int, int]],
-                 stats: Counter[str], epoch: int) -> Iterator[dict[str, Any]]:
+    def _samples(
+        self, plan: WorkerPlan, reader: _ShardReader, slots: list[tuple[int, int]], stats: Counter[str], epoch: int
+    ) -> Iterator[dict[str, Any]]:
         """Transformed samples in plan order; a lost one is replaced by a marked copy of a good one."""
         events = _Pending(reader, slots)
         good: tuple | None = None  # the last event that decoded
@@ -480,8 +525,10 @@ class ShardStream(IterableDataset):
                 items = [next(samples) for _ in range(size)]
                 stats["samples_yielded"] += size
                 stats["samples_padded"] += sum(1 for s in items if not s["valid"])
+                for task in cfg.tasks:  # real samples only: padding copies are not data
+                    stats[labels_missing_key(task)] += sum(1 for s in items if s["valid"] and not s["labeled"][task])
                 batch = (collate_decoded if cfg.augment and cfg.augment_on_device else collate)(items, cfg.tasks)
-                delta = {k: int(stats[k] + reader.stats[k] - reported[k]) for k in STAT_KEYS}
+                delta = {k: int(stats[k] + reader.stats.get(k, 0) - reported[k]) for k in stat_keys(cfg.tasks)}
                 reported.update(delta)
                 batch["__stats__"] = delta  # the loader adds these up in the main process
                 yield batch

@@ -54,6 +54,7 @@ cv2.setNumThreads(1)
 __all__ = [
     "AugmentSpec",
     "AUGMENT",
+    "augment_for",
     "Resampling",
     "Warp",
     "warp_batch",
@@ -73,7 +74,7 @@ class AugmentSpec:
     """Random geometric augmentation of a dataset's training samples."""
 
     flip_prob: float = 0.5
-    max_rotation_deg: float = 0.0                   # angle ~ U(-max, max)
+    max_rotation_deg: float = 0.0  # angle ~ U(-max, max)
     scale_range: tuple[float, float] | None = None  # scale ~ U(lo, hi) ...
     scale_choices: tuple[float, ...] | None = None  # ... or one of these
 
@@ -82,6 +83,13 @@ AUGMENT: dict[str, AugmentSpec] = {
     "pascal_context": AugmentSpec(max_rotation_deg=20.0, scale_range=(0.75, 1.25)),
     "nyud": AugmentSpec(scale_choices=(1.0, 1.2, 1.5)),
 }
+DEFAULT_AUGMENT = AugmentSpec(scale_range=(0.75, 1.25))  # declared datasets: flips and scales, no rotation
+
+
+def augment_for(dataset: str) -> AugmentSpec:
+    """The training augmentation of ``dataset``: its own, else flips and scales (rotating a street scene or
+    a camera-frame normal map is rarely what a dataset of one's own wants)."""
+    return AUGMENT.get(dataset, DEFAULT_AUGMENT)
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,6 @@ def reduced_image_size(full_hw: tuple[int, int], out_hw: tuple[int, int], warp: 
     return math.ceil(full_hw[0] / step), math.ceil(full_hw[1] / step)
 
 
-
 # ------------------------------------------------------------------------------------- OpenCV, per sample
 
 
@@ -167,10 +174,17 @@ def _cv_map(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cv_warp(field: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], interp: int, border: int,
-             value: float = 0.0) -> np.ndarray:
-    return cv2.warpAffine(field, _cv_map(m), (out_hw[1], out_hw[0]), flags=interp | cv2.WARP_INVERSE_MAP,
-                          borderMode=border, borderValue=(value, value, value, value))
+def _cv_warp(
+    field: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], interp: int, border: int, value: float = 0.0
+) -> np.ndarray:
+    return cv2.warpAffine(
+        field,
+        _cv_map(m),
+        (out_hw[1], out_hw[0]),
+        flags=interp | cv2.WARP_INVERSE_MAP,
+        borderMode=border,
+        borderValue=(value, value, value, value),
+    )
 
 
 def _cv_nearest(field: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], fill: float) -> np.ndarray:
@@ -190,8 +204,9 @@ def _rotation_matrix(warp: Warp) -> np.ndarray:
     return np.array([[sign * c, s, 0.0], [-sign * s, c, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
 
 
-def _cv_normals(normals: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], warp: Warp,
-                inside: np.ndarray, interp: str) -> np.ndarray:
+def _cv_normals(
+    normals: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], warp: Warp, inside: np.ndarray, interp: str
+) -> np.ndarray:
     """Rotate the vectors first (linear, so it commutes with interpolation), warp, split into planes
     and renormalise there; float16 conversions in torch (vectorised, unlike numpy's)."""
     n = torch.from_numpy(normals if normals.flags.writeable else normals.copy()).float().numpy()
@@ -208,8 +223,9 @@ def _cv_normals(normals: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], war
     return t.half().numpy()
 
 
-def _warp_sample_cv(sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], warp: Warp,
-                    resampling: Resampling) -> dict[str, Any]:
+def _warp_sample_cv(
+    sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], warp: Warp, resampling: Resampling
+) -> dict[str, Any]:
     image = sample["image"]
     full = tuple(sample.get("label_hw", image.shape[:2]))
     m = inverse_affine(full, out_hw, warp)
@@ -239,8 +255,9 @@ def warps_to_tensor(warps: Sequence[Warp]) -> torch.Tensor:
     return torch.tensor([[float(w.flip), w.angle_deg, w.scale] for w in warps], dtype=torch.float64).reshape(-1, 3)
 
 
-def _maps(warps: torch.Tensor, full_hw: torch.Tensor, image_hw: torch.Tensor, out_hw: tuple[int, int],
-          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _maps(
+    warps: torch.Tensor, full_hw: torch.Tensor, image_hw: torch.Tensor, out_hw: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (B, 2, 3) maps into the labels and into the (possibly reduced) image."""
     labels, images = [], []
     for (flip, angle, scale), full, hw in zip(warps.tolist(), full_hw.tolist(), image_hw.tolist(), strict=True):
@@ -280,7 +297,9 @@ class _Lookup:
         return out.masked_fill(~self.inside, fill)
 
 
-def _torch_normals(n: torch.Tensor, grid: torch.Tensor, lookup: _Lookup, warps: torch.Tensor, interp: str) -> torch.Tensor:
+def _torch_normals(
+    n: torch.Tensor, grid: torch.Tensor, lookup: _Lookup, warps: torch.Tensor, interp: str
+) -> torch.Tensor:
     """(B, Hp, Wp, 3) normals -> (B, 3, Ho, Wo) float16, rotated with the image, invalid = 255."""
     chw = n.permute(0, 3, 1, 2).float().contiguous()  # grid_sample is slower on channels-last input
     nonzero = (chw[:, 0] != 0) | (chw[:, 1] != 0) | (chw[:, 2] != 0)  # faster than any(dim=1) on CPU
@@ -297,8 +316,9 @@ def _torch_normals(n: torch.Tensor, grid: torch.Tensor, lookup: _Lookup, warps: 
     return out.masked_fill_(~valid.unsqueeze(1), IGNORE_INDEX).half()
 
 
-def warp_batch(raw: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], resampling: Resampling = Resampling()
-               ) -> dict[str, torch.Tensor]:
+def warp_batch(
+    raw: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], resampling: Resampling = Resampling()
+) -> dict[str, torch.Tensor]:
     """Warp a padded batch of decoded samples (see ``batch.collate_decoded``) on its tensors' device.
 
     ``raw``: ``image`` uint8 (B, Hp, Wp, 3), labels (B, Hl, Wl[, 3]) padded by edge replication,
@@ -331,20 +351,31 @@ def warp_batch(raw: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int
     return out
 
 
-def _warp_sample_torch(sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], warp: Warp,
-                       resampling: Resampling) -> dict[str, Any]:
+def _warp_sample_torch(
+    sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], warp: Warp, resampling: Resampling
+) -> dict[str, Any]:
     """One sample through :func:`warp_batch` (a batch of one needs no padding)."""
     image = sample["image"]
     full = tuple(sample.get("label_hw", image.shape[:2]))
     tensor = lambda a: torch.from_numpy(a if a.flags.writeable else a.copy())[None]  # noqa: E731
-    raw = {"image": tensor(image), "image_hw": torch.tensor([image.shape[:2]]), "label_hw": torch.tensor([full]),
-           "warp": warps_to_tensor([warp]), **{t: tensor(sample[t]) for t in tasks}}
+    raw = {
+        "image": tensor(image),
+        "image_hw": torch.tensor([image.shape[:2]]),
+        "label_hw": torch.tensor([full]),
+        "warp": warps_to_tensor([warp]),
+        **{t: tensor(sample[t]) for t in tasks},
+    }
     out = {k: v[0].numpy() for k, v in warp_batch(raw, tasks, out_hw, resampling).items()}
     return {"__key__": sample["__key__"], **out}
 
 
-def warp_sample(sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], warp: Warp,
-                resampling: Resampling = Resampling()) -> dict[str, Any]:
+def warp_sample(
+    sample: dict[str, Any],
+    tasks: Sequence[str],
+    out_hw: tuple[int, int],
+    warp: Warp,
+    resampling: Resampling = Resampling(),
+) -> dict[str, Any]:
     """Image and labels of a canonical sample warped to ``out_hw`` (batch encoding, numpy)."""
     out_hw = (int(out_hw[0]), int(out_hw[1]))
     if resampling.backend == "torch":
@@ -374,14 +405,25 @@ def encode_labels(sample: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any
     return {task: _encode_label(get_task(task).target_kind, sample[task]) for task in tasks}
 
 
-def train_transform(sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int], spec: AugmentSpec,
-                    rng: np.random.Generator, resampling: Resampling = Resampling()) -> dict[str, Any]:
+def train_transform(
+    sample: dict[str, Any],
+    tasks: Sequence[str],
+    out_hw: tuple[int, int],
+    spec: AugmentSpec,
+    rng: np.random.Generator,
+    resampling: Resampling = Resampling(),
+) -> dict[str, Any]:
     """Random flip/rotation/scale (``spec``) then resize to ``out_hw``."""
     return warp_sample(sample, tasks, out_hw, sample_warp(spec, rng), resampling)
 
 
-def eval_transform(sample: dict[str, Any], tasks: Sequence[str], out_hw: tuple[int, int],
-                   protocol: str = "original", resampling: Resampling = Resampling()) -> dict[str, Any]:
+def eval_transform(
+    sample: dict[str, Any],
+    tasks: Sequence[str],
+    out_hw: tuple[int, int],
+    protocol: str = "original",
+    resampling: Resampling = Resampling(),
+) -> dict[str, Any]:
     """Resize the image to ``out_hw``; labels at original size (``original``) or resized (``official``)."""
     if protocol == "official":
         return warp_sample(sample, tasks, out_hw, Warp(), resampling)

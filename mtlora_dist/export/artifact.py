@@ -29,6 +29,7 @@ from mtlora_dist.export.merge import MergeSummary, to_inference
 from mtlora_dist.models import ModelConfig, MultiTaskSwin, build_model
 from mtlora_dist.models.trainable import TrainableConfig
 from mtlora_dist.storage.atomic import atomic_write
+from mtlora_dist.tasks.registry import DatasetSpec, TaskSpec, get_dataset, get_task, register_dataset
 
 __all__ = ["FORMAT", "InferenceModel", "ModelSpec", "load", "save"]
 
@@ -55,10 +56,20 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"]["pretrained"] = None
+        # the dataset's and tasks' registry entries: a declared dataset's model rebuilds without its config
+        out["registry"] = {
+            "dataset": get_dataset(self.dataset).to_dict(),
+            "tasks": [
+                {**dataclasses.asdict(get_task(t)), "loss_kwargs": dict(get_task(t).loss_kwargs)} for t in self.tasks
+            ],
+        }
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if "registry" in data:
+            entries = data["registry"]
+            register_dataset(DatasetSpec.from_dict(entries["dataset"]), [TaskSpec(**t) for t in entries["tasks"]])
         return cls(
             ModelConfig(**data["model"]),
             AdapterConfig(**data["adapter"]),

@@ -75,9 +75,7 @@ def evaluate_checkpoint(
         on_error=data.on_error,
         protocol=data.eval_protocol,
     )
-    evaluator = MultiTaskEvaluator(
-        data.tasks, data.dataset, baselines=cfg.eval.baselines, protocol=data.eval_protocol
-    )
+    evaluator = MultiTaskEvaluator(data.tasks, data.dataset, baselines=cfg.eval.baselines, protocol=data.eval_protocol)
     results = evaluate(model, loader, evaluator, info.device, dtype, cfg.eval.max_batches)
     report = {
         "checkpoint": ref.url,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mtlora_dist.tasks.delta_m import default_baselines, delta_m, relative_change
 from mtlora_dist.tasks.metrics import build_metric
-from mtlora_dist.tasks.registry import check_tasks, get_task
+from mtlora_dist.tasks.registry import check_tasks, get_task, labeled_key
 from mtlora_dist.tasks.results_table import text_table
 
 __all__ = ["MultiTaskEvaluator", "at_label_size"]
@@ -70,15 +70,23 @@ class MultiTaskEvaluator:
 
     @torch.no_grad()
     def update(self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
-        """Add one batch: ``preds[task]`` logits (B, K, H, W); ``batch[task]`` labels, ``batch["label_size"]``."""
-        label_size = batch.get("label_size")
+        """Add one batch: ``preds[task]`` logits (B, K, H, W); ``batch[task]`` labels, ``batch["label_size"]``,
+        and ``batch["labeled/<task>"]`` (optional) marking the samples that have a ``task`` label."""
         for task, metric in self.metrics.items():
             if task not in preds or task not in batch:
                 raise KeyError(
                     f"task '{task}' missing from the predictions ({sorted(preds)}) or the batch ({sorted(batch)})"
                 )
-            for pred, target in at_label_size(preds[task], batch[task], label_size):
-                metric.update(pred, target)
+            pred, target, label_size = preds[task], batch[task], batch.get("label_size")
+            has = batch.get(labeled_key(task))
+            if has is not None and not bool(has.all()):  # partial labels: samples without one are not scored
+                if not bool(has.any()):
+                    continue
+                keep = has.to(pred.device)
+                pred, target = pred[keep], target[keep.to(target.device)]
+                label_size = None if label_size is None else label_size[keep.to(label_size.device)]
+            for p, t in at_label_size(pred, target, label_size):
+                metric.update(p, t)
 
     def reset(self) -> None:
         for metric in self.metrics.values():

@@ -54,7 +54,9 @@ class TaskSpec:
         """Prediction channels of this task on ``dataset``."""
         spec = get_dataset(dataset)
         if self.name not in spec.num_outputs:
-            raise ValueError(f"task '{self.name}' is not defined for dataset '{dataset}'; it provides {list(spec.tasks)}")
+            raise ValueError(
+                f"task '{self.name}' is not defined for dataset '{dataset}'; it provides {list(spec.tasks)}"
+            )
         return spec.num_outputs[self.name]
 
 
@@ -81,14 +83,21 @@ class DatasetSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (stored in export artifacts, so they rebuild without the config)."""
-        return {"name": self.name, "num_outputs": dict(self.num_outputs),
-                "class_names": {t: list(n) for t, n in self.class_names.items()}, "baselines": dict(self.baselines)}
+        return {
+            "name": self.name,
+            "num_outputs": dict(self.num_outputs),
+            "class_names": {t: list(n) for t, n in self.class_names.items()},
+            "baselines": dict(self.baselines),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DatasetSpec:
-        return cls(str(data["name"]), {str(t): int(n) for t, n in data["num_outputs"].items()},
-                   {str(t): tuple(n) for t, n in data.get("class_names", {}).items()},
-                   {str(t): float(v) for t, v in data.get("baselines", {}).items()})
+        return cls(
+            str(data["name"]),
+            {str(t): int(n) for t, n in data["num_outputs"].items()},
+            {str(t): tuple(n) for t, n in data.get("class_names", {}).items()},
+            {str(t): float(v) for t, v in data.get("baselines", {}).items()},
+        )
 
 
 # A table, one task a row: left as written by the formatter.
@@ -115,7 +124,8 @@ KIND_DEFAULTS: dict[str, TaskSpec] = {
 
 DATASETS: dict[str, DatasetSpec] = {
     "pascal_context": DatasetSpec(
-        "pascal_context", {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1},
+        "pascal_context",
+        {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1},
         # fully fine-tuned single-task Swin-T models, primary metric per task (paper Table 1, spec B §9.1)
         baselines={"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
     ),
@@ -123,6 +133,11 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 DATASET_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in DATASETS.items()}
+
+
+def labeled_key(task: str) -> str:
+    """The batch key of a bool (B,) tensor saying which samples carry a ``task`` label (partial labels)."""
+    return f"labeled/{task}"
 
 
 def get_task(name: str) -> TaskSpec:

@@ -55,5 +55,5 @@ def test_override_of_untrained_task_is_an_error():
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid tasks"):
         get_task("segm")
-    with pytest.raises(ValueError, match=r"known datasets: \['nyud', 'pascal_context'.*format:"):
+    with pytest.raises(ValueError, match=r"known datasets: \[.*'nyud'.*format:"):
         task_settings(["semseg"], "no_such_dataset")

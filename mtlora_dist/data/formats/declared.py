@@ -27,7 +27,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
     """A regex matching paths of ``pattern`` (fields filled in except ``{split}``, which must be filled)."""
     out, pos, seen = [], 0, set()
     for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
-        out.append(re.escape(pattern[pos:m.start()]))
+        out.append(re.escape(pattern[pos : m.start()]))
         name = m.group(1)
         out.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+?)")
         seen.add(name)
@@ -47,8 +47,14 @@ class DeclaredReader:
         split: the split whose ``{split}`` fills the patterns (``ids`` sets it too).
     """
 
-    def __init__(self, dataset: str, fmt: DatasetFormat, root: str, tasks: list[str] | tuple[str, ...] | None = None,
-                 split: str | None = None) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        fmt: DatasetFormat,
+        root: str,
+        tasks: list[str] | tuple[str, ...] | None = None,
+        split: str | None = None,
+    ) -> None:
         self.dataset = dataset
         self.fmt = fmt
         self.root = str(root)
