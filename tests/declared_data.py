@@ -76,7 +76,9 @@ def make_tree(root: str | Path, counts: dict[str, int], seed: int = 0, road_miss
             for rel, array in files.items():
                 path = root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(path, quality=95) if rel.endswith(".jpg") else Image.fromarray(array).save(path)
+                Image.fromarray(array).save(path, quality=95) if rel.endswith(".jpg") else Image.fromarray(array).save(
+                    path
+                )
     return root
 
 

@@ -49,14 +49,14 @@ def _neighbour_codes(img: np.ndarray) -> np.ndarray:
     """8-bit neighbourhood code of every interior pixel of the zero-padded boolean ``img``."""
     c = img.astype(np.uint8)
     return (
-        c[1:-1, 2:]                 # E
-        | c[:-2, 2:] << 1           # NE
-        | c[:-2, 1:-1] << 2         # N
-        | c[:-2, :-2] << 3          # NW
-        | c[1:-1, :-2] << 4         # W
-        | c[2:, :-2] << 5           # SW
-        | c[2:, 1:-1] << 6          # S
-        | c[2:, 2:] << 7            # SE
+        c[1:-1, 2:]  # E
+        | c[:-2, 2:] << 1  # NE
+        | c[:-2, 1:-1] << 2  # N
+        | c[:-2, :-2] << 3  # NW
+        | c[1:-1, :-2] << 4  # W
+        | c[2:, :-2] << 5  # SW
+        | c[2:, 1:-1] << 6  # S
+        | c[2:, 2:] << 7  # SE
     )
 
 

@@ -321,7 +321,8 @@ def decode_sample(
     shape, first = None, ""
     for task in (t for t in tasks if labeled[t]):
         suffix = member_suffix(task)
-        value = _decoded(f"{where} member '{suffix}'", lambda: codec_for(task).decode(members[suffix], decoders))
+        codec, data = codec_for(task), members[suffix]
+        value = _decoded(f"{where} member '{suffix}'", lambda: codec.decode(data, decoders))  # noqa: B023 (called now)
         if shape is None:
             shape, first = value.shape[:2], task
         if value.shape[:2] != shape:

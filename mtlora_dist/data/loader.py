@@ -42,14 +42,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mtlora_dist.data.batch import LABELED
 from mtlora_dist.data.encoding import Decoders
 from mtlora_dist.data.errors import DataError
 from mtlora_dist.data.manifest import Manifest, read_manifest
 from mtlora_dist.data.plan import batches_per_rank
-from mtlora_dist.data.batch import LABELED
 from mtlora_dist.data.streaming import ShardStream, StreamConfig, stat_keys
-from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.data.transforms import Resampling, warp_batch
+from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks
 

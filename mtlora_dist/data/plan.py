@@ -71,8 +71,9 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.nda
     return _rng(seed, epoch, 0x5A4D).permutation(num_shards)
 
 
-def rank_slots(num_samples: int, world_size: int, rank: int, batch_size: int,
-               drop_last: bool) -> tuple[list[int], list[bool], list[int]]:
+def rank_slots(
+    num_samples: int, world_size: int, rank: int, batch_size: int, drop_last: bool
+) -> tuple[list[int], list[bool], list[int]]:
     """``(positions, valid, batch_sizes)`` of ``rank``: see step 2 of the module docstring."""
     nb = batches_per_rank(num_samples, world_size, batch_size, drop_last)
     if drop_last:
@@ -119,11 +120,11 @@ def buffer_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> list[i
 class WorkerPlan:
     """What one worker of one rank emits this epoch, after skipping what a resumed run consumed."""
 
-    positions: list[int]     # epoch positions in emission order (repeats allowed: evaluation padding)
-    valid: list[bool]        # False for padding copies
-    batch_sizes: list[int]   # sizes of the batches still to yield
+    positions: list[int]  # epoch positions in emission order (repeats allowed: evaluation padding)
+    valid: list[bool]  # False for padding copies
+    batch_sizes: list[int]  # sizes of the batches still to yield
     batch_indices: list[int]  # their indices among the rank's batches
-    skipped: int             # samples dropped because a resumed run had consumed them
+    skipped: int  # samples dropped because a resumed run had consumed them
 
 
 def make_worker_plan(

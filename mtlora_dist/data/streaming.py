@@ -58,9 +58,9 @@ from mtlora_dist.data.manifest import Manifest
 from mtlora_dist.data.plan import WorkerPlan, locate, make_worker_plan, shard_order
 from mtlora_dist.data.tarshards import iter_tar_samples
 from mtlora_dist.data.transforms import (
-    augment_for,
     Resampling,
     Warp,
+    augment_for,
     eval_transform,
     reduced_image_size,
     sample_warp,

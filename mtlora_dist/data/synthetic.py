@@ -46,7 +46,12 @@ LIGHT = np.array([-0.5, -0.6, 1.0]) / np.linalg.norm([-0.5, -0.6, 1.0])  # x rig
 JPEG_QUALITY = 95
 
 # Synthetic PASCAL-Context "LabelMap" ids (the real ones come from the 459-class list).
-CONTEXT_IDS: dict[str, int] = {"wall": 1, "floor": 2, "sky": 3, **{name: 10 + i for i, name in enumerate(VOC_CLASSES) if i}}
+CONTEXT_IDS: dict[str, int] = {
+    "wall": 1,
+    "floor": 2,
+    "sky": 3,
+    **{name: 10 + i for i, name in enumerate(VOC_CLASSES) if i},
+}
 # Classes whose normals are trusted (real data: context classes that also exist in NYU, + tvmonitor).
 NYU_COMPATIBLE = ["unknown", "wall", "floor", "bottle", "chair", "diningtable", "person", "sofa"]
 
@@ -62,8 +67,10 @@ def _object_palette(n: int, skip: tuple[int, ...] = ()) -> dict[int, np.ndarray]
     """Saturated, evenly spaced hues for classes 1..n (people are coloured per part instead)."""
     classes = [c for c in range(1, n + 1) if c not in skip]
     step = 7  # coprime with 19 and 40: neighbouring class ids get far-apart hues
-    return {c: _hsv((i * step % len(classes)) / len(classes), 0.9 if i % 2 == 0 else 0.7, 0.95)
-            for i, c in enumerate(classes)}
+    return {
+        c: _hsv((i * step % len(classes)) / len(classes), 0.9 if i % 2 == 0 else 0.7, 0.95)
+        for i, c in enumerate(classes)
+    }
 
 
 VOC_PALETTE = _object_palette(20, skip=(PERSON_CLASS,))
@@ -77,14 +84,14 @@ class Scene:
     """One synthetic sample: the image, the canonical labels and what the layout files need."""
 
     dataset: str
-    image: np.ndarray                      # uint8 HxWx3
-    semseg: np.ndarray                     # uint8 HxW canonical class ids (255 ignore)
-    sal: np.ndarray                        # uint8 HxW {0,1}
-    normals: np.ndarray                    # float32 HxWx3 unit vectors everywhere (before validity)
-    normals_valid: np.ndarray              # bool HxW
-    region: np.ndarray                     # int32 HxW: PASCAL LabelMap ids / NYUD stored class ids
+    image: np.ndarray  # uint8 HxWx3
+    semseg: np.ndarray  # uint8 HxW canonical class ids (255 ignore)
+    sal: np.ndarray  # uint8 HxW {0,1}
+    normals: np.ndarray  # float32 HxWx3 unit vectors everywhere (before validity)
+    normals_valid: np.ndarray  # bool HxW
+    region: np.ndarray  # int32 HxW: PASCAL LabelMap ids / NYUD stored class ids
     human_parts: np.ndarray | None = None  # uint8 HxW groups, 255 when no person (PASCAL)
-    depth: np.ndarray | None = None        # float32 HxW metres, 0 invalid (NYUD)
+    depth: np.ndarray | None = None  # float32 HxW metres, 0 invalid (NYUD)
     objects: list[dict[str, Any]] = field(default_factory=list)  # PASCAL-Part objects
 
     @property
@@ -93,9 +100,14 @@ class Scene:
 
     def labels(self) -> dict[str, np.ndarray]:
         """The canonical labels a reader must return for this scene (the dataset's tasks only)."""
-        out = {"semseg": self.semseg, "sal": self.sal, "edge": self.edge, "human_parts": self.human_parts,
-               "normals": np.where(self.normals_valid[..., None], self.normals, 0.0).astype(np.float32),
-               "depth": self.depth}
+        out = {
+            "semseg": self.semseg,
+            "sal": self.sal,
+            "edge": self.edge,
+            "human_parts": self.human_parts,
+            "normals": np.where(self.normals_valid[..., None], self.normals, 0.0).astype(np.float32),
+            "depth": self.depth,
+        }
         return {task: out[task] for task in DATASET_TASKS[self.dataset]}
 
 
@@ -112,8 +124,16 @@ class _Canvas:
         self.fg = np.zeros((h, w), bool)
         self.depth = np.zeros((h, w), np.float32)
 
-    def paint(self, mask: np.ndarray, height: np.ndarray, colour: np.ndarray, semseg: int, region: int,
-              depth: np.ndarray | float = 0.0, fg: bool = False) -> None:
+    def paint(
+        self,
+        mask: np.ndarray,
+        height: np.ndarray,
+        colour: np.ndarray,
+        semseg: int,
+        region: int,
+        depth: np.ndarray | float = 0.0,
+        fg: bool = False,
+    ) -> None:
         gy, gx = np.gradient(height.astype(np.float32))
         n = np.stack([-gx, -gy, np.ones_like(gx)], axis=-1)
         n /= np.linalg.norm(n, axis=-1, keepdims=True)
@@ -122,7 +142,7 @@ class _Canvas:
         self.semseg[mask] = semseg
         self.region[mask] = region
         self.fg[mask] = fg
-        self.depth[mask] = (depth if np.isscalar(depth) else np.asarray(depth)[mask])
+        self.depth[mask] = depth if np.isscalar(depth) else np.asarray(depth)[mask]
 
     def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> tuple[np.ndarray, np.ndarray]:
         r2 = ((self.xx - cx) / rx) ** 2 + ((self.yy - cy) / ry) ** 2
@@ -228,7 +248,9 @@ def _pascal_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
             mask, height = _draw_object(c, rng)
             c.paint(mask, height, VOC_PALETTE[cls], cls, CONTEXT_IDS[VOC_CLASSES[cls]], fg=True)
             # animals get a "head" part: a reader must ignore parts of non-person objects
-            parts = [("head", mask & (c.yy < c.yy[mask].min() + 4))] if cls in (3, 8, 10, 12, 13, 17) and mask.any() else []
+            parts = (
+                [("head", mask & (c.yy < c.yy[mask].min() + 4))] if cls in (3, 8, 10, 12, 13, 17) and mask.any() else []
+            )
             obj = {"class": VOC_CLASSES[cls], "class_ind": cls, "parts": parts, "_drawn": mask}
         objects.append(obj)
 
@@ -247,8 +269,15 @@ def _pascal_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
         parts_map[:] = IGNORE_INDEX
     valid_ids = [CONTEXT_IDS[n] for n in NYU_COMPATIBLE if n in CONTEXT_IDS] + [CONTEXT_IDS["tvmonitor"]]
     return Scene(
-        "pascal_context", image=c.shade(rng), semseg=c.semseg.copy(), sal=c.fg.astype(np.uint8), normals=c.normals,
-        normals_valid=np.isin(c.region, valid_ids), region=c.region, human_parts=parts_map, objects=objects,
+        "pascal_context",
+        image=c.shade(rng),
+        semseg=c.semseg.copy(),
+        sal=c.fg.astype(np.uint8),
+        normals=c.normals,
+        normals_valid=np.isin(c.region, valid_ids),
+        region=c.region,
+        human_parts=parts_map,
+        objects=objects,
     )
 
 
@@ -285,21 +314,29 @@ def _nyud_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
         y, x = int(rng.integers(0, h - 4)), int(rng.integers(0, w - 4))
         dy, dx = int(rng.integers(2, max(3, h // 10))), int(rng.integers(2, max(3, w // 10)))
         if target == "depth":
-            depth[y:y + dy, x:x + dx] = 0.0
+            depth[y : y + dy, x : x + dx] = 0.0
         else:
-            semseg[y:y + dy, x:x + dx] = IGNORE_INDEX
-            region[y:y + dy, x:x + dx] = 0
+            semseg[y : y + dy, x : x + dx] = IGNORE_INDEX
+            region[y : y + dy, x : x + dx] = 0
     haze = np.clip(1.25 - 0.1 * c.depth, 0.6, 1.1)
     return Scene(
-        "nyud", image=c.shade(rng, haze), semseg=semseg, sal=c.fg.astype(np.uint8), normals=c.normals,
-        normals_valid=np.ones((h, w), bool), region=region, depth=depth.astype(np.float32),
+        "nyud",
+        image=c.shade(rng, haze),
+        semseg=semseg,
+        sal=c.fg.astype(np.uint8),
+        normals=c.normals,
+        normals_valid=np.ones((h, w), bool),
+        region=region,
+        depth=depth.astype(np.float32),
     )
 
 
 def make_scene(dataset: str, seed: int, split: str, index: int, size: int = 112) -> Scene:
     """The scene of sample ``index`` of ``split``: a pure function of its arguments."""
     split_code = {"train": 0, "val": 1}.get(split, zlib.crc32(split.encode()) + 2)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code, index, 0 if dataset == "pascal_context" else 1]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([seed, split_code, index, 0 if dataset == "pascal_context" else 1])
+    )
     h = int(rng.integers(round(0.75 * size), size + 1))
     w = int(rng.integers(round(0.85 * size), round(1.15 * size) + 1))
     if dataset == "pascal_context":
@@ -347,7 +384,12 @@ def _anno_struct(sample_id: str, objects: list[dict[str, Any]]) -> dict[str, Any
                 parts[0, j] = (name, mask.astype(np.uint8))
         else:
             parts = np.zeros((0, 0))
-        records[0, i] = (obj["class"], np.array([[obj["class_ind"]]], dtype=np.uint8), obj["mask"].astype(np.uint8), parts)
+        records[0, i] = (
+            obj["class"],
+            np.array([[obj["class_ind"]]], dtype=np.uint8),
+            obj["mask"].astype(np.uint8),
+            parts,
+        )
     return {"imname": sample_id, "objects": records}
 
 
@@ -442,8 +484,16 @@ def ensure_synthetic(dataset: str, root: str, num_train: int, num_val: int, seed
     return True
 
 
-def synthetic_shards(dataset: str, root: str, *, num_train: int, num_val: int, seed: int = 0,
-                     shard_size_mb: float = 1.0, make: bool = True) -> dict[str, str]:
+def synthetic_shards(
+    dataset: str,
+    root: str,
+    *,
+    num_train: int,
+    num_val: int,
+    seed: int = 0,
+    shard_size_mb: float = 1.0,
+    make: bool = True,
+) -> dict[str, str]:
     """``{split: shard folder}`` of a synthetic dataset under ``root/<dataset>``; with ``make``, the raw
     layout is generated and converted to shards on first use, and again when the settings change."""
     from mtlora_dist.data.convert import convert  # the generator stays importable without the converter

@@ -31,5 +31,6 @@ def shield_worker_from_stop_signals(_worker_id: int | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
-                     name="sigterm-from-parent").start()
+    threading.Thread(
+        target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True, name="sigterm-from-parent"
+    ).start()

@@ -19,8 +19,7 @@ NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
 
 
 def pascal_loader(url: str, **kw: Any):
-    args = {"dataset": "pascal_context", "tasks": PASCAL_TASKS, "split": "train", "img_size": (48, 64),
-            "batch_size": 2}
+    args = {"dataset": "pascal_context", "tasks": PASCAL_TASKS, "split": "train", "img_size": (48, 64), "batch_size": 2}
     args.update(kw)
     return build_loader(url, **args)
 

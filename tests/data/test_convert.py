@@ -57,16 +57,38 @@ def test_rerun_is_byte_identical(pascal_root, pascal_shards, tmp_path):
     first = json.load(open(os.path.join(pascal_shards["train"], "manifest.json")))
     assert again == first
     for s in first["shards"]:
-        assert (tmp_path / "again" / s["name"]).read_bytes() == open(os.path.join(pascal_shards["train"], s["name"]), "rb").read()
-    assert open(tmp_path / "again" / "manifest.json").read() == open(os.path.join(pascal_shards["train"], "manifest.json")).read()
+        assert (tmp_path / "again" / s["name"]).read_bytes() == open(
+            os.path.join(pascal_shards["train"], s["name"]), "rb"
+        ).read()
+    assert (
+        open(tmp_path / "again" / "manifest.json").read()
+        == open(os.path.join(pascal_shards["train"], "manifest.json")).read()
+    )
 
 
 def test_task_subset_and_cli(pascal_root, tmp_path):
     out = str(tmp_path / "subset")
     proc = subprocess.run(
-        [sys.executable, "launch/convert.py", "pascal_context", "--root", pascal_root, "--split", "val", "--out", out,
-         "--shard-size-mb", "1", "--tasks", "semseg", "normals"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "launch/convert.py",
+            "pascal_context",
+            "--root",
+            pascal_root,
+            "--split",
+            "val",
+            "--out",
+            out,
+            "--shard-size-mb",
+            "1",
+            "--tasks",
+            "semseg",
+            "normals",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     manifest = read_manifest(out)
@@ -77,11 +99,13 @@ def test_task_subset_and_cli(pascal_root, tmp_path):
     assert verify_shards(manifest) == []
 
 
-
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(os.path.join(REPO, "launch"))
-    monkeypatch.setattr(sys, "argv", ["convert.py", "nyud", "--root", str(tmp_path / "none"), "--split", "train",
-                                      "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["convert.py", "nyud", "--root", str(tmp_path / "none"), "--split", "train", "--out", str(tmp_path / "out")],
+    )
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(os.path.join(REPO, "launch", "convert.py"), run_name="__main__")
     assert exit_.value.code == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from declared_data import NAME, TASKS, make_tree, write_configs
 from PIL import Image
 from runs import TINY_RUN
 
@@ -25,6 +24,8 @@ from mtlora_dist.data.loader import build_loader
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import get_dataset, get_task
+
+from declared_data import NAME, TASKS, make_tree, write_configs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +111,9 @@ def test_missing_labels_give_zero_loss_and_zero_gradient_and_are_not_scored(decl
 
 
 def test_declaration_errors_name_the_key_and_the_fix(tmp_path):
-    bad = DatasetFormat(image="images/{split}/{id}.jpg", tasks={"semseg": LabelFormat(kind="class_map", file="l/{id}.png")})
+    bad = DatasetFormat(
+        image="images/{split}/{id}.jpg", tasks={"semseg": LabelFormat(kind="class_map", file="l/{id}.png")}
+    )
     with pytest.raises(ValueError, match="num_classes must be 1..255"):
         register_format("bad_demo", bad)
     bad = DatasetFormat(image="images/{split}/{id}.jpg", tasks={"edge": LabelFormat(kind="scalar", file="e/{id}.png")})
@@ -120,7 +123,9 @@ def test_declaration_errors_name_the_key_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"uses field\(s\) \['name'\]"):
         register_format("bad_demo", bad)
     config = tmp_path / "oops.yaml"
-    config.write_text("dataset: nyud\nformat:\n  image: a/{id}.jpg\n  tasks:\n    semseg:\n      file: b/{id}.png\n      num_classes: 2\n")
+    config.write_text(
+        "dataset: nyud\nformat:\n  image: a/{id}.jpg\n  tasks:\n    semseg:\n      file: b/{id}.png\n      num_classes: 2\n"
+    )
     with pytest.raises(ConfigError, match="built-in dataset"):
         data_config(str(config))
     with pytest.raises(ConfigError, match="neither built in.*format:"):

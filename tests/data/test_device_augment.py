@@ -83,8 +83,10 @@ def test_device_path_draws_the_cpu_paths_warps(pascal_shards, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_path_resumes_exactly(pascal_shards, device):
-    url, kw = pascal_shards["train"], {"num_workers": 2, "batch_size": 2, "seed": 4, "augment_device": "device",
-                                       "device": device}
+    url, kw = (
+        pascal_shards["train"],
+        {"num_workers": 2, "batch_size": 2, "seed": 4, "augment_device": "device", "device": device},
+    )
     reference = pascal_loader(url, **kw)
     reference.set_epoch(1)
     expected = [_host(b) for b in reference]
@@ -110,8 +112,13 @@ def _sample(h: int, w: int, seed: int) -> dict:
     gy, gx = np.gradient(height)
     normals = np.stack([-gx, -gy, np.ones_like(gx)], -1)
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    return {"__key__": f"s{seed}", "image": PALETTE[classes], "semseg": classes,
-            "normals": normals.astype(np.float16), "label_hw": (h, w)}
+    return {
+        "__key__": f"s{seed}",
+        "image": PALETTE[classes],
+        "semseg": classes,
+        "normals": normals.astype(np.float16),
+        "label_hw": (h, w),
+    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,8 +133,14 @@ def test_batched_warp_keeps_labels_aligned_and_equals_the_per_sample_warp(device
     for sample, warp in zip(samples, warps, strict=True):
         sample.update(warp=warp, valid=True)
     raw = collate_decoded(samples, ["semseg", "normals"])
-    batch = _host(warp_batch({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()},
-                             ["semseg", "normals"], out_hw, resampling))
+    batch = _host(
+        warp_batch(
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()},
+            ["semseg", "normals"],
+            out_hw,
+            resampling,
+        )
+    )
     for i, (sample, warp) in enumerate(zip(samples, warps, strict=True)):
         alone = warp_sample(sample, ["semseg", "normals"], out_hw, warp, resampling)
         np.testing.assert_array_equal(batch["semseg"][i].numpy(), alone["semseg"])
@@ -143,7 +156,7 @@ def test_batched_warp_keeps_labels_aligned_and_equals_the_per_sample_warp(device
         uniform = np.ones_like(labels, bool)
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
-                uniform &= padded[dy:dy + labels.shape[0], dx:dx + labels.shape[1]] == labels
+                uniform &= padded[dy : dy + labels.shape[0], dx : dx + labels.shape[1]] == labels
         uniform &= labels != 255
         assert uniform.sum() > 0.3 * labels.size
         diff = np.abs(image[uniform] - PALETTE[labels[uniform]].astype(int))

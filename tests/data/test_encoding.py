@@ -8,7 +8,6 @@ import tarfile
 
 import numpy as np
 import pytest
-
 import webdataset as wds
 
 from mtlora_dist.data.encoding import Decoders, check_png, decode_sample, encode_sample, member_suffix
@@ -17,12 +16,13 @@ from mtlora_dist.data.formats import get_reader
 from mtlora_dist.data.manifest import read_manifest
 from mtlora_dist.data.tarshards import TarShardWriter, iter_tar_samples
 
-DECODERS = [Decoders("simplejpeg", "pyspng"), Decoders("pil", "pil")]
-
 from datatest_utils import NYUD_TASKS, PASCAL_TASKS
 
+DECODERS = [Decoders("simplejpeg", "pyspng"), Decoders("pil", "pil")]
+DEFAULT_DECODERS = Decoders()
 
-def _round_trip(reader, tasks, decoders=Decoders()):
+
+def _round_trip(reader, tasks, decoders=DEFAULT_DECODERS):
     sample_id = reader.ids("train")[1]
     sample = reader.read(sample_id)
     members = encode_sample(sample, tasks)
@@ -92,7 +92,7 @@ def test_corrupt_png_is_an_exception_not_a_crash(pascal_root, decoders):
     png = members["semseg.png"]
     check_png(png)
     idat = png.index(b"IDAT") + 10
-    flipped = png[:idat] + bytes([png[idat] ^ 0xFF]) + png[idat + 1:]
+    flipped = png[:idat] + bytes([png[idat] ^ 0xFF]) + png[idat + 1 :]
     for bad, why in ((flipped, "bad CRC"), (png[: len(png) // 2], "truncated"), (b"garbage" * 10, "signature")):
         with pytest.raises(SampleDecodeError, match=why):
             check_png(bad)
@@ -117,8 +117,9 @@ def test_random_corruption_of_any_member_is_a_decode_error_naming_shard_and_samp
             for pos in rng.integers(0, span, size=int(rng.integers(1, 14))):
                 corrupt[pos] = int(rng.integers(0, 256))
             try:
-                decode_sample(sample_id, {**members, member: bytes(corrupt)}, PASCAL_TASKS, shard="x/s-1.tar",
-                              decoders=decoders)
+                decode_sample(
+                    sample_id, {**members, member: bytes(corrupt)}, PASCAL_TASKS, shard="x/s-1.tar", decoders=decoders
+                )
             except SampleDecodeError as exc:
                 failures += 1
                 assert f"shard x/s-1.tar sample '{sample_id}' member '{member}'" in str(exc)
@@ -165,8 +166,10 @@ def test_tar_writer_is_deterministic_and_readable(tmp_path):
         assert [i.name for i in infos] == ["a_1.jpg", "a_1.semseg.png", "b_2.jpg"]
         assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(0, 0, 0, "", "", 0o444)}
     with open(paths[0], "rb") as f:
-        assert [(k, m) for k, m in iter_tar_samples(f)] == [("a_1", {"jpg": b"x" * 700, "semseg.png": b"y"}),
-                                                            ("b_2", {"jpg": b"z" * 3})]
+        assert [(k, m) for k, m in iter_tar_samples(f)] == [
+            ("a_1", {"jpg": b"x" * 700, "semseg.png": b"y"}),
+            ("b_2", {"jpg": b"z" * 3}),
+        ]
 
 
 def test_our_shards_read_with_plain_webdataset(pascal_shards):

@@ -148,7 +148,7 @@ def test_a_worker_that_needs_only_part_of_a_shard_still_verifies_all_of_it(shard
     with open(path, "rb") as f:
         keys = [k for k, _ in iter_tar_samples(f)]
     flip_jpeg_bytes(path, keys[-1], count=3)
-    worker0_part = keys[:half - start]
+    worker0_part = keys[: half - start]
 
     def epoch(**kw):
         loader = pascal_loader(folder, num_workers=2, batch_size=1, shuffle=False, **kw)
@@ -175,8 +175,11 @@ def test_corrupt_png_inside_a_shard(shard_copy):
 
     rewrite(path, corrupt)
     check_skipped(*run_epoch(folder), [keys[1]], missing=0, skipped=1, failed_shards=0)
-    with pytest.raises(DataError, match=rf"bad sample: shard .*{os.path.basename(path)} sample '{keys[1]}' "
-                                        r"member 'sal.png'.*bad CRC"):
+    with pytest.raises(
+        DataError,
+        match=rf"bad sample: shard .*{os.path.basename(path)} sample '{keys[1]}' "
+        r"member 'sal.png'.*bad CRC",
+    ):
         run_epoch(folder, "raise")
 
 
@@ -203,7 +206,9 @@ def test_sample_missing_a_task_member(shard_copy):
     path, _, keys = shard_with_samples(folder)
     rewrite(path, lambda i, key, m: {k: v for k, v in m.items() if not (i == 0 and k == "normals.npy")})
     check_skipped(*run_epoch(folder), [keys[0]], missing=0, skipped=1, failed_shards=0)
-    with pytest.raises(DataError, match=rf"{os.path.basename(path)} sample '{keys[0]}' lacks member\(s\) \['normals.npy'\]"):
+    with pytest.raises(
+        DataError, match=rf"{os.path.basename(path)} sample '{keys[0]}' lacks member\(s\) \['normals.npy'\]"
+    ):
         run_epoch(folder, "raise")
 
 

@@ -68,7 +68,9 @@ def test_pascal_mat_files_decode_to_the_intended_labels(pascal_root):
     seen_person = seen_no_person = 0
     for index, sample_id in enumerate(reader.ids("train")):
         scene = make_scene("pascal_context", PASCAL["seed"], "train", index, PASCAL["size"])
-        labelmap = scipy.io.loadmat(os.path.join(pascal_root, "pascal-context", "trainval", f"{sample_id}.mat"))["LabelMap"]
+        labelmap = scipy.io.loadmat(os.path.join(pascal_root, "pascal-context", "trainval", f"{sample_id}.mat"))[
+            "LabelMap"
+        ]
         np.testing.assert_array_equal(labelmap, scene.region)
         anno = scipy.io.loadmat(os.path.join(pascal_root, "human_parts", f"{sample_id}.mat"))["anno"]
         assert anno.dtype.names == ("imname", "objects")
@@ -141,8 +143,10 @@ def test_pascal_reader_fallbacks_and_errors(pascal_root, tmp_path):
     sample_id = reader.ids("train")[0]
     expected = reader.read(sample_id)["semseg"]
     os.makedirs(os.path.join(root, "semseg", "pascal-context"))
-    shutil.move(os.path.join(root, "semseg", "VOC12", f"{sample_id}.png"),
-                os.path.join(root, "semseg", "pascal-context", f"{sample_id}.png"))
+    shutil.move(
+        os.path.join(root, "semseg", "VOC12", f"{sample_id}.png"),
+        os.path.join(root, "semseg", "pascal-context", f"{sample_id}.png"),
+    )
     np.testing.assert_array_equal(reader.read(sample_id)["semseg"], expected)
 
     shutil.rmtree(os.path.join(root, "db_info"))
@@ -166,8 +170,13 @@ def test_nyud_reader_shifts_classes_and_keeps_metric_depth(nyud_root):
         ids = reader.ids(split)
         assert len(ids) == count
         for index, sample_id in enumerate(ids):
-            for rel in (f"images/{sample_id}.jpg", f"segmentation/{sample_id}.png", f"depth/{sample_id}.npy",
-                        f"normals/{sample_id}.npy", f"edge/{sample_id}.npy"):
+            for rel in (
+                f"images/{sample_id}.jpg",
+                f"segmentation/{sample_id}.png",
+                f"depth/{sample_id}.npy",
+                f"normals/{sample_id}.npy",
+                f"edge/{sample_id}.npy",
+            ):
                 assert os.path.isfile(os.path.join(nyud_root, rel)), rel
             sample = reader.read(sample_id)
             scene = make_scene("nyud", NYUD["seed"], split, index, NYUD["size"])

@@ -47,8 +47,10 @@ def test_training_batch_format(pascal_shards):
 
 
 def test_two_ranks_two_workers_see_each_sample_once_per_epoch(pascal_shards):
-    loaders = [pascal_loader(pascal_shards["train"], num_workers=2, rank=r, world_size=2, batch_size=3, seed=5)
-               for r in range(2)]
+    loaders = [
+        pascal_loader(pascal_shards["train"], num_workers=2, rank=r, world_size=2, batch_size=3, seed=5)
+        for r in range(2)
+    ]
     assert len(loaders[0]) == len(loaders[1]) == PASCAL["num_train"] // 6
     epochs = []
     for epoch in (0, 1):
@@ -61,7 +63,9 @@ def test_two_ranks_two_workers_see_each_sample_once_per_epoch(pascal_shards):
         assert multiplicity(keys).most_common(1)[0][1] == 1 and len(keys) == PASCAL["num_train"]
         epochs.append(keys)
     assert epochs[0] != epochs[1]
-    again = keys_of(list(pascal_loader(pascal_shards["train"], num_workers=2, rank=0, world_size=2, batch_size=3, seed=5)))
+    again = keys_of(
+        list(pascal_loader(pascal_shards["train"], num_workers=2, rank=0, world_size=2, batch_size=3, seed=5))
+    )
     assert again == epochs[0][: len(again)]  # same seed and epoch: same order (rank 0 came first)
 
 
@@ -127,8 +131,17 @@ def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
     assert total == PASCAL["num_val"]
     keys, counts = [], []
     for rank in range(3):  # 10 samples on 3 ranks: ranks 1 and 2 pad one copy each
-        loader = build_loader(pascal_shards["val"], dataset="pascal_context", tasks=["semseg", "normals"], split="val",
-                              img_size=(48, 64), batch_size=3, num_workers=2, rank=rank, world_size=3)
+        loader = build_loader(
+            pascal_shards["val"],
+            dataset="pascal_context",
+            tasks=["semseg", "normals"],
+            split="val",
+            img_size=(48, 64),
+            batch_size=3,
+            num_workers=2,
+            rank=rank,
+            world_size=3,
+        )
         batches = list(loader)
         counts.append(len(batches))
         for b in batches:
@@ -148,8 +161,15 @@ def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
 
 def test_rewind_restarts_an_abandoned_validation_pass(pascal_shards):
     """An evaluation capped at a few batches breaks out of the loop; the next one starts over."""
-    loader = build_loader(pascal_shards["val"], dataset="pascal_context", tasks=["semseg"], split="val",
-                          img_size=(48, 64), batch_size=2, num_workers=1)
+    loader = build_loader(
+        pascal_shards["val"],
+        dataset="pascal_context",
+        tasks=["semseg"],
+        split="val",
+        img_size=(48, 64),
+        batch_size=2,
+        num_workers=1,
+    )
     first_pass = [valid_keys([b]) for _, b in zip(range(2), loader)]
     loader.rewind()
     second_pass = [valid_keys([b]) for _, b in zip(range(2), loader)]
@@ -159,15 +179,29 @@ def test_rewind_restarts_an_abandoned_validation_pass(pascal_shards):
 
 
 def test_official_protocol_resizes_labels(pascal_shards):
-    loader = build_loader(pascal_shards["val"], dataset="pascal_context", tasks=["semseg", "human_parts"], split="val",
-                          img_size=(48, 64), batch_size=4, protocol="official")
+    loader = build_loader(
+        pascal_shards["val"],
+        dataset="pascal_context",
+        tasks=["semseg", "human_parts"],
+        split="val",
+        img_size=(48, 64),
+        batch_size=4,
+        protocol="official",
+    )
     for b in loader:
         assert b["semseg"].shape[-2:] == (48, 64) and b["label_size"].tolist() == [[48, 64]] * len(b["__key__"])
 
 
 def test_nyud_training_batches(nyud_shards):
-    loader = build_loader(nyud_shards["train"], dataset="nyud", tasks=NYUD_TASKS, split="train", img_size=(40, 48),
-                          batch_size=3, num_workers=1)
+    loader = build_loader(
+        nyud_shards["train"],
+        dataset="nyud",
+        tasks=NYUD_TASKS,
+        split="train",
+        img_size=(40, 48),
+        batch_size=3,
+        num_workers=1,
+    )
     batches = list(loader)
     assert len(batches) == NYUD["num_train"] // 3
     depth = torch.cat([b["depth"] for b in batches])
@@ -181,8 +215,9 @@ def test_bad_arguments_are_clear_errors(pascal_root, pascal_shards, tmp_path):
     subset = str(tmp_path / "semseg-only")
     convert("pascal_context", pascal_root, "val", subset, tasks=["semseg"])
     with pytest.raises(ValueError, match=r"has no labels for task\(s\) \['sal'\]"):
-        build_loader(subset, dataset="pascal_context", tasks=["semseg", "sal"], split="val", img_size=(8, 8),
-                     batch_size=2)
+        build_loader(
+            subset, dataset="pascal_context", tasks=["semseg", "sal"], split="val", img_size=(8, 8), batch_size=2
+        )
     with pytest.raises(ValueError, match="holds 'pascal_context' shards"):
         build_loader(pascal_shards["val"], dataset="nyud", tasks=["semseg"], split="val", img_size=(8, 8), batch_size=2)
     with pytest.raises(ValueError, match="cannot fill one batch"):

@@ -15,10 +15,22 @@ EVAL_LAYOUTS = LAYOUTS + [(5, 4, 3, 2), (3, 4, 2, 2)]  # also: fewer samples tha
 
 def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8):
     return {
-        (r, k): make_worker_plan(n, world_size=world, rank=r, num_workers=workers, worker=k, batch_size=batch, seed=1,
-                                 epoch=epoch, shuffle=train, drop_last=train, shuffle_buffer=buffer,
-                                 batches_consumed=consumed)
-        for r in range(world) for k in range(workers)
+        (r, k): make_worker_plan(
+            n,
+            world_size=world,
+            rank=r,
+            num_workers=workers,
+            worker=k,
+            batch_size=batch,
+            seed=1,
+            epoch=epoch,
+            shuffle=train,
+            drop_last=train,
+            shuffle_buffer=buffer,
+            batches_consumed=consumed,
+        )
+        for r in range(world)
+        for k in range(workers)
     }
 
 
@@ -58,7 +70,7 @@ def test_resume_drops_exactly_the_consumed_batches():
         resumed = plans(60, 2, 3, 4, train=True, consumed=consumed)
         for key, plan in resumed.items():
             done = sum(1 for j in full[key].batch_indices if j < consumed)
-            assert plan.positions == full[key].positions[done * 4:]
+            assert plan.positions == full[key].positions[done * 4 :]
             assert plan.batch_indices == full[key].batch_indices[done:]
             assert plan.skipped == done * 4
 

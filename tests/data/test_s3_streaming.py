@@ -13,9 +13,9 @@ import pytest
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.errors import StorageUnavailableError
 from mtlora_dist.storage.fs import StorageOptions
-from s3_server import KEY, SECRET, S3Server
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, upload, valid_keys
+from s3_server import KEY, SECRET, S3Server
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,9 @@ def test_stopped_server_while_skipping_counts_every_lost_sample(tiny_shards, pri
     if not private_s3.persistent:  # moto forgets everything on a restart
         private_s3.make_bucket("data")
         upload(tiny_shards, "s3://data/tiny", storage)
-    loader = pascal_loader(url, storage=storage, prefetch_samples=1, shuffle_buffer=2)  # default: give up after 3 shards in a row
+    loader = pascal_loader(
+        url, storage=storage, prefetch_samples=1, shuffle_buffer=2
+    )  # default: give up after 3 shards in a row
     with pytest.raises(StorageUnavailableError, match="3 shards in a row could not be read"):
         stop_after_first_batch(loader, private_s3)
 
@@ -145,15 +147,20 @@ def test_server_back_within_the_retries_loses_nothing(tiny_shards, private_s3):
     private_s3.start()  # from the main thread: the server dies with the thread that started it
     batches += list(it)
     assert len(batches) == len(loader)
-    assert sorted(valid_keys(batches)) == sorted(set(keys_of(batches))) and len(valid_keys(batches)) == PASCAL["num_train"]
+    assert (
+        sorted(valid_keys(batches)) == sorted(set(keys_of(batches))) and len(valid_keys(batches)) == PASCAL["num_train"]
+    )
     assert loader.stats["retries"] > 0 and loader.stats["samples_missing"] == 0
 
 
 def test_unreachable_endpoint_names_url_and_what_to_check(pascal_shards, private_s3):
     private_s3.stop()
     storage = storage_for(private_s3, read_retries=1)
-    with pytest.raises(StorageUnavailableError, match=r"could not read s3://data/x/manifest.json at endpoint "
-                                                      r"http://127.0.0.1:\d+ \(StorageOptions.endpoint_url\)"):
+    with pytest.raises(
+        StorageUnavailableError,
+        match=r"could not read s3://data/x/manifest.json at endpoint "
+        r"http://127.0.0.1:\d+ \(StorageOptions.endpoint_url\)",
+    ):
         pascal_loader("s3://data/x", storage=storage)
 
 

@@ -37,9 +37,27 @@ def test_sizes_vary_and_are_not_square():
 def test_cli_writes_the_layout_and_marker(tmp_path):
     root = str(tmp_path / "ny")
     out = subprocess.run(
-        [sys.executable, "-m", "mtlora_dist.data.synthetic", "--dataset", "nyud", "--root", root,
-         "--num-train", "3", "--num-val", "2", "--seed", "5", "--size", "48"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mtlora_dist.data.synthetic",
+            "--dataset",
+            "nyud",
+            "--root",
+            root,
+            "--num-train",
+            "3",
+            "--num-val",
+            "2",
+            "--seed",
+            "5",
+            "--size",
+            "48",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     marker = json.load(open(os.path.join(root, "SYNTHETIC.json")))

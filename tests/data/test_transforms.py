@@ -29,13 +29,23 @@ def make_sample():
     image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
     depth = (1.0 + XX / 40).astype(np.float32)
     depth[-5:, -5:] = 0
-    return {"__key__": "k", "image": image, "semseg": labels, "sal": (labels % 2).astype(np.uint8),
-            "normals": normals, "depth": depth}
+    return {
+        "__key__": "k",
+        "image": image,
+        "semseg": labels,
+        "sal": (labels % 2).astype(np.uint8),
+        "normals": normals,
+        "depth": depth,
+    }
 
 
 TASKS = ["semseg", "sal", "normals", "depth"]
-BACKENDS = [Resampling("opencv", "bilinear"), Resampling("opencv", "bicubic"), Resampling("torch", "bicubic"),
-            Resampling("torch", "bilinear")]
+BACKENDS = [
+    Resampling("opencv", "bilinear"),
+    Resampling("opencv", "bicubic"),
+    Resampling("torch", "bicubic"),
+    Resampling("torch", "bilinear"),
+]
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda r: f"{r.backend}-{r.normals}")
@@ -73,7 +83,9 @@ def test_flip_mirrors_maps_and_negates_normal_x(resampling):
     assert np.abs(n[1][valid] - ref[..., 1][valid]).max() < 2e-3
 
 
-@pytest.mark.parametrize("warp", [Warp(angle_deg=17), Warp(angle_deg=-20, scale=0.8), Warp(flip=True, angle_deg=12, scale=1.2)])
+@pytest.mark.parametrize(
+    "warp", [Warp(angle_deg=17), Warp(angle_deg=-20, scale=0.8), Warp(flip=True, angle_deg=12, scale=1.2)]
+)
 def test_rotated_normals_match_the_rotated_surface(warp, resampling):
     """Warp a known surface; normals recomputed from the warped height field must match the output."""
     s = make_sample()
@@ -86,7 +98,7 @@ def test_rotated_normals_match_the_rotated_surface(warp, resampling):
     y_in = m[1, 0] * XX + m[1, 1] * YY + m[1, 2]
     expected = normals_of(height_field(x_in, y_in) * warp.scale)  # a scaled copy of the same surface
     n = out["normals"].astype(np.float32).transpose(1, 2, 0)
-    inside = (n[..., 0] != 255)
+    inside = n[..., 0] != 255
     inside[:3], inside[-3:], inside[:, :3], inside[:, -3:] = False, False, False, False
     assert inside.sum() > 0.4 * H * W
     assert angle_error_deg(n, expected, inside).mean() < 1.0

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import mtlora_dist.data.loader as loader_mod
+from mtlora_dist.config import ConfigError, DataConfig, load_config
 from mtlora_dist.data.loader import default_num_workers, should_pin_memory
 from mtlora_dist.data.manifest import read_manifest
 from mtlora_dist.data.plan import locate, make_worker_plan, shard_order
 from mtlora_dist.data.tarshards import iter_tar_samples
-from mtlora_dist.config import ConfigError, DataConfig, load_config
 
 from datatest_utils import PASCAL, keys_of, pascal_loader, state_after
 
@@ -26,16 +26,19 @@ NO_ACCELERATOR = "ignore:'pin_memory' argument is set as true but no accelerator
 # --------------------------------------------------------------------------------- worker count
 
 
-@pytest.mark.parametrize(("cpus", "local_ranks", "expected"), [
-    (1, 1, 1),     # one CPU: still one worker (decoding overlaps the step), never 0 by default
-    (2, 1, 1),
-    (3, 1, 2),
-    (10, 2, 4),    # 5 CPUs per rank, one left for the training process
-    (16, 1, 8),    # capped
-    (64, 8, 7),
-    (16, 8, 1),
-    (4, 8, 1),     # fewer CPUs than local ranks
-])
+@pytest.mark.parametrize(
+    ("cpus", "local_ranks", "expected"),
+    [
+        (1, 1, 1),  # one CPU: still one worker (decoding overlaps the step), never 0 by default
+        (2, 1, 1),
+        (3, 1, 2),
+        (10, 2, 4),  # 5 CPUs per rank, one left for the training process
+        (16, 1, 8),  # capped
+        (64, 8, 7),
+        (16, 8, 1),
+        (4, 8, 1),  # fewer CPUs than local ranks
+    ],
+)
 def test_default_num_workers_rule(cpus, local_ranks, expected):
     n = default_num_workers(cpus=cpus, local_ranks=local_ranks)
     assert n == expected
@@ -146,8 +149,17 @@ def test_workers_stay_alive_across_epochs(pascal_shards):
 # ------------------------------------------------------------------------------- exact positions
 
 
-def _planned_batches(url: str, *, epoch: int, num_workers: int, batch_size: int, seed: int, rank: int = 0,
-                     world_size: int = 1, shuffle_buffer: int = 128) -> list[list[str]]:
+def _planned_batches(
+    url: str,
+    *,
+    epoch: int,
+    num_workers: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 128,
+) -> list[list[str]]:
     """The keys of every batch of ``epoch``, straight from the plan (independent of any loader)."""
     manifest = read_manifest(url)
     names = []
@@ -157,9 +169,19 @@ def _planned_batches(url: str, *, epoch: int, num_workers: int, batch_size: int,
     order = shard_order(len(manifest.shards), seed, epoch, True)
     batches: dict[int, list[str]] = {}
     for worker in range(num_workers):
-        plan = make_worker_plan(manifest.num_samples, world_size=world_size, rank=rank, num_workers=num_workers,
-                                worker=worker, batch_size=batch_size, seed=seed, epoch=epoch, shuffle=True,
-                                drop_last=True, shuffle_buffer=shuffle_buffer)
+        plan = make_worker_plan(
+            manifest.num_samples,
+            world_size=world_size,
+            rank=rank,
+            num_workers=num_workers,
+            worker=worker,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle=True,
+            drop_last=True,
+            shuffle_buffer=shuffle_buffer,
+        )
         keys = [names[s][i] for s, i in locate(plan.positions, [s.num_samples for s in manifest.shards], order)]
         for j, size in zip(plan.batch_indices, plan.batch_sizes, strict=True):
             batches[j], keys = keys[:size], keys[size:]

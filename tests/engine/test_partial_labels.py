@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from declared_data import NAME, make_tree, write_configs
 from runs import TINY_RUN, deepspeed_launcher
 
 from mtlora_dist.config import data_config
 from mtlora_dist.data.convert import convert
+
+from declared_data import NAME, make_tree, write_configs
 
 WORKER = Path(__file__).with_name("partial_labels_worker.py")
 pytestmark = pytest.mark.integration

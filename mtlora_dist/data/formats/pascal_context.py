@@ -46,7 +46,9 @@ def read_labelmap(path: str) -> np.ndarray:
         raise FileNotFoundError(f"PASCAL-Context label file not found: {path}")
     mat = scipy.io.loadmat(path)
     if "LabelMap" not in mat:
-        raise ValueError(f"{path} has no 'LabelMap' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        raise ValueError(
+            f"{path} has no 'LabelMap' variable (found {sorted(k for k in mat if not k.startswith('__'))})"
+        )
     return np.asarray(mat["LabelMap"]).astype(np.int32)
 
 
@@ -107,12 +109,16 @@ def normals_valid_classes(db_info: str) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int32)
 
 
-def make_reader(root: str, tasks: list[str] | tuple[str, ...] | None = None, db_info: str | None = None) -> LayoutReader:
+def make_reader(
+    root: str, tasks: list[str] | tuple[str, ...] | None = None, db_info: str | None = None
+) -> LayoutReader:
     """A :class:`LayoutReader` for the PASCAL-Context MTL layout under ``root``."""
     root = str(root)
 
     def labelmap(files: SampleFiles) -> np.ndarray:
-        return files.once("labelmap", lambda: read_labelmap(files.path("pascal-context", "trainval", f"{files.id}.mat")))
+        return files.once(
+            "labelmap", lambda: read_labelmap(files.path("pascal-context", "trainval", f"{files.id}.mat"))
+        )
 
     def semseg(files: SampleFiles) -> np.ndarray:
         path = files.path("semseg", "VOC12", f"{files.id}.png")
