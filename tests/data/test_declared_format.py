@@ -142,6 +142,26 @@ def test_a_label_outside_the_declared_classes_is_a_clear_error(declared, tmp_pat
         get_reader("raw_ids_demo", str(root), fmt=raw, split="train").read("scene0__f0000")
 
 
+def test_an_exported_spec_rebuilds_a_declared_model_in_a_process_without_the_config(declared, tmp_path):
+    from factories import tiny_model_config
+
+    from mtlora_dist.adapters import AdapterConfig
+    from mtlora_dist.export.artifact import ModelSpec
+    from mtlora_dist.models.trainable import TrainableConfig
+
+    spec = ModelSpec(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), TASKS, NAME)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    code = (
+        "import json, sys; from mtlora_dist.export.artifact import ModelSpec; "
+        "net = ModelSpec.from_dict(json.load(open(sys.argv[1]))).build(); "
+        "import torch; out = net(torch.zeros(1, 3, 64, 64)); print({t: o.shape[1] for t, o in out.items()})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spec.json")], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "{'semseg': 3, 'road': 1, 'height': 1}"
+
+
 @pytest.mark.integration
 def test_round_trip_convert_stream_train_evaluate(declared, tmp_path):
     """What a user does with a dataset of their own: train two steps on its shards, then evaluate the checkpoint."""

@@ -59,17 +59,22 @@ def register_decoder(name: str) -> Callable[[Decoder], Decoder]:
 
 def read_array(path: str, what: str) -> np.ndarray:
     """A label file as stored: ``.npy`` (never unpickled), else an image (palette indices stay indices,
-    16-bit grayscale stays 16-bit, colour stays HxWx3)."""
+    16-bit grayscale stays uint16, colour stays HxWx3). A trailing channel axis of 1 is dropped."""
     if path.endswith(".npy"):
-        return load_npy(path, what)
-    from PIL import Image
+        array = load_npy(path, what)
+    else:
+        from PIL import Image
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with Image.open(path) as im:
-        if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-            return load_rgb(path)
-    return load_gray(path, what)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+        with Image.open(path) as im:
+            colour, png = im.mode in ("RGB", "RGBA", "CMYK", "YCbCr"), im.format == "PNG"
+        array = load_rgb(path) if colour else load_gray(path, what)
+        if png and array.dtype == np.int32:  # Pillow releases differ: a 16-bit PNG may open as 32-bit 'I'
+            array = array.astype(np.uint16)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
 
 
 def _dtype_max(array: np.ndarray) -> float:
@@ -78,7 +83,7 @@ def _dtype_max(array: np.ndarray) -> float:
 
 @register_decoder("class_map")
 def class_map(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
-    stored = np.squeeze(read_array(sample.path(label.file), "class map")).astype(np.int64)
+    stored = read_array(sample.path(label.file), "class map").astype(np.int64)
     if stored.ndim != 2:
         raise ValueError(f"class map {sample.path(label.file)} must be single-channel, got shape {stored.shape}")
     ignore = np.zeros(stored.shape, dtype=bool) if label.ignore_value is None else stored == label.ignore_value
@@ -102,7 +107,7 @@ def class_map(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
 
 @register_decoder("binary_map")
 def binary_map(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
-    stored = np.squeeze(read_array(sample.path(label.file), "binary map"))
+    stored = read_array(sample.path(label.file), "binary map")
     if stored.ndim == 3:
         stored = stored.max(axis=-1)
     mask = (stored.astype(np.float64) / _dtype_max(stored) > label.positive_above).astype(np.uint8)
@@ -132,7 +137,7 @@ def unit_vector(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
 
 @register_decoder("scalar")
 def scalar(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
-    stored = np.squeeze(read_array(sample.path(label.file), "scalar field"))
+    stored = read_array(sample.path(label.file), "scalar field")
     if stored.ndim != 2:
         raise ValueError(f"scalar field {sample.path(label.file)} must be single-channel, got shape {stored.shape}")
     value = stored.astype(np.float32) * np.float32(label.scale)
@@ -150,3 +155,6 @@ def decode_label(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
     except KeyError:
         raise ValueError(f"unknown label decoder '{name}'; registered decoders: {sorted(DECODERS)}") from None
     return decoder(sample, label)
+
+
+from mtlora_dist.data.formats import cityscapes  # noqa: E402,F401 (registers its decoders)
