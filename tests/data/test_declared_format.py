@@ -16,16 +16,20 @@ import torch
 from PIL import Image
 from runs import TINY_RUN
 
+from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.config import ConfigError, data_config, load_config
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.format_spec import DatasetFormat, LabelFormat, register_format
 from mtlora_dist.data.formats import get_reader
 from mtlora_dist.data.loader import build_loader
+from mtlora_dist.export.artifact import ModelSpec
+from mtlora_dist.models.trainable import TrainableConfig
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import get_dataset, get_task
 
 from declared_data import NAME, TASKS, make_tree, write_configs
+from factories import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,12 +147,6 @@ def test_a_label_outside_the_declared_classes_is_a_clear_error(declared, tmp_pat
 
 
 def test_an_exported_spec_rebuilds_a_declared_model_in_a_process_without_the_config(declared, tmp_path):
-    from factories import tiny_model_config
-
-    from mtlora_dist.adapters import AdapterConfig
-    from mtlora_dist.export.artifact import ModelSpec
-    from mtlora_dist.models.trainable import TrainableConfig
-
     spec = ModelSpec(tiny_model_config(), AdapterConfig(shared_rank=4, task_rank=2), TrainableConfig(), TASKS, NAME)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
     code = (
