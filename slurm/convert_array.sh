@@ -32,15 +32,8 @@ REPO=$(cd "$(dirname "${command%% *}")/.." 2>/dev/null && pwd || true)
 [[ -n $REPO && -f $REPO/launch/convert.py ]] || REPO=${MTLORA_HOME:-$SLURM_SUBMIT_DIR}
 [[ -f $REPO/launch/convert.py ]] || { echo "error: no launch/convert.py in $REPO (set MTLORA_HOME to the checkout)" >&2; exit 2; }
 
-if [[ -n ${MTLORA_PYTHON:-} ]]; then
-    PYTHON=$MTLORA_PYTHON
-elif [[ -n ${MTLORA_VENV:-} ]]; then
-    PYTHON=$MTLORA_VENV/bin/python
-elif [[ -x $REPO/.venv/bin/python ]]; then
-    PYTHON=$REPO/.venv/bin/python
-else
-    PYTHON=python3
-fi
+source "$REPO/slurm/find_python.sh"
+PYTHON=$(mtlora_python "$REPO")
 
 WORKERS=${SLURM_CPUS_PER_TASK:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one process per CPU already: no threads on top

@@ -35,15 +35,8 @@ die() { echo "[mtlora-slurm] error: $*" >&2; exit 2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # ---------------------------------------------------------------------------------------- settings
-if [[ -n ${MTLORA_PYTHON:-} ]]; then
-    PYTHON=$MTLORA_PYTHON
-elif [[ -n ${MTLORA_VENV:-} ]]; then
-    PYTHON=$MTLORA_VENV/bin/python
-elif [[ -x $REPO/.venv/bin/python ]]; then
-    PYTHON=$REPO/.venv/bin/python
-else
-    PYTHON=python3
-fi
+source "$REPO/slurm/find_python.sh"
+PYTHON=$(mtlora_python "$REPO")
 command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found (set MTLORA_PYTHON or MTLORA_VENV)"
 
 CONFIG=${MTLORA_CONFIG:?MTLORA_CONFIG is not set (the recipe scripts set it)}

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 from s3_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 # The quickstart's tiny model at 64 px, small batches, no workers, a log line every step, no bar, and
 # evaluation only at the end; a test adds its steps, data and what it is about.
@@ -30,3 +36,15 @@ def torchrun_launcher(ranks: int = 2) -> list[str]:
     """What ``torchrun --nproc_per_node N`` runs, on a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
             "--master_port", str(free_port())]  # fmt: skip
+
+
+def run_script(
+    script: str, args: list[str], cwd: Path, config: str = QUICKSTART, timeout: int = 420
+) -> subprocess.CompletedProcess:
+    """``python launch/<script> --config <config> <args>`` on the CPU with wandb offline; fails the test,
+    with the output's tail, unless it exits 0."""
+    cmd = [sys.executable, str(REPO / "launch" / script), "--config", str(config), *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc

@@ -132,6 +132,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "nyud": DatasetSpec("nyud", {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}),  # the paper has no baselines
 }
 
+BUILTIN_DATASETS: tuple[str, ...] = tuple(DATASETS)  # the rest are declared and registered at run time
 DATASET_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in DATASETS.items()}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import TINY_RUN
+from runs import TINY_RUN, run_script
 
 from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.config import ConfigError, data_config, load_config
@@ -170,13 +169,9 @@ def test_round_trip_convert_stream_train_evaluate(declared, tmp_path):
         f"data.val_url={declared['shards']['val']}",
         "eval.visual_samples=2",
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
-    def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(REPO / "launch" / script), "--config", str(declared["recipe"]), *args]
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
-        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc
+    def run(script: str, args: list[str]) -> None:
+        run_script(script, args, tmp_path, config=str(declared["recipe"]))
 
     run("train.py", [*common, f"run_dir={run_dir}", "max_steps=2"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

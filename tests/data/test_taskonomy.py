@@ -8,14 +8,12 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from runs import TINY_RUN
+from runs import TINY_RUN, run_script
 
 from mtlora_dist.config import data_config
 from mtlora_dist.data.convert import convert
@@ -229,25 +227,11 @@ def test_a_batch_streams_with_the_missing_labels_marked(shards, tree):
 # --------------------------------------------------------------------------------------------- training
 
 
-def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "quickstart.yaml"),
-        *args,
-    ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 @pytest.mark.integration
 def test_launch_train_runs_on_shards_with_missing_labels_and_reports_every_task(shards, tree, tmp_path):
     run_dir = tmp_path / "run"
     urls = shards["urls"]
-    _train(["data=taskonomy", f"data.train_url={urls['train']}", f"data.val_url={urls['val']}", "max_steps=3",
+    run_script("train.py", ["data=taskonomy", f"data.train_url={urls['train']}", f"data.val_url={urls['val']}", "max_steps=3",
             *TINY_RUN, f"run_dir={run_dir}"], tmp_path)  # fmt: skip
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]

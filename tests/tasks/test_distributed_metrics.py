@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.metrics import SegmentationMetric
-from mtlora_dist.tasks.registry import DATASET_TASKS, get_task
+from mtlora_dist.tasks.registry import BUILTIN_DATASETS, DATASET_TASKS, get_task
 
 IGNORE = 255
 NUM_BATCHES = 6
@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
     try:
         torch.set_num_threads(1)
         shard = range(rank, NUM_BATCHES, world)  # each rank its own half of the batches
-        results = {d: _evaluate(d, shard) for d in sorted(DATASET_TASKS)}
+        results = {d: _evaluate(d, shard) for d in sorted(BUILTIN_DATASETS)}
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -96,7 +96,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     out_path = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=(2, _free_port(), out_path), nprocs=2, join=True, start_method="spawn")
     distributed = torch.load(out_path)
-    for dataset in sorted(DATASET_TASKS):
+    for dataset in sorted(BUILTIN_DATASETS):
         single = _evaluate(dataset, range(NUM_BATCHES))
         _assert_close(distributed[dataset], single, dataset)
         assert single["delta_m"] is None or not math.isnan(single["delta_m"])

@@ -9,7 +9,7 @@ from torch import nn
 
 from mtlora_dist.tasks.losses import build_loss
 from mtlora_dist.tasks.metrics import Metric, build_metric
-from mtlora_dist.tasks.registry import DATASET_TASKS, TASKS, get_task, loss_weights, task_settings
+from mtlora_dist.tasks.registry import BUILTIN_DATASETS, DATASET_TASKS, TASKS, get_task, loss_weights, task_settings
 
 
 def test_default_weights_are_part_b_5():
@@ -25,7 +25,7 @@ def test_head_widths():
         get_task("human_parts").outputs_for("nyud")
 
 
-@pytest.mark.parametrize("dataset", sorted(DATASET_TASKS))
+@pytest.mark.parametrize("dataset", sorted(BUILTIN_DATASETS))
 def test_every_task_builds_its_loss_and_metric(dataset):
     for task in DATASET_TASKS[dataset]:
         assert isinstance(build_loss(task), nn.Module)
