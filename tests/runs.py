@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -48,3 +50,15 @@ def run_script(
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def train_records(run_dir: Path, steps: int, tasks: list[str]) -> tuple[list[dict], dict]:
+    """The train records of a finished run (checked: one per step, finite losses of exactly ``tasks``) and
+    its last validation record."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for record in train:
+        assert math.isfinite(record["loss"]) and set(record["losses"]) == set(tasks), record
+        assert all(math.isfinite(v) for v in record["losses"].values()), record
+    return train, [r for r in records if r.get("split") == "val"][-1]

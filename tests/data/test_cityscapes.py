@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from runs import TINY_RUN, run_script
+from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import ConfigError, data_config
 from mtlora_dist.data.convert import convert
@@ -244,13 +244,7 @@ def test_launch_train_runs_on_the_converted_shards_and_reports_miou_and_rmse(sha
     urls = shards["urls"]
     run_script("train.py", ["data=cityscapes", f"data.train_url={urls['train']}", f"data.val_url={urls['val']}", "max_steps=3",
             *TINY_RUN, f"run_dir={run_dir}"], tmp_path)  # fmt: skip
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    for record in train:
-        assert math.isfinite(record["loss"]) and set(record["losses"]) == {"semseg", "depth"}
-        assert all(math.isfinite(v) for v in record["losses"].values())
-    final = [r for r in records if r["split"] == "val"][-1]
+    _, final = train_records(run_dir, 3, ["semseg", "depth"])
     assert final["step"] == 3
     assert 0.0 <= final["tasks"]["semseg"]["mIoU"] <= 100.0
     assert math.isfinite(final["tasks"]["depth"]["rmse"]) and final["tasks"]["depth"]["rmse"] > 0

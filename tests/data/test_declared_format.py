@@ -4,7 +4,6 @@ the shards and the batches, and the whole round trip (convert -> stream -> train
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import TINY_RUN, run_script
+from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.config import ConfigError, data_config, load_config
@@ -174,11 +173,7 @@ def test_round_trip_convert_stream_train_evaluate(declared, tmp_path):
         run_script(script, args, tmp_path, config=str(declared["recipe"]))
 
     run("train.py", [*common, f"run_dir={run_dir}", "max_steps=2"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if r.get("split") == "train"]
-    assert [r["step"] for r in train] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and set(r["losses"]) == set(TASKS) for r in train)
-    val = [r for r in records if r.get("split") == "val"][-1]
+    _, val = train_records(run_dir, 2, TASKS)
     assert set(val["tasks"]) == set(TASKS)
     assert "mIoU" in val["tasks"]["semseg"] and "rmse" in val["tasks"]["height"]
     assert val["delta_m"] is not None, "the declared baselines give a Delta-m"

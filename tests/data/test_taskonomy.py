@@ -5,7 +5,6 @@ classes, and views lacking some domains (partial labels) converted, streamed and
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from runs import TINY_RUN, run_script
+from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import data_config
 from mtlora_dist.data.convert import convert
@@ -233,17 +232,12 @@ def test_launch_train_runs_on_shards_with_missing_labels_and_reports_every_task(
     urls = shards["urls"]
     run_script("train.py", ["data=taskonomy", f"data.train_url={urls['train']}", f"data.val_url={urls['val']}", "max_steps=3",
             *TINY_RUN, f"run_dir={run_dir}"], tmp_path)  # fmt: skip
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    for record in train:
-        assert math.isfinite(record["loss"]) and set(record["losses"]) == set(TASKS)
-        assert all(math.isfinite(v) for v in record["losses"].values())
+    train, final = train_records(run_dir, 3, TASKS)
     # 12 training views, 4 a batch: steps 1-3 cover every view once, so every missing label was met
     seen = train[-1]["data"]
     for task in MISSING:
         expected = len([k for k in tree.missing[task] if k in tree.samples["train"]])
         assert seen[f"labels_missing/{task}"] == expected, task
-    final = [r for r in records if r["split"] == "val"][-1]["tasks"]
+    final = final["tasks"]
     assert 0.0 <= final["semseg"]["mIoU"] <= 100.0 and math.isfinite(final["depth"]["rmse"])
     assert math.isfinite(final["normals"]["mean"]) and math.isfinite(final["edge"]["odsF"])
