@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mtlora_dist.data import build_loader
+from mtlora_dist.data.convert import convert
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
 PASCAL = {"num_train": 24, "num_val": 10, "seed": 3, "size": 80}  # the session datasets (conftest.py)
@@ -68,3 +69,10 @@ def state_after(loader, batches: int) -> dict:
     del it
     loader.close()
     return state
+
+
+def convert_splits(dataset: str, root: str, out: str, fmt=None, splits=("train", "val"), shard_size_mb=0.05) -> dict:
+    """Each split of a dataset converted into ``<out>/<split>``: ``{"urls": {split: folder}, "manifests": {...}}``."""
+    urls = {s: os.path.join(str(out), s) for s in splits}
+    manifests = {s: convert(dataset, str(root), s, urls[s], shard_size_mb=shard_size_mb, fmt=fmt) for s in splits}
+    return {"urls": urls, "manifests": manifests}

@@ -14,7 +14,6 @@ from PIL import Image
 from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import ConfigError, data_config
-from mtlora_dist.data.convert import convert
 from mtlora_dist.data.format_spec import register_format
 from mtlora_dist.data.formats import get_reader
 from mtlora_dist.data.formats.cityscapes import disparity_to_depth
@@ -26,6 +25,8 @@ from mtlora_dist.data.synthetic_layouts import (
     cityscapes_scene,
     make_cityscapes_tree,
 )
+
+from datatest_utils import convert_splits
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (64, 128)
@@ -47,10 +48,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tree, data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cityscapes_shards")
-    manifests = {s: convert("cityscapes", tree.root, s, str(out / s), shard_size_mb=0.05, fmt=data.format)
-                 for s in ("train", "val")}  # fmt: skip
-    return {"urls": {s: str(out / s) for s in manifests}, "manifests": manifests}
+    return convert_splits("cityscapes", tree.root, tmp_path_factory.mktemp("cityscapes_shards"), fmt=data.format)
 
 
 def _sample(root: Path, shape: tuple[int, int], city: str = "aachen", frame: str = "aachen_000000_000019"):

@@ -15,7 +15,6 @@ from PIL import Image
 from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import data_config
-from mtlora_dist.data.convert import convert
 from mtlora_dist.data.formats import get_reader
 from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
 from mtlora_dist.data.loader import build_loader
@@ -27,6 +26,8 @@ from mtlora_dist.data.synthetic_layouts import (
     sobel_magnitude,
     taskonomy_scene,
 )
+
+from datatest_utils import convert_splits
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["semseg", "normals", "depth", "edge"]
@@ -47,10 +48,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tree, data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("taskonomy_shards")
-    manifests = {s: convert("taskonomy", tree.root, s, str(out / s), shard_size_mb=0.05, fmt=data.format)
-                 for s in ("train", "val")}  # fmt: skip
-    return {"urls": {s: str(out / s) for s in manifests}, "manifests": manifests}
+    return convert_splits("taskonomy", tree.root, tmp_path_factory.mktemp("taskonomy_shards"), fmt=data.format)
 
 
 def _sample(root: Path, shape: tuple[int, int], building: str = "allensville") -> DeclaredSample:
