@@ -117,6 +117,8 @@ TASKS: dict[str, TaskSpec] = {
 }
 # fmt: on
 
+BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)  # declared datasets may register more at run time
+
 # A task declared by a dataset format that the registry does not know is made from its kind's row.
 KIND_DEFAULTS: dict[str, TaskSpec] = {
     spec.target_kind: spec for spec in (TASKS["semseg"], TASKS["sal"], TASKS["normals"], TASKS["depth"])
