@@ -51,7 +51,7 @@ from mtlora_dist.data.streaming import ShardStream, StreamConfig, stat_keys
 from mtlora_dist.data.transforms import Resampling, warp_batch
 from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.storage.fs import StorageOptions
-from mtlora_dist.tasks.registry import check_tasks
+from mtlora_dist.tasks.registry import check_tasks, get_dataset
 
 __all__ = [
     "ShardLoader",
@@ -297,6 +297,20 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _check_heads(url: str, manifest: Manifest, dataset: str, tasks: list[str]) -> None:
+    """Shards and model must agree on each task's outputs (a declared format edited after converting)."""
+    declared = get_dataset(dataset).num_outputs
+    differ = {
+        t: (manifest.num_outputs.get(t), declared[t]) for t in tasks if manifest.num_outputs.get(t) != declared[t]
+    }
+    if differ:
+        detail = ", ".join(f"{t}: {stored} in the shards, {now} now" for t, (stored, now) in differ.items())
+        raise ValueError(
+            f"{url} was converted with other outputs per task than dataset '{dataset}' declares ({detail}); "
+            "convert the dataset again with this declaration, or restore the one it was converted with"
+        )
+
+
 def build_loader(
     url: str,
     *,
@@ -373,6 +387,7 @@ def build_loader(
     absent = [t for t in tasks if t not in manifest.tasks]
     if absent:
         raise ValueError(f"{url} has no labels for task(s) {absent}; it stores {manifest.tasks}")
+    _check_heads(url, manifest, dataset, tasks)
     train = split == "train"
     cfg = StreamConfig(
         manifest=manifest,

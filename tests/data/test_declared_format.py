@@ -3,7 +3,9 @@ the shards and the batches, and the whole round trip (convert -> stream -> train
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +112,19 @@ def test_missing_labels_give_zero_loss_and_zero_gradient_and_are_not_scored(decl
     kept = {"road": batch["road"][~lacking], "label_size": batch["label_size"][~lacking]}
     only.update({"road": logits.detach()[~lacking]}, kept)
     assert evaluator.compute()["road"] == only.compute()["road"]
+
+
+def test_shards_converted_with_other_class_counts_are_refused(declared):
+    fmt = declared["data"].format
+    semseg = dataclasses.replace(fmt.tasks["semseg"], num_classes=4, class_names=None)
+    register_format("street_demo_k4", dataclasses.replace(fmt, tasks={**fmt.tasks, "semseg": semseg}))
+    manifest = json.loads((Path(declared["shards"]["train"]) / "manifest.json").read_text())
+    manifest["dataset"] = "street_demo_k4"
+    other = Path(declared["base"]) / "k4"
+    shutil.copytree(declared["shards"]["train"], other)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"semseg: 3 in the shards, 4 now\); convert the dataset again"):
+        build_loader(str(other), dataset="street_demo_k4", tasks=TASKS, split="train", img_size=(32, 32), batch_size=4)
 
 
 def test_declaration_errors_name_the_key_and_the_fix(tmp_path):
