@@ -21,6 +21,7 @@ from mtlora_dist.config import ConfigError, data_config, load_config
 from mtlora_dist.data.convert import convert
 from mtlora_dist.data.format_spec import DatasetFormat, LabelFormat, register_format
 from mtlora_dist.data.formats import get_reader
+from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
 from mtlora_dist.data.loader import build_loader
 from mtlora_dist.export.artifact import ModelSpec
 from mtlora_dist.models.trainable import TrainableConfig
@@ -112,6 +113,18 @@ def test_missing_labels_give_zero_loss_and_zero_gradient_and_are_not_scored(decl
     kept = {"road": batch["road"][~lacking], "label_size": batch["label_size"][~lacking]}
     only.update({"road": logits.detach()[~lacking]}, kept)
     assert evaluator.compute()["road"] == only.compute()["road"]
+
+
+@pytest.mark.parametrize("kind", ["class_map", "binary_map", "scalar"])
+def test_a_one_row_label_keeps_its_two_dimensions(tmp_path, kind):
+    """A label 1 pixel high is HxW, not squeezed to a vector (and a 16-bit map stays 16-bit)."""
+    Image.fromarray(np.array([[0, 1, 2, 1]], np.uint16)).save(tmp_path / "l.png")
+    label = LabelFormat(kind=kind, file="l.png", num_classes=3)
+    sample = DeclaredSample(str(tmp_path), {"split": "train"}, (1, 4))
+    decoded = decode_label(sample, label)
+    assert decoded.shape == (1, 4)
+    expected = {"class_map": [[0, 1, 2, 1]], "binary_map": [[0, 0, 0, 0]], "scalar": [[0.0, 1.0, 2.0, 1.0]]}[kind]
+    np.testing.assert_array_equal(decoded, np.array(expected, decoded.dtype))
 
 
 def test_shards_converted_with_other_class_counts_are_refused(declared):
