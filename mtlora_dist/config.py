@@ -353,16 +353,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
 
 def _check_dataset(data: DataConfig) -> None:
     """Register a declared dataset (every process that loads the config does), then check the tasks."""
-    from mtlora_dist.tasks.registry import BUILTIN_DATASETS, DATASETS, check_tasks
+    from mtlora_dist.tasks.registry import DATASETS, check_tasks
 
-    builtin = data.dataset in BUILTIN_DATASETS
     try:
         if data.format is not None:
-            if builtin:
-                raise ValueError(
-                    f"'{data.dataset}' is a built-in dataset with its own reader; give the declared "
-                    "dataset another name (data.dataset=...)"
-                )
             register_format(data.dataset, data.format)
         elif data.dataset not in DATASETS:
             raise ValueError(

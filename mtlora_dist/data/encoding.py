@@ -201,9 +201,12 @@ class Codec:
     missing: Callable[[int, int], np.ndarray]  # (h, w) -> the all-unsupervised label
 
 
+# class ids and binary masks are stored alike: an 8-bit PNG, 255 (ignore) everywhere when unlabelled
+_MAP_CODEC = Codec("png", _encode_png8, _decode_png8, "png:uint8", lambda h, w: np.full((h, w), 255, np.uint8))
+
 _CODECS: dict[str, Codec] = {
-    "class_map": Codec("png", _encode_png8, _decode_png8, "png:uint8", lambda h, w: np.full((h, w), 255, np.uint8)),
-    "binary_map": Codec("png", _encode_png8, _decode_png8, "png:uint8", lambda h, w: np.full((h, w), 255, np.uint8)),
+    "class_map": _MAP_CODEC,
+    "binary_map": _MAP_CODEC,
     "normals": Codec(
         "npy",
         *_npy_codec(np.float16, 3, 3),

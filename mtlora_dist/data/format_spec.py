@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtlora_dist.choices import StrEnum
-from mtlora_dist.tasks.registry import KIND_DEFAULTS, TASKS, DatasetSpec, TaskSpec, register_dataset
+from mtlora_dist.tasks.registry import BUILTIN_DATASETS, KIND_DEFAULTS, TASKS, DatasetSpec, TaskSpec, register_dataset
 
-__all__ = ["LabelKind", "LabelFormat", "DatasetFormat", "KIND_TARGET", "pattern_fields", "register_format"]
+__all__ = ["LabelKind", "LabelFormat", "DatasetFormat", "FIELD", "KIND_TARGET", "pattern_fields", "register_format"]
 
 
 class LabelKind(StrEnum):
@@ -41,7 +41,7 @@ class LabelKind(StrEnum):
 # the registry's target kind (storage, resizing, loss and metric family) of each declared kind
 KIND_TARGET = {"class_map": "class_map", "binary_map": "binary_map", "unit_vector": "normals", "scalar": "depth"}
 _FIXED_OUTPUTS = {"binary_map": 1, "unit_vector": 3, "scalar": 1}
-_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # a {field} of a path pattern
 
 
 @dataclass
@@ -97,7 +97,7 @@ class DatasetFormat:
 def pattern_fields(pattern: str) -> list[str]:
     """The ``{field}`` names of a path pattern, in order, each once."""
     seen: list[str] = []
-    for name in _FIELD.findall(pattern):
+    for name in FIELD.findall(pattern):
         if name not in seen:
             seen.append(name)
     return seen
@@ -154,6 +154,11 @@ def _task_spec(task: str, kind: str) -> TaskSpec:
 def register_format(name: str, fmt: DatasetFormat) -> DatasetSpec:
     """Check ``fmt`` and register dataset ``name`` (and tasks of its own) so every part of the framework
     knows it. Idempotent: each process (rank, evaluation job) registers what its config declares."""
+    if name in BUILTIN_DATASETS:
+        raise ValueError(
+            f"'{name}' is a built-in dataset with its own reader; give the declared dataset another name "
+            "(data.dataset=...)"
+        )
     check_format(name, fmt)
     tasks = [_task_spec(t, str(label.kind)) for t, label in fmt.tasks.items()]
     spec = DatasetSpec(

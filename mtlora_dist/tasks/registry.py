@@ -9,7 +9,7 @@ time with :func:`register_dataset` -- not an ``if task == ...`` elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -135,7 +135,22 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 BUILTIN_DATASETS: tuple[str, ...] = tuple(DATASETS)  # the rest are declared and registered at run time
-DATASET_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in DATASETS.items()}
+
+
+class _DatasetTasks(Mapping[str, tuple[str, ...]]):
+    """``DATASET_TASKS[name]``: the tasks of a registered dataset, read from ``DATASETS`` (one source)."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return DATASETS[name].tasks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DATASETS)
+
+    def __len__(self) -> int:
+        return len(DATASETS)
+
+
+DATASET_TASKS: Mapping[str, tuple[str, ...]] = _DatasetTasks()
 
 
 def labeled_key(task: str) -> str:
@@ -185,7 +200,6 @@ def register_dataset(spec: DatasetSpec, tasks: list[TaskSpec] | tuple[TaskSpec, 
             "give the declared dataset a name of its own"
         )
     DATASETS[spec.name] = spec
-    DATASET_TASKS[spec.name] = spec.tasks
 
 
 def check_tasks(dataset: str, tasks: list[str] | tuple[str, ...]) -> None:

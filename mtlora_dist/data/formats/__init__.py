@@ -30,8 +30,6 @@ def get_reader(
     """The reader of ``dataset`` under ``root`` for ``tasks`` (default: all of the dataset's tasks):
     the built-in one, or the declared ``fmt``'s."""
     if fmt is not None:
-        if dataset in READERS:
-            raise ValueError(f"'{dataset}' is a built-in dataset; give the declared format another name")
         return DeclaredReader(dataset, fmt, root, tasks, split)
     try:
         make = READERS[dataset]

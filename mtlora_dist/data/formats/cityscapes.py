@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import string
 from typing import Any
 
 import numpy as np
 
-from mtlora_dist.data.format_spec import LabelFormat
+from mtlora_dist.data.format_spec import LabelFormat, pattern_fields
 from mtlora_dist.data.formats.decoders import DeclaredSample, read_array, register_decoder
 
 __all__ = ["DISPARITY_SCALE", "disparity_to_depth", "read_camera", "cityscapes_disparity"]
@@ -92,8 +91,7 @@ def _args(label: LabelFormat) -> tuple[str, float | None]:
 
 
 def _camera_path(sample: DeclaredSample, pattern: str) -> str:
-    names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f}
-    missing = sorted(names - set(sample.fields))
+    missing = sorted(set(pattern_fields(pattern)) - set(sample.fields))
     if missing:
         raise ValueError(
             f"decoder '{_NAME}': the camera pattern '{pattern}' uses field(s) {missing} that the image pattern "

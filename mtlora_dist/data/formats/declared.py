@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mtlora_dist.data.format_spec import DatasetFormat
+from mtlora_dist.data.format_spec import FIELD, DatasetFormat
 from mtlora_dist.data.formats.base import load_rgb
 from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
 
@@ -26,7 +26,7 @@ KEY_SEPARATOR = "__"
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     """A regex matching paths of ``pattern`` (fields filled in except ``{split}``, which must be filled)."""
     out, pos, seen = [], 0, set()
-    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
+    for m in FIELD.finditer(pattern):
         out.append(re.escape(pattern[pos : m.start()]))
         name = m.group(1)
         out.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+?)")
@@ -75,7 +75,7 @@ class DeclaredReader:
         self.split = split
         filled = self.fmt.image.replace("{split}", split)
         regex = _pattern_regex(filled)
-        matched = glob.glob(os.path.join(glob.escape(self.root), re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "*", filled)))
+        matched = glob.glob(os.path.join(glob.escape(self.root), FIELD.sub("*", filled)))
         keys = []
         for path in matched:
             m = regex.match(os.path.relpath(path, self.root).replace(os.sep, "/"))
