@@ -43,9 +43,7 @@ def test_missing_fast_decoders_fall_back_to_pil_with_one_line(pascal_shards, tmp
     hidden.mkdir()
     _hide(hidden, "simplejpeg", "pyspng")
     out = tmp_path / "batches.pt"
-    script = CHILD.format(
-        tests=os.path.dirname(__file__), url=pascal_shards["train"], args=LOADER_ARGS, out=str(out)
-    )
+    script = CHILD.format(tests=os.path.dirname(__file__), url=pascal_shards["train"], args=LOADER_ARGS, out=str(out))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
