@@ -124,18 +124,26 @@ def _zero_section(rows: list, cmd: str) -> str:
 def _gpu_section() -> str:
     return """## GPU figures still to be taken
 
-No GPU has been lent to this project yet, so the H100/H200 figures are still to be taken: Swin-B (batch
-16, 32) and Swin-L (batch 8, and 16 with activation checkpointing) at 448 px, bf16, ZeRO-2: images/s,
-peak memory, MFU (model FLOPs once, without the checkpointing recompute) and HFU; 30 Swin-B steps through
-`deepspeed --num_gpus 1 launch/train.py` with an evaluation and a checkpoint; our model step against the
-per-task loop on the GPU; loader samples/s with 8 and 16 workers, pageable vs pinned batches; and
-`torch.compile`. Before any of them, correctness on CUDA: fp64 gradcheck of the fused ops, bf16 vs fp32,
-dropout rates, checkpointing + dropout gradients, control collectives beside an NCCL group.
-
-One prepared command takes them all in 8 minutes (each step its own subprocess under a time budget):
+No GPU has been lent to this project yet, so every H100/H200 figure is still to be taken. One prepared
+command takes them in 8 minutes, highest value first, each step its own subprocess with its own timeout:
 `bash benchmarks/gpu_session.sh` on the device machine, with the wheels of `benchmarks/build_wheels.sh`
-carried in `.whl/`. It writes `session.jsonl`, `summary.md` and `steps.log`; its CPU smoke mode
-(`SMOKE=1`) runs in CI. How to run it: [benchmarks/README.md](../benchmarks/README.md).
+carried in `.whl/`:
+
+1. the environment (every third-party module the code imports, imported) and correctness on CUDA (fp64
+   gradcheck of the fused ops, bf16 vs fp32, dropout rates, checkpointing + dropout gradients, control
+   collectives beside an NCCL group);
+2. 30 Swin-B steps at 448 px, bf16, ZeRO-2 through `deepspeed --num_gpus 1 launch/train.py`, with an
+   evaluation, a checkpoint and a resume;
+3. two ranks on the one GPU (a `cuda:gloo` default group, which refuses CPU tensors as NCCL does) through
+   the trainer at ZeRO-2 and ZeRO-3, bf16, SyncBN on: 10 steps, an evaluation, a checkpoint, a resume;
+4. Swin-B (batch 32) and Swin-L (batch 8) at 448 px, bf16, ZeRO-2, eager and compiled: images/s, peak
+   memory, MFU and HFU against the device's nominal dense peak (and against the measured matmul rate);
+5. the loader with 8 and 16 workers; more throughput shapes; our model step against the per-task loop;
+   host-to-device copies.
+
+It writes `session.jsonl`, `summary.md` and `steps.log`. Its CPU smoke mode (`SMOKE=1`) runs in CI, and
+`bash benchmarks/device_twin.sh` runs that smoke mode in a copy of the lent machine's environment
+([gpu.md](gpu.md#the-device-twin)). How to run it: [benchmarks/README.md](../benchmarks/README.md).
 """
 
 
