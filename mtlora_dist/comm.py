@@ -9,9 +9,10 @@ the default group crashes every run of two or more GPUs at its first step. Two k
   ``barrier``. They run on CPU tensors over the *control group*: the default group when it has a CPU
   backend (gloo, or a ``cpu:gloo,cuda:nccl`` group), otherwise a gloo group made once beside it by
   :func:`init_control_group`. No device synchronisation for a flag, and no GPU memory for objects.
-- **device** (model tensors: buffers, metric state): ``all_reduce``, ``broadcast_``. They run on the
-  default group, on :func:`comm_device`, chosen the same on every rank (never from where one rank's
-  tensor happens to be: a rank that saw no batch holds CPU metric state while the others hold CUDA).
+- **device** (model tensors: buffers, metric state, SyncBN moments): ``all_reduce``, ``broadcast_``,
+  ``all_reduce_with_grad``. They run on the default group, on :func:`comm_device`, chosen the same on
+  every rank (never from where one rank's tensor happens to be: a rank that saw no batch holds CPU
+  metric state while the others hold CUDA).
 
 Everything is a no-op without an initialised process group, and runs the real collective otherwise,
 also in a group of one, so a one-GPU run exercises the same path as a multi-node one.
@@ -88,14 +89,14 @@ def shutdown() -> None:
     """Leave every process group (and DeepSpeed's references to them) before the process exits: a group
     left to interpreter exit can abort it ("terminate called without an active exception", status 134
     instead of 0 or 3), and a later group in the same process must not meet stale ones."""
-    global _control, _control_of
+    global _control, _control_of, _timeout
     if is_distributed():
         deepspeed_comm = sys.modules.get("deepspeed.comm")
         if deepspeed_comm is not None and deepspeed_comm.is_initialized():
             deepspeed_comm.destroy_process_group()
         else:
             dist.destroy_process_group()
-    _control = _control_of = None
+    _control = _control_of = _timeout = None
     _peers.clear()
 
 
@@ -153,15 +154,18 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: Tensor) -> Tensor:
-        work = tensor.to(comm_device(), copy=True).contiguous()  # a copy: the caller's tensor stays as it was
-        dist.all_reduce(work)
-        return work.to(tensor.device)
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        work = grad.to(comm_device(), copy=True).contiguous()
-        dist.all_reduce(work)
-        return work.to(grad.device)
+        return _summed_copy(grad)
+
+
+def _summed_copy(tensor: Tensor) -> Tensor:
+    """A new tensor on ``tensor``'s device holding its sum over ranks (``tensor`` itself unchanged)."""
+    work = tensor.to(comm_device(), copy=True).contiguous()
+    dist.all_reduce(work)
+    return work.to(tensor.device)
 
 
 def all_reduce_with_grad(tensor: Tensor) -> Tensor:

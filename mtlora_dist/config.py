@@ -163,10 +163,10 @@ class DeepSpeedSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.bucket_size < 0:
+        if self.bucket_size < 0 or self.bucket_size % 2:
             raise ValueError(
                 f"deepspeed.bucket_size is {self.bucket_size}; pass 0 (sized to the trainable set) or a "
-                "positive number of elements"
+                "positive even number of elements (DeepSpeed aligns buckets to 2 elements)"
             )
         if not self.process_group_timeout_s > 0:
             raise ValueError(

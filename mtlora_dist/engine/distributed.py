@@ -76,7 +76,7 @@ def device_for(local_rank: int) -> torch.device:
 def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Start (or join) the process group: NCCL on GPUs, gloo on CPUs. A collective that waits more than
     ``timeout_s`` for a peer fails on every rank (``deepspeed.process_group_timeout_s``) instead of
-    blocking for DeepSpeed's default (``DEEPSPEED_TIMEOUT``, 10 min in 0.19, 30 in older releases)."""
+    blocking for DeepSpeed's default (``DEEPSPEED_TIMEOUT`` minutes, 10 unless set, in 0.19.8)."""
     import deepspeed
 
     _export_launcher_env(local_rank_arg)

@@ -11,7 +11,9 @@ so checkpoints load either way) whose training forward, in a group of two or mor
 per-channel ``sum(x)``, ``sum(x^2)`` and the element count over the default group in fp32 through
 :func:`mtlora_dist.comm.all_reduce_with_grad`: one collective per layer and forward, one in backward,
 on the model's device (gloo on CPUs, NCCL on GPUs), the same code on both. Evaluation and single-rank
-training are ``FP32BatchNorm2d`` itself.
+training are ``FP32BatchNorm2d`` itself. The variance is ``E[x^2] - E[x]^2`` in fp32, as torch's
+SyncBatchNorm combines per-rank moments: exact enough for the heads' pre-activation maps, whose
+per-channel means are not large against their spread.
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ def test_bf16_reduces_gradients_in_fp32(stage, accumulate):
 @pytest.mark.parametrize(
     "override,message",
     [("deepspeed.bucket_size=-1", "deepspeed.bucket_size is -1"),
+     ("deepspeed.bucket_size=1000001", "positive even number"),
      ("deepspeed.process_group_timeout_s=0", "deepspeed.process_group_timeout_s is 0")],
 )  # fmt: skip
 def test_bad_bucket_or_timeout_is_refused_by_name(override, message):
