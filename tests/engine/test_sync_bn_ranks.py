@@ -41,9 +41,9 @@ def test_two_bf16_ranks_train_and_evaluate_with_synced_fp32_batchnorm(tmp_path):
         # each rank saw different samples: only the all-reduced statistics agree
         assert mean == pytest.approx(other_mean, rel=1e-6, abs=1e-7) and var == pytest.approx(other_var, rel=1e-6)
         assert any(abs(v) > 1e-4 for v in mean), f"{name}: the running mean never moved"
-    for name, dtype in report["buffers"].items():
-        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var"):
-            assert dtype == "torch.float32", f"{name} is {dtype}"
+    statistics = {n: d for n, d in report["buffers"].items() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")}
+    assert len(statistics) == 2 * len(ranks[0]), "every BatchNorm's statistics are buffers of the engine's module"
+    assert all(d == "torch.float32" for d in statistics.values()), statistics
     assert all(d == "torch.bfloat16" for n, d in report["buffers"].items() if n.endswith("attn_mask"))
 
     losses = report["losses"]
