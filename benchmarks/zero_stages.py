@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,32 +50,62 @@ def optimizer_state_bytes(engine) -> int:
     return total
 
 
+def watch_bucket_buffers(engine) -> list[int]:
+    """A list that receives the bytes of ZeRO-1/2's gradient bucket buffers (``reduce_bucket_size``
+    elements each, a second one with ``overlap_comm``) each time the backward allocates them. On a GPU
+    the caching allocator holds them in full; on a CPU only the pages written are resident, so peak RSS
+    understates them and the virtual peak shows them."""
+    seen: list[int] = []
+    optimizer = engine.optimizer
+    setup = getattr(optimizer, "setup_buckets", None)
+    if setup is None:  # ZeRO-0/3: no such buffers
+        return seen
+
+    def counted():
+        setup()
+        seen.append(sum(t.numel() * t.element_size() for b in optimizer.ipg_buckets.values() for t in b.buffer))
+
+    optimizer.setup_buckets = counted
+    return seen
+
+
+def vm_peak_mib() -> float:
+    """The process's peak virtual size (``VmPeak``): every allocation, touched or not."""
+    with open("/proc/self/status") as fh:
+        line = next(line for line in fh if line.startswith("VmPeak:"))
+    return int(line.split()[1]) / 1024
+
+
 def worker(args) -> None:
     import torch
 
     from mtlora_dist.config import load_config
-    from mtlora_dist.engine.deepspeed_setup import initialize_engine
+    from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
     from mtlora_dist.engine.distributed import init_distributed
     from mtlora_dist.models import build_model
     from mtlora_dist.tasks.losses import MultiTaskLoss
 
     info = init_distributed(args.local_rank)
     torch.set_num_threads(1)
-    cfg = load_config(
-        args.config,
-        [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", f"deepspeed.zero_stage={args.stage}"],
-    )
+    overrides = [
+        f"model.img_size=[{args.size},{args.size}]",
+        "model.pretrained=null",
+        f"deepspeed.zero_stage={args.stage}",
+    ]
+    if args.size <= 64:  # the tiny windows the tests use at 64 px
+        overrides.append("model.backbone_kwargs.window_size=2")
+    cfg = load_config(args.config, [*overrides, *args.override])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, args.batch, info.world_size, 1000)
     loss_fn = MultiTaskLoss(cfg.data.tasks)
-    images = torch.randn(args.batch, 3, args.size, args.size)
+    images = torch.randn(args.batch, 3, args.size, args.size, dtype=model_dtype(cfg.deepspeed))
     targets = random_targets(cfg.data.tasks, args.batch, args.size)
-    times = []
+    times, buffers = [], watch_bucket_buffers(engine)
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        total, _ = loss_fn(engine(images), targets)
+        total, _ = loss_fn({t: o.float() for t, o in engine(images).items()}, targets)
         engine.backward(total)
         engine.step()
         if step:  # the first step allocates the optimizer state
@@ -86,12 +117,32 @@ def worker(args) -> None:
         "trainable": trainable,
         "step_s": statistics.median(times),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_vm_mib": vm_peak_mib(),
+        "bucket_buffer_mib": max(buffers, default=0) / 2**20,
+        "reduce_bucket_size": engine.zero_reduce_bucket_size() if engine.zero_optimization() else 0,
+        "tag": args.tag,
         "optimizer_state_bytes": optimizer_state_bytes(engine),
         "ideal_bytes": 12 * trainable / info.world_size,
         "optimizer": f"{type(engine.optimizer).__name__}/{type(getattr(engine.optimizer, 'optimizer', engine.optimizer)).__name__}",
     }
-    with open(os.path.join(args.out, f"stage{args.stage}_rank{info.rank}.json"), "w") as fh:
+    with open(os.path.join(args.out, f"{args.tag}stage{args.stage}_rank{info.rank}.json"), "w") as fh:
         json.dump(result, fh)
+
+
+def launch(stage: int, out: str, config: str, size: int, batch: int, steps: int, *extra: str, tag: str = "") -> None:
+    """One ``deepspeed --num_accelerators 2`` job of :func:`worker` (gloo); ``extra`` are config overrides."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
+           "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--stage", str(stage),
+           "--out", out, "--config", config, "--size", str(size), "--batch", str(batch), "--steps", str(steps),
+           "--tag", tag, *(f"--override={o}" for o in extra)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -106,37 +157,15 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
     out = tempfile.mkdtemp(prefix="zero-bench-")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for stage in args.stages:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_accelerators",
-            "2",
-            "--master_port",
-            str(29700 + stage),
-            os.path.abspath(__file__),
-            "--worker",
-            "--stage",
-            str(stage),
-            "--out",
-            out,
-            "--config",
-            args.config,
-            "--size",
-            str(args.size),
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-        ]
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        launch(stage, out, args.config, args.size, args.batch, args.steps)
     rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
     print(
         "| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) | optimizer |"

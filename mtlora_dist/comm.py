@@ -9,9 +9,10 @@ the default group crashes every run of two or more GPUs at its first step. Two k
   ``barrier``. They run on CPU tensors over the *control group*: the default group when it has a CPU
   backend (gloo, or a ``cpu:gloo,cuda:nccl`` group), otherwise a gloo group made once beside it by
   :func:`init_control_group`. No device synchronisation for a flag, and no GPU memory for objects.
-- **device** (model tensors: buffers, metric state): ``all_reduce``, ``broadcast_``. They run on the
-  default group, on :func:`comm_device`, chosen the same on every rank (never from where one rank's
-  tensor happens to be: a rank that saw no batch holds CPU metric state while the others hold CUDA).
+- **device** (model tensors: buffers, metric state, SyncBN moments): ``all_reduce``, ``broadcast_``,
+  ``all_reduce_with_grad``. They run on the default group, on :func:`comm_device`, chosen the same on
+  every rank (never from where one rank's tensor happens to be: a rank that saw no batch holds CPU
+  metric state while the others hold CUDA).
 
 Everything is a no-op without an initialised process group, and runs the real collective otherwise,
 also in a group of one, so a one-GPU run exercises the same path as a multi-node one.
@@ -32,6 +33,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ __all__ = [
     "control_group",
     "comm_device",
     "all_reduce",
+    "all_reduce_with_grad",
     "broadcast_",
     "any_rank",
     "sum_counts",
@@ -61,6 +64,7 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 _control: dist.ProcessGroup | None = None
 _control_of: dist.ProcessGroup | None = None  # the default group the control group was made for
 _peers: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered once with the control group
+_timeout: timedelta | None = None  # the process groups' timeout, for the message when it expires
 
 
 def is_distributed() -> bool:
@@ -85,27 +89,29 @@ def shutdown() -> None:
     """Leave every process group (and DeepSpeed's references to them) before the process exits: a group
     left to interpreter exit can abort it ("terminate called without an active exception", status 134
     instead of 0 or 3), and a later group in the same process must not meet stale ones."""
-    global _control, _control_of
+    global _control, _control_of, _timeout
     if is_distributed():
         deepspeed_comm = sys.modules.get("deepspeed.comm")
         if deepspeed_comm is not None and deepspeed_comm.is_initialized():
             deepspeed_comm.destroy_process_group()
         else:
             dist.destroy_process_group()
-    _control = _control_of = None
+    _control = _control_of = _timeout = None
     _peers.clear()
 
 
-def init_control_group() -> None:
+def init_control_group(timeout: timedelta | None = None) -> None:
     """Make the control group (a collective when one has to be created: call it on every rank,
-    right after the default group exists; ``init_distributed`` does)."""
-    global _control, _control_of
+    right after the default group exists; ``init_distributed`` does, with the default group's
+    ``timeout``, so a control collective gives up on a silent peer as soon as a device one does)."""
+    global _control, _control_of, _timeout
     if not is_distributed():
         return
     world = dist.group.WORLD
     if _control is not None and _control_of is world:
         return
-    _control = world if "cpu" in _device_types(world) else dist.new_group(backend="gloo")
+    _timeout = timeout
+    _control = world if "cpu" in _device_types(world) else dist.new_group(backend="gloo", timeout=timeout)
     _control_of = world
     _peers[:] = all_gather_object((socket.gethostname(), os.getpid()))
 
@@ -140,6 +146,35 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     work = tensor.to(comm_device()).contiguous()
     dist.all_reduce(work, op=_OPS[op])
     return work
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of every rank's gradient: each rank's output feeds every
+    rank's loss, so each input receives all of them (the backward of torch's SyncBatchNorm in spirit)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        return _summed_copy(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _summed_copy(grad)
+
+
+def _summed_copy(tensor: Tensor) -> Tensor:
+    """A new tensor on ``tensor``'s device holding its sum over ranks (``tensor`` itself unchanged)."""
+    work = tensor.to(comm_device(), copy=True).contiguous()
+    dist.all_reduce(work)
+    return work.to(tensor.device)
+
+
+def all_reduce_with_grad(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over ranks on the default group, differentiable (gradients are summed too);
+    returns a new tensor on ``tensor``'s device. Every rank must call it the same number of times, in
+    forward and backward alike."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceSum.apply(tensor)
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
@@ -213,6 +248,8 @@ class PeerLostError(RuntimeError):
     """Another rank of the job stopped while this one needed it; nothing more can be computed or saved."""
 
 
+# What a collective says when a peer did not answer within the process-group timeout (gloo; NCCL's watchdog).
+_TIMEOUT_MARKERS = ("Timed out waiting", "Watchdog caught collective operation timeout")
 # What the transports say when the other end of a connection is gone (gloo, NCCL, the TCP store).
 _PEER_LOST_MARKERS = (
     "Connection closed by peer",
@@ -222,6 +259,7 @@ _PEER_LOST_MARKERS = (
     "remote process exited",
     "communicator was aborted",
     "Socket Timeout",
+    *_TIMEOUT_MARKERS,
 )
 
 
@@ -261,6 +299,9 @@ def _peer_lost_message(err: BaseException, wait_s: float) -> str:
     else:
         remote = sorted({h for h, _ in _peers if h != socket.gethostname()})
         who = f"a rank on another host ({', '.join(remote)}) has stopped" if remote else "a peer rank has stopped"
+        if any(m in str(err) for m in _TIMEOUT_MARKERS):
+            waited = f"{_timeout.total_seconds():g} s, " if _timeout else ""
+            who += f" answering (no reply within the process-group timeout: {waited}deepspeed.process_group_timeout_s)"
         where = "the other ranks' output"
     said = next((m for m in _PEER_LOST_MARKERS if m in str(err)), type(err).__name__)
     return (

@@ -154,7 +154,25 @@ class DeepSpeedSettings:
     precision: Precision = Precision.fp32
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 5.0
+    # elements per ZeRO reduce/all-gather bucket; 0 = sized to the trainable set (docs/gpu.md, "Buckets")
+    bucket_size: int = 0
+    overlap_comm: bool = True  # reduce finished buckets while the backward goes on (ZeRO 1-3)
+    fp32_grad_reduce: bool = True  # under bf16: reduce (and, on ZeRO-2/3, accumulate) gradients in fp32
+    # seconds a collective may wait for a peer before every rank stops with a named error (NCCL and gloo)
+    process_group_timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bucket_size < 0 or self.bucket_size % 2:
+            raise ValueError(
+                f"deepspeed.bucket_size is {self.bucket_size}; pass 0 (sized to the trainable set) or a "
+                "positive even number of elements (DeepSpeed aligns buckets to 2 elements)"
+            )
+        if not self.process_group_timeout_s > 0:
+            raise ValueError(
+                f"deepspeed.process_group_timeout_s is {self.process_group_timeout_s}; pass a positive number "
+                "of seconds (default 600)"
+            )
 
 
 @dataclass

@@ -14,11 +14,18 @@ from mtlora_dist.config import DeepSpeedSettings, OptimConfig
 from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
 from mtlora_dist.models.precision import align_buffers
 
-__all__ = ["deepspeed_config", "initialize_engine", "model_dtype"]
+__all__ = ["bucket_elements", "deepspeed_config", "initialize_engine", "model_dtype"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TESTED_DEEPSPEED = ("0.18", "0.20")  # [low, high): pyproject.toml pins the same range
 log = logging.getLogger("mtlora_dist")
+
+# Buckets (docs/gpu.md, "Buckets"): DeepSpeed's 5e8-element default suits billion-parameter models; ZeRO-1/2
+# allocate buffers of the bucket size whatever the trainable set, and one bucket holding every gradient
+# leaves nothing to overlap with the backward. A quarter of the set per bucket, within these bounds.
+BUCKETS_PER_SET = 4
+MIN_BUCKET = 2**20  # elements (4 MiB in fp32): below this, per-collective latency outweighs overlap
+MAX_BUCKET = 500_000_000  # DeepSpeed's default
 
 
 def check_deepspeed_version(version: str) -> bool:
@@ -41,9 +48,26 @@ def model_dtype(settings: DeepSpeedSettings) -> torch.dtype:
     return _DTYPES[settings.precision]
 
 
-def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for our settings; ``settings.extra`` is merged on top unchanged."""
+def bucket_elements(parameters: int, override: int = 0) -> int:
+    """Elements per ZeRO bucket for ``parameters`` elements to reduce or gather: ``override`` when set,
+    else ``parameters / BUCKETS_PER_SET`` rounded up to a multiple of 1024, within [MIN_BUCKET, MAX_BUCKET]."""
+    if override:
+        return override
+    size = -(-parameters // BUCKETS_PER_SET)
+    return min(max(-(-size // 1024) * 1024, MIN_BUCKET), MAX_BUCKET)
+
+
+def deepspeed_config(
+    settings: DeepSpeedSettings, micro_batch: int, world_size: int, trainable: int, parameters: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for our settings, buckets sized to ``trainable`` (ZeRO-3's parameter prefetch to
+    ``parameters``, all of them: it gathers the frozen backbone too); ``settings.extra`` is merged on top."""
     zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.zero_stage >= 1:
+        bucket = bucket_elements(trainable, settings.bucket_size)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket, overlap_comm=settings.overlap_comm)
+    if settings.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket_elements(parameters or trainable, settings.bucket_size)
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
@@ -60,7 +84,19 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if settings.precision == "bf16" and settings.fp32_grad_reduce:
+        config.update(_fp32_gradients(settings.zero_stage))
     return _merge(config, dict(settings.extra))
+
+
+def _fp32_gradients(zero_stage: int) -> dict[str, Any]:
+    """Gradient reduction in fp32 on every stage; accumulation in fp32 where DeepSpeed 0.19's ZeRO
+    optimizer keeps it (stages 2 and 3). Stage 1 would switch to DeepSpeed's BF16_Optimizer (another
+    checkpoint layout) and stage 0 refuses the mix ("unsupported mix of model_dtype and grad_accum_dtype")."""
+    config: dict[str, Any] = {"communication_data_type": "fp32"}
+    if zero_stage >= 2:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -82,7 +118,9 @@ def initialize_engine(
     import deepspeed
 
     check_deepspeed_version(deepspeed.__version__)
-    config = deepspeed_config(settings, micro_batch, world_size)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parameters = sum(p.numel() for p in model.parameters())
+    config = deepspeed_config(settings, micro_batch, world_size, trainable, parameters)
     base_lr, warmup_lr, min_lr = scaled_lrs(optim, config["train_batch_size"])
     groups = param_groups(model, optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -12,13 +12,14 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from mtlora_dist import comm
 from mtlora_dist.engine.host_memory import keep_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "device_for", "free_port"]
+__all__ = ["DistInfo", "init_distributed", "device_for", "free_port", "enable_nccl_async_errors"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
-    """Start (or join) the process group: NCCL on GPUs, gloo on CPUs."""
+def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0) -> DistInfo:
+    """Start (or join) the process group: NCCL on GPUs, gloo on CPUs. A collective that waits more than
+    ``timeout_s`` for a peer fails on every rank (``deepspeed.process_group_timeout_s``) instead of
+    blocking for DeepSpeed's default (``DEEPSPEED_TIMEOUT`` minutes, 10 unless set, in 0.19.8)."""
     import deepspeed
 
     _export_launcher_env(local_rank_arg)
@@ -86,9 +89,21 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    timeout = timedelta(seconds=timeout_s)
     if not comm.is_distributed():
+        enable_nccl_async_errors()
         deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timeout,
         )
-    comm.init_control_group()  # host-side control collectives (NCCL refuses CPU tensors)
+    comm.init_control_group(timeout)  # host-side control collectives (NCCL refuses CPU tensors)
     return DistInfo(comm.rank(), comm.world_size(), local_rank, device)
+
+
+def enable_nccl_async_errors() -> None:
+    """NCCL's watchdog aborts a collective that outlives the timeout only with asynchronous error handling
+    on; without it a rank waiting in a device sync (``.item()``, a stream wait) for a dead peer blocks
+    forever. Set before the group exists (NCCL reads it then); a value the user chose stays."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")

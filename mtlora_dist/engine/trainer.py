@@ -28,6 +28,7 @@ from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.models import build_model
+from mtlora_dist.models.sync_bn import convert_sync_batchnorm
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
@@ -55,7 +56,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     """Run (or resume) the job described by ``cfg``; ``reports(cfg, val_url)`` makes what is drawn after
     each evaluation and at the end (``reports.TrainingReporter``). Raises ``comm.PeerLostError`` when
     another rank of the job dies, so this rank stops at once instead of waiting for its launcher's kill."""
-    info = init_distributed(local_rank)
+    info = init_distributed(local_rank, timeout_s=cfg.deepspeed.process_group_timeout_s)
     stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
     setup_logging(info.rank)
     comm.barrier()
@@ -207,8 +208,8 @@ def _endless(loader):
 
 def _build_model(cfg: TrainConfig, info: DistInfo):
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
-    if cfg.model.sync_bn and info.world_size > 1 and info.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN runs on GPUs only
+    if cfg.model.sync_bn and info.world_size > 1:  # the same SyncBN on CPUs (gloo) and GPUs (NCCL)
+        model = convert_sync_batchnorm(model)
     return model.to(info.device)
 
 
