@@ -145,6 +145,9 @@ class OptimConfig:
     warmup_fraction: float = 20 / 300  # used when warmup_steps is 0
 
 
+DIST_BACKENDS = ("auto", "nccl", "gloo", "cuda:gloo")
+
+
 @dataclass
 class DeepSpeedSettings:
     """What we hand to ``deepspeed.initialize``; ``extra`` is merged into the DeepSpeed JSON as is."""
@@ -160,6 +163,9 @@ class DeepSpeedSettings:
     fp32_grad_reduce: bool = True  # under bf16: reduce (and, on ZeRO-2/3, accumulate) gradients in fp32
     # seconds a collective may wait for a peer before every rank stops with a named error (NCCL and gloo)
     process_group_timeout_s: float = 600.0
+    # the default process group's backend: auto (NCCL on GPUs, gloo on CPUs), nccl, gloo, or cuda:gloo (gloo
+    # for CUDA tensors only: refuses CPU tensors as NCCL does, and runs several ranks on one GPU)
+    dist_backend: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -173,6 +179,8 @@ class DeepSpeedSettings:
                 f"deepspeed.process_group_timeout_s is {self.process_group_timeout_s}; pass a positive number "
                 "of seconds (default 600)"
             )
+        if self.dist_backend not in DIST_BACKENDS:
+            raise ValueError(f"deepspeed.dist_backend is '{self.dist_backend}'; pass one of {', '.join(DIST_BACKENDS)}")
 
 
 @dataclass

@@ -19,7 +19,14 @@ import torch
 from mtlora_dist import comm
 from mtlora_dist.engine.host_memory import keep_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "device_for", "free_port", "enable_nccl_async_errors"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "device_for",
+    "default_group_backend",
+    "free_port",
+    "enable_nccl_async_errors",
+]
 
 
 @dataclass(frozen=True)
@@ -67,16 +74,27 @@ def _export_launcher_env(local_rank_arg: int | None) -> None:
 
 
 def device_for(local_rank: int) -> torch.device:
+    """This rank's GPU; with more ranks than GPUs (a ``cuda:gloo`` rehearsal) ranks share them round-robin
+    (NCCL itself refuses two ranks on one GPU, with its own message)."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0) -> DistInfo:
-    """Start (or join) the process group: NCCL on GPUs, gloo on CPUs. A collective that waits more than
-    ``timeout_s`` for a peer fails on every rank (``deepspeed.process_group_timeout_s``) instead of
-    blocking for DeepSpeed's default (``DEEPSPEED_TIMEOUT`` minutes, 10 unless set, in 0.19.8)."""
+def default_group_backend(requested: str, device: torch.device) -> str:
+    """``deepspeed.dist_backend``: ``auto`` is NCCL on GPUs and gloo on CPUs; anything else as given."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return requested
+
+
+def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0, backend: str = "auto") -> DistInfo:
+    """Start (or join) the process group: NCCL on GPUs, gloo on CPUs, or ``backend``
+    (``deepspeed.dist_backend``). A collective that waits more than ``timeout_s`` for a peer fails on every
+    rank (``deepspeed.process_group_timeout_s``) instead of blocking for DeepSpeed's default
+    (``DEEPSPEED_TIMEOUT`` minutes, 10 unless set, in 0.19.8)."""
     import deepspeed
 
     _export_launcher_env(local_rank_arg)
@@ -93,7 +111,7 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0
     if not comm.is_distributed():
         enable_nccl_async_errors()
         deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            dist_backend=default_group_backend(backend, device),
             auto_mpi_discovery=False,
             verbose=False,
             timeout=timeout,

@@ -56,7 +56,9 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     """Run (or resume) the job described by ``cfg``; ``reports(cfg, val_url)`` makes what is drawn after
     each evaluation and at the end (``reports.TrainingReporter``). Raises ``comm.PeerLostError`` when
     another rank of the job dies, so this rank stops at once instead of waiting for its launcher's kill."""
-    info = init_distributed(local_rank, timeout_s=cfg.deepspeed.process_group_timeout_s)
+    info = init_distributed(
+        local_rank, timeout_s=cfg.deepspeed.process_group_timeout_s, backend=cfg.deepspeed.dist_backend
+    )
     stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
     setup_logging(info.rank)
     comm.barrier()

@@ -51,7 +51,9 @@ def evaluate_checkpoint(
     the training curves and the prediction grid to ``out_dir`` (default ``<run_dir>/eval``)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got '{split}'")
-    info = init_distributed(local_rank)
+    info = init_distributed(
+        local_rank, timeout_s=cfg.deepspeed.process_group_timeout_s, backend=cfg.deepspeed.dist_backend
+    )
     setup_logging(info.rank)
     storage = cfg.data.storage
     ref: CheckpointRef = comm.broadcast_object(resolve_checkpoint(checkpoint, storage) if info.is_main else None)

@@ -2,8 +2,8 @@
 CPU rank), the tiny model, 6 steps on synthetic shards in the test S3 server, evaluation at the last step,
 run_dir on S3.
 
-One rank, because a checkpoint holds rank 0's BatchNorm statistics: on CPUs (no SyncBatchNorm) every rank
-keeps its own, so a multi-rank run's evaluation mixes them and no checkpoint reproduces it exactly."""
+One rank: the shortest run that shows evaluation equal to the training run's (with several ranks SyncBN keeps
+their BatchNorm statistics identical, so a multi-rank run would agree too, at more cost)."""
 
 from __future__ import annotations
 
