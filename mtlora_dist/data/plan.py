@@ -3,26 +3,32 @@
 Pure index arithmetic over the manifest's per-shard counts -- no I/O -- so it is the same on every
 rank and in every worker, and a resumed run can recompute exactly where it was.
 
-An epoch is planned in four steps:
+**Shard order.** A permutation of the shards from ``(seed, epoch)`` (identity without shuffling).
+Concatenating the shards in that order numbers the epoch's samples ``0..N-1`` ("positions").
 
-1. **Shard order**: a permutation of the shards from ``(seed, epoch)`` (identity without shuffling).
-   Concatenating the shards in that order numbers the epoch's samples ``0..N-1`` ("positions").
-2. **Rank slice**: rank ``r`` takes a contiguous run of positions, the same length on every rank.
-   Training (``drop_last``): ``B * floor(N / (W * B))`` positions per rank, fewer than ``W * B``
-   samples of the epoch are left out (different ones every epoch, as the shard order changes).
-   Evaluation: ``ceil(N / W)`` slots per rank; ranks that get one sample fewer pad with a copy of their
-   last sample marked ``valid=False``, so every sample is evaluated exactly once; the last batch may be
-   smaller than ``B`` (the same size on every rank).
-3. **Worker chunks**: the rank's batch ``j`` is produced by worker ``j % K`` (the order in which a
-   ``DataLoader`` collects from its workers); each worker takes a contiguous chunk of the rank's slots,
-   as many as its batches hold, so it reads few shards.
-4. **Emission order**: within its chunk a worker emits samples through a shuffle buffer, simulated
-   here on indices from ``(seed, epoch, rank, worker)``; memory stays bounded by the buffer size
-   because the reader streams shards in order and holds only samples not yet emitted.
+**Training order** (``drop_last``): a function of ``(seed, epoch, manifest, global batch G, block T)``
+only -- never of the number of ranks, workers, or the micro-batch split -- so it is the same on any
+number of GPUs and a run resumes mid-epoch on another world size (:func:`epoch_order`).
 
-A resumed run that already consumed ``c`` batches of the epoch drops, per worker, the samples of its
-first ``ceil((c - k) / K)`` batches from the emission order; those samples are skipped raw (never
-decoded), and shards not needed any more are not opened.
+1. The epoch has ``nb = floor(N / G)`` global batches; the last ``N - nb * G`` positions (the tail of
+   this epoch's shard order, so different samples each epoch) are not used.
+2. Slot ``p`` of the global batch (``0 <= p < G``) reads *blocks*: contiguous runs of ``T`` positions,
+   one block per ``T`` consecutive global batches. The ``G * ceil(nb / T)`` blocks are laid over the
+   positions in a seeded random order, and each block is emitted in a seeded random order. So one
+   global batch takes its ``G`` samples from ``G`` blocks scattered over the whole epoch (as mixed as a
+   uniform shuffle), while a reader needs only ``T``-sample runs of each shard.
+3. Global batch ``b`` is cut into ``W * A`` micro-batches of ``m = G / (W * A)`` slots (world size
+   ``W``, gradient accumulation ``A``); rank ``r`` takes micro-batches ``r*A .. r*A + A - 1`` as its
+   batches ``b*A .. b*A + A - 1``, and its batch ``i`` is produced by DataLoader worker ``i % K``.
+
+**Evaluation order** (no ``drop_last``): rank ``r`` takes a contiguous run of ``ceil(N / W)`` slots;
+ranks that get one sample fewer pad with a copy of their last sample marked ``valid=False``, so every
+sample is evaluated exactly once; the last batch may be smaller (the same size on every rank). Each
+worker takes a contiguous chunk of the rank's slots (as many as its batches hold), optionally
+emitted through a shuffle buffer.
+
+A resumed run that already consumed ``c`` batches of the rank drops each worker's batches below ``c``;
+those samples are skipped raw (never decoded), and shards not needed any more are not opened.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "global_batches",
+    "epoch_order",
+    "rank_batch_positions",
     "batches_per_rank",
     "shard_order",
     "rank_slots",
@@ -45,18 +54,27 @@ __all__ = [
 ]
 
 
-def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
-    """Batches every rank yields per epoch (identical on all ranks)."""
+def global_batches(num_samples: int, global_batch: int) -> int:
+    """Global batches of a training epoch (``drop_last``): ``floor(num_samples / global_batch)``."""
     if num_samples <= 0:
         raise ValueError("the manifest lists no samples")
+    n = num_samples // global_batch
+    if n == 0:
+        raise ValueError(
+            f"{num_samples} training samples cannot fill one global batch of {global_batch} (micro-batch x "
+            "gradient accumulation x ranks); lower the batch size or use more data"
+        )
+    return n
+
+
+def batches_per_rank(
+    num_samples: int, world_size: int, batch_size: int, drop_last: bool, accumulation: int = 1
+) -> int:
+    """Batches every rank yields per epoch (identical on all ranks)."""
     if drop_last:
-        n = num_samples // (world_size * batch_size)
-        if n == 0:
-            raise ValueError(
-                f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {world_size} "
-                "rank(s); lower the batch size or use more data"
-            )
-        return n
+        return accumulation * global_batches(num_samples, batch_size * accumulation * world_size)
+    if num_samples <= 0:
+        raise ValueError("the manifest lists no samples")
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 
 
@@ -71,15 +89,58 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.nda
     return _rng(seed, epoch, 0x5A4D).permutation(num_shards)
 
 
+def epoch_order(
+    num_samples: int, global_batch: int, seed: int, epoch: int, shuffle: bool, block: int, interleave: int = 1
+) -> np.ndarray:
+    """``(nb, G)`` array: the epoch position of slot ``p`` of global batch ``b`` (see the module docstring).
+
+    Slot ``p`` at global batch ``b`` reads from its stream ``q = b % interleave``, visit ``v = b // interleave``;
+    each stream is cut into blocks of ``block`` visits (``0``: one block), each block a contiguous run of
+    positions.
+    """
+    nb = global_batches(num_samples, global_batch)
+    period = max(1, min(interleave, nb))
+    b = np.arange(nb)
+    q, v = b % period, b // period
+    visits = np.bincount(q, minlength=period)  # per stream
+    steps = int(visits.max()) if block <= 0 else min(block, int(visits.max()))
+    # the blocks of one slot, numbered stream by stream: (stream, c) -> k, with its length
+    per_stream = -(-visits // steps)
+    first_block = np.concatenate([[0], np.cumsum(per_stream)[:-1]])
+    lengths = np.concatenate([np.minimum(steps, n - steps * np.arange(m)) for n, m in zip(visits, per_stream)])
+    block_of_b = first_block[q] + v // steps
+    block_len = np.tile(lengths, global_batch)  # block p * len(lengths) + k
+    rng = _rng(seed, epoch, 0x0DE2)
+    layout = rng.permutation(block_len.size) if shuffle else np.arange(block_len.size)
+    starts = np.empty(block_len.size, dtype=np.int64)
+    starts[layout] = np.cumsum(block_len[layout]) - block_len[layout]
+    if shuffle:  # a random order inside every block: rank of a random key among the block's batches
+        keys = block_of_b[:, None] + rng.random((nb, global_batch))
+        rank = np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0)
+        offset = rank - (np.cumsum(lengths) - lengths)[block_of_b][:, None]
+    else:
+        offset = np.repeat((v % steps)[:, None], global_batch, axis=1)
+    first = starts.reshape(global_batch, lengths.size)  # [p, k]
+    return first[np.arange(global_batch)[None, :], block_of_b[:, None]] + offset
+
+
+def rank_batch_positions(
+    order: np.ndarray, world_size: int, rank: int, accumulation: int, batch_index: int
+) -> np.ndarray:
+    """Positions of ``rank``'s batch ``batch_index``: micro-batch ``rank * A + batch_index % A`` of global
+    batch ``batch_index // A``."""
+    global_batch = order.shape[1]
+    micro = global_batch // (world_size * accumulation)
+    b, a = divmod(batch_index, accumulation)
+    start = (rank * accumulation + a) * micro
+    return order[b, start : start + micro]
+
+
 def rank_slots(
-    num_samples: int, world_size: int, rank: int, batch_size: int, drop_last: bool
+    num_samples: int, world_size: int, rank: int, batch_size: int
 ) -> tuple[list[int], list[bool], list[int]]:
-    """``(positions, valid, batch_sizes)`` of ``rank``: see step 2 of the module docstring."""
-    nb = batches_per_rank(num_samples, world_size, batch_size, drop_last)
-    if drop_last:
-        per_rank = nb * batch_size
-        positions = list(range(rank * per_rank, (rank + 1) * per_rank))
-        return positions, [True] * per_rank, [batch_size] * nb
+    """Evaluation ``(positions, valid, batch_sizes)`` of ``rank``: see the module docstring."""
+    nb = batches_per_rank(num_samples, world_size, batch_size, drop_last=False)
     per_rank = math.ceil(num_samples / world_size)
     base, rem = divmod(num_samples, world_size)
     start = rank * base + min(rank, rem)
@@ -139,11 +200,67 @@ def make_worker_plan(
     epoch: int,
     shuffle: bool,
     drop_last: bool,
-    shuffle_buffer: int,
+    shuffle_buffer: int = 128,
     batches_consumed: int = 0,
+    accumulation: int = 1,
+    block: int = 0,
+    interleave: int = 8,
 ) -> WorkerPlan:
-    """Plan of ``worker`` on ``rank`` for ``epoch``; see the module docstring."""
-    positions, valid, sizes = rank_slots(num_samples, world_size, rank, batch_size, drop_last)
+    """Plan of ``worker`` on ``rank`` for ``epoch``; see the module docstring. ``shuffle_buffer`` applies
+    to evaluation with shuffling only; ``accumulation``, ``block`` and ``interleave`` to training only."""
+    if drop_last:
+        return _train_plan(
+            num_samples, world_size, rank, num_workers, worker, batch_size, accumulation, seed, epoch, shuffle,
+            block, interleave, batches_consumed,
+        )  # fmt: skip
+    return _eval_plan(
+        num_samples, world_size, rank, num_workers, worker, batch_size, seed, epoch, shuffle, shuffle_buffer,
+        batches_consumed,
+    )  # fmt: skip
+
+
+def _train_plan(
+    num_samples: int,
+    world_size: int,
+    rank: int,
+    num_workers: int,
+    worker: int,
+    batch_size: int,
+    accumulation: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    block: int,
+    interleave: int,
+    batches_consumed: int,
+) -> WorkerPlan:
+    order = epoch_order(num_samples, batch_size * accumulation * world_size, seed, epoch, shuffle, block, interleave)
+    mine = worker_batches(order.shape[0] * accumulation, num_workers, worker)
+    todo = [j for j in mine if j >= batches_consumed]
+    positions = [int(x) for j in todo for x in rank_batch_positions(order, world_size, rank, accumulation, j)]
+    return WorkerPlan(
+        positions=positions,
+        valid=[True] * len(positions),
+        batch_sizes=[batch_size] * len(todo),
+        batch_indices=todo,
+        skipped=batch_size * (len(mine) - len(todo)),
+    )
+
+
+def _eval_plan(
+    num_samples: int,
+    world_size: int,
+    rank: int,
+    num_workers: int,
+    worker: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    batches_consumed: int,
+) -> WorkerPlan:
+    positions, valid, sizes = rank_slots(num_samples, world_size, rank, batch_size)
     mine = worker_batches(len(sizes), num_workers, worker)
     # Contiguous chunk: the slots of the batches of workers 0..worker-1 come first.
     start = sum(sizes[j] for w in range(worker) for j in worker_batches(len(sizes), num_workers, w))
