@@ -32,7 +32,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mtlora_dist.data.plan import epoch_order, locate, make_worker_plan, rank_batch_positions, shard_order, worker_batches
+from mtlora_dist.data.plan import (
+    epoch_order,
+    locate,
+    make_worker_plan,
+    rank_batch_positions,
+    shard_order,
+    worker_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,9 @@ def group_of_position(case: Case, order: np.ndarray) -> np.ndarray:
 def uniform_groups(case: Case, batch: int) -> float:
     """Expected distinct groups in ``batch`` samples drawn without replacement (equal-sized groups)."""
     n, size = case.num_samples, case.num_samples / case.groups
-    miss = math.exp(math.lgamma(n - size + 1) + math.lgamma(n - batch + 1) - math.lgamma(n - size - batch + 1) - math.lgamma(n + 1))
+    miss = math.exp(
+        math.lgamma(n - size + 1) + math.lgamma(n - batch + 1) - math.lgamma(n - size - batch + 1) - math.lgamma(n + 1)
+    )
     return case.groups * (1 - miss)
 
 

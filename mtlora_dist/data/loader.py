@@ -269,7 +269,12 @@ class ShardLoader:
                 "shuffle_block": cfg.shuffle_block,
                 "shuffle_interleave": cfg.shuffle_interleave,
             }
-        return {**common, "world_size": cfg.world_size, "num_workers": max(1, cfg.num_workers), "batch_size": cfg.batch_size}
+        return {
+            **common,
+            "world_size": cfg.world_size,
+            "num_workers": max(1, cfg.num_workers),
+            "batch_size": cfg.batch_size,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Position and the order it is valid for; ints and strings only. ``batches_consumed`` counts

@@ -67,9 +67,7 @@ def global_batches(num_samples: int, global_batch: int) -> int:
     return n
 
 
-def batches_per_rank(
-    num_samples: int, world_size: int, batch_size: int, drop_last: bool, accumulation: int = 1
-) -> int:
+def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_last: bool, accumulation: int = 1) -> int:
     """Batches every rank yields per epoch (identical on all ranks)."""
     if drop_last:
         return accumulation * global_batches(num_samples, batch_size * accumulation * world_size)

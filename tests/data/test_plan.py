@@ -125,7 +125,7 @@ def test_workers_dividing_the_interleave_read_disjoint_blocks(world, workers, ac
                         interleave=interleave)  # fmt: skip
     p = plans(n, world, workers, micro, train=True, accumulation=accumulation, block=0, interleave=interleave)
     owner = np.full(n, -1)
-    for i, ((r, k), plan) in enumerate(p.items()):
+    for i, plan in enumerate(p.values()):
         assert (owner[plan.positions] == -1).all()
         owner[plan.positions] = i
     used = np.sort(order.ravel())
