@@ -6,7 +6,8 @@
 #
 # The GPU machine (Python 3.12, torch, timm, numpy, scipy, matplotlib, pillow, tqdm, fsspec, PyYAML,
 # safetensors, msgpack, ninja, psutil, py-cpuinfo, einops already there) lacks DeepSpeed with its
-# pydantic stack, Hydra/OmegaConf and webdataset. Left out on purpose, to keep the folder small:
+# pydantic stack, Hydra/OmegaConf, webdataset and the fast decoders simplejpeg/pyspng (without them the
+# loader decodes with PIL, slower: the loader step would not measure what users get). Left out on purpose, to keep the folder small:
 # s3fs/aiobotocore/botocore (the session reads local shards) and wandb (the session disables it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ TARGET_PYTHON=3.12
 
 # py3-none-any wheels, and compiled ones fetched for CPython 3.12 on manylinux x86-64
 WHEELS=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
-        hydra-core omegaconf webdataset braceexpand)
+        hydra-core omegaconf webdataset braceexpand simplejpeg pyspng)
 # published as source only: built here into pure-Python wheels (DeepSpeed without its C++/CUDA ops,
 # which it compiles on first use; the project's optimizer is torch's AdamW and needs none)
 SDISTS=(deepspeed antlr4-python3-runtime)

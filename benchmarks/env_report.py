@@ -1,22 +1,39 @@
-"""What a set of figures was measured on: library versions, accelerator, CPUs; and which of the
-Python packages the project needs are missing (a bare GPU machine lacks several).
+"""What a set of figures was measured on: library versions, accelerator, CPUs; and whether every
+third-party module the code imports can be imported here (a bare GPU machine lacks several).
 
     python benchmarks/env_report.py [--json out.json]
 
-Missing packages are looked up without importing them (``importlib.util.find_spec``), so the report
-works on a machine where importing DeepSpeed would fail. ``benchmarks/build_wheels.sh`` builds
-wheels of the missing ones (see benchmarks/README.md).
+The modules are not a fixed list: :func:`imported_modules` reads every ``import`` statement (function
+bodies included) of ``mtlora_dist/``, ``launch/`` and ``benchmarks/``, and :func:`import_check` imports
+each one, so a missing dependency of a dependency (pydantic under DeepSpeed) or a broken build shows up
+as the error it would raise in a step. Modules in :data:`OPTIONAL` have a fallback or serve a path the
+GPU session does not take; the report lists them apart and they do not fail it. The exit status is 1
+when a required module does not import. ``benchmarks/build_wheels.sh`` builds wheels of the missing
+ones (see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import importlib.metadata
 import importlib.util
 import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCANNED = ("mtlora_dist", "launch", "benchmarks")  # the code the GPU session's steps run
+# modules the session can do without: why
+OPTIONAL = {
+    "simplejpeg": "JPEG decoding falls back to PIL",
+    "pyspng": "PNG decoding falls back to PIL",
+    "s3fs": "only for s3:// data and run directories",
+    "wandb": "the session runs with WANDB_MODE=disabled",
+}
 
 # import name -> the distribution to install for it; the ones the benchmarks and the trainer import
 # (s3fs and wandb only for S3 data and online logging, which the GPU session does not use)
@@ -69,6 +86,49 @@ def missing(modules: list[str] | None = None) -> list[str]:
     return names
 
 
+def _first_party() -> set[str]:
+    """Names that resolve to this repository's own files (scripts beside each other, tests' helpers)."""
+    names = {"mtlora_dist", "__future__"}
+    for folder in ("launch", "benchmarks", "tests"):
+        names |= {p.stem for p in (REPO / folder).glob("*.py")}
+    return names
+
+
+def imported_modules(roots: tuple[str, ...] = SCANNED) -> dict[str, list[str]]:
+    """Third-party top-level modules imported anywhere under ``roots``: module -> files importing it."""
+    skip = _first_party() | set(sys.stdlib_module_names)
+    found: dict[str, set[str]] = {}
+    for root in roots:
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in skip:
+                        found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return {module: sorted(files) for module, files in sorted(found.items())}
+
+
+def import_check(modules: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Import every module; ``{"failed": {module: error}, "optional_missing": {module: why}}``."""
+    failed, optional = {}, {}
+    for module, files in (modules if modules is not None else imported_modules()).items():
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - a broken install raises anything, not only ImportError
+            message = f"{type(err).__name__}: {err} (imported by {files[0]}{' and others' if len(files) > 1 else ''})"
+            if module in OPTIONAL:
+                optional[module] = f"{OPTIONAL[module]}; {message}"
+            else:
+                failed[module] = message
+    return {"failed": failed, "optional_missing": optional}
+
+
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -104,6 +164,7 @@ def accelerator() -> dict:
 def report() -> dict:
     import torch
 
+    imports = import_check()
     return {
         "python": platform.python_version(),
         "executable": sys.executable,
@@ -126,6 +187,9 @@ def report() -> dict:
             )
         },
         "missing_packages": missing(),
+        "import_failures": imports["failed"],
+        "optional_missing": imports["optional_missing"],
+        "passed": not imports["failed"],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -137,7 +201,13 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import emit
 
-    emit(report(), args.json)
+    result = report()
+    emit(result, args.json)
+    for module, error in result["import_failures"].items():
+        print(f"cannot import {module}: {error}", file=sys.stderr)
+    if result["import_failures"]:
+        print(f"To bring them: {WHEEL_HINT}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

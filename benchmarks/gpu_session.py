@@ -3,19 +3,22 @@
     python benchmarks/gpu_session.py [--out DIR] [--budget 480] [--only STEP ...] [--smoke]
     SMOKE=1 python benchmarks/gpu_session.py       # the same steps on a CPU, tiny sizes, ~2 minutes
 
-Steps, in priority order (a later step only gets the time the earlier ones left):
+Steps, in priority order (a later step only gets the time the earlier ones left; the first four are
+the ones that prove the GPU paths, so they come first):
 
-1. ``environment``: torch/CUDA/cuDNN/NCCL, GPU, library versions, CPUs, missing packages;
+1. ``environment``: torch/CUDA/cuDNN/NCCL, GPU, library versions, CPUs; imports every third-party
+   module the code imports (``env_report.py``) and fails when a required one does not import;
 2. ``correctness``: ``benchmarks/gpu_checks.py`` (fp64 gradcheck of the fused ops, bf16 vs fp32,
    dropout rates, checkpointing + dropout gradients, control collectives beside an NCCL group);
-3. ``throughput_*``: ``benchmarks/gpu_throughput.py``, Swin-B and Swin-L at 448 px, bf16, ZeRO-2, two
-   batch sizes each: images/s, peak memory, MFU (model FLOPs, no recompute) and HFU;
-4. ``launcher``: ``deepspeed --num_gpus 1 launch/train.py`` for 30 Swin-B steps on synthetic data
-   (``benchmarks/launcher_run.py``): finite, falling losses, one evaluation, one complete checkpoint;
-5. ``model_step_*``: ``benchmarks/model_step.py --device cuda``: our model against the per-task loop;
-6. ``loader``, ``h2d_copy``: loader samples/s with 8 and 16 workers, pageable vs pinned batches copied
-   to the GPU; one batch's host-to-device copy from pageable and pinned memory (CUDA events);
-7. ``compile``: ``gpu_throughput.py --compile`` with whatever time is left.
+3. ``launcher``: ``deepspeed --num_gpus 1 launch/train.py``, Swin-B at 448 px, bf16, ZeRO-2, 30 steps
+   on synthetic data, an evaluation, a checkpoint, then a resume for 5 steps (``launcher_run.py``);
+4. ``two_ranks_zero{2,3}``: two ranks on the one GPU through ``torchrun`` and the trainer, bf16, SyncBN
+   on, with a ``cuda:gloo`` default group (it refuses CPU tensors as NCCL does): 10 steps, an
+   evaluation, a checkpoint, a resume;
+5. ``throughput_*``: ``benchmarks/gpu_throughput.py``, Swin-B and Swin-L at 448 px, bf16, ZeRO-2, eager
+   and compiled (``model.compile``): images/s, peak memory, MFU and HFU against the nominal peak;
+6. ``loader``: loader samples/s with 8 and 16 workers, pageable vs pinned batches;
+7. more throughput shapes, ``model_step_*`` (our model against the per-task loop) and ``h2d_copy``.
 
 Each step is its own subprocess (own process group) under ``min(its timeout, budget left)``: a hang
 or a crash costs that step only and is recorded as such. Results: ``session.jsonl`` (one JSON line
@@ -107,6 +110,8 @@ def _throughput_figures(r: dict) -> dict:
         "peak_memory_gib",
         "mfu",
         "hfu",
+        "mfu_vs_matmul",
+        "nominal_peak_tflops",
         "step_s",
         "measured_matmul_tflops",
         "first_step_s",
@@ -115,30 +120,42 @@ def _throughput_figures(r: dict) -> dict:
     return {k: _round(r.get(k)) for k in keys if r.get(k) is not None}
 
 
+SMOKE_SIZES = [
+    "--config",
+    "configs/quickstart.yaml",
+    "--eval-batches",
+    "1",
+    "model.img_size=[64,64]",
+    "model.backbone_kwargs.window_size=2",
+    "data.batch_size=2",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "eval.visual_samples=1",
+]
+
+
 def _launcher(ctx: Context) -> list[str]:
-    common = ["benchmarks/launcher_run.py", "--launcher", "deepspeed", "--run-dir", str(ctx.work / "launcher_run")]
+    """Swin-B at 448 px, bf16, ZeRO-2 through ``deepspeed --num_gpus 1``: 30 steps, an evaluation, a
+    checkpoint, then a resume for 5 more steps."""
+    common = [
+        "benchmarks/launcher_run.py",
+        "--launcher",
+        "deepspeed",
+        "--run-dir",
+        str(ctx.work / "launcher_run"),
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16",
+    ]
     if ctx.smoke:
-        return [
-            *common,
-            "--config",
-            "configs/quickstart.yaml",
-            "--steps",
-            "2",
-            "--eval-batches",
-            "1",
-            "model.img_size=[64,64]",
-            "model.backbone_kwargs.window_size=2",
-            "data.batch_size=2",
-            "data.synthetic.num_train=8",
-            "data.synthetic.num_val=4",
-            "eval.visual_samples=1",
-        ]
+        return [*common, *SMOKE_SIZES, "--steps", "2", "--resume-steps", "1"]
     return [
         *common,
         "--config",
         "configs/pascal_swin_b.yaml",
         "--steps",
         "30",
+        "--resume-steps",
+        "5",
         "--eval-batches",
         "2",
         "data.batch_size=8",
@@ -149,6 +166,64 @@ def _launcher(ctx: Context) -> list[str]:
         "eval.visual_samples=2",
         "optim.lr_scaling=none",
     ]
+
+
+def _two_ranks(stage: int):
+    """Two ranks through the trainer at ZeRO-``stage``, bf16, SyncBN on: 10 steps, an evaluation, a
+    checkpoint, a resume. NCCL refuses two ranks on one GPU; a ``cuda:gloo`` default group runs them
+    there and refuses CPU tensors in collectives exactly as NCCL does (the CPU smoke run uses gloo)."""
+
+    def args(ctx: Context) -> list[str]:
+        common = [
+            "benchmarks/launcher_run.py",
+            "--launcher",
+            "torchrun",
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(ctx.work / f"two_ranks_zero{stage}"),
+            f"deepspeed.zero_stage={stage}",
+            "deepspeed.precision=bf16",
+            "model.sync_bn=true",
+        ]
+        if ctx.smoke:
+            return [*common, *SMOKE_SIZES, "--steps", "2", "--resume-steps", "1"]
+        return [
+            *common,
+            "--config",
+            "configs/pascal_swin_t_r64.yaml",
+            "--steps",
+            "10",
+            "--resume-steps",
+            "3",
+            "--eval-batches",
+            "1",
+            "deepspeed.dist_backend=cuda:gloo",
+            "model.img_size=[224,224]",
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            "data.num_workers=2",
+            "data.synthetic.num_train=32",
+            "data.synthetic.num_val=8",
+            "eval.visual_samples=1",
+            "optim.lr_scaling=none",
+        ]
+
+    return args
+
+
+def _run_figures(r: dict) -> dict:
+    keys = (
+        "steps",
+        "loss_first5",
+        "loss_last5",
+        "loss_falling",
+        "eval_steps",
+        "checkpoint",
+        "resumed",
+        "samples_per_s",
+    )
+    return {k: _round(r.get(k)) for k in keys}
 
 
 def _model_step_figures(result: dict) -> dict:
@@ -250,9 +325,12 @@ STEPS = [
         lambda ctx: ["benchmarks/env_report.py"],
         lambda r: (
             {k: r.get(k) for k in ("gpu", "gpu_memory_gib", "torch", "cuda", "cudnn", "nccl", "cpus")}
-            | {"deepspeed": r["versions"].get("deepspeed"), "missing": ", ".join(r["missing_packages"]) or "none"}
+            | {"deepspeed": r["versions"].get("deepspeed")}
+            | {"import failures": ", ".join(r["import_failures"]) or "none"}
+            | {"optional missing": ", ".join(r["optional_missing"]) or "none"}
         ),
         needs=["torch"],
+        passed=lambda r: r["passed"],
     ),
     Step(
         "correctness",
@@ -261,13 +339,37 @@ STEPS = [
         lambda r: {name: c["status"] for name, c in r["checks"].items()},
         passed=lambda r: r["passed"],
     ),
-    Step(
-        "throughput_swin_b_b16", 90, _throughput("configs/pascal_swin_b.yaml", 16), _throughput_figures, needs=TRAINER
+    Step("launcher", 240, _launcher, _run_figures, needs=TRAINER, passed=lambda r: r["passed"]),
+    *(
+        Step(
+            f"two_ranks_zero{stage}", 150, _two_ranks(stage), _run_figures, needs=TRAINER, passed=lambda r: r["passed"]
+        )
+        for stage in (2, 3)
     ),
     Step(
         "throughput_swin_b_b32", 90, _throughput("configs/pascal_swin_b.yaml", 32), _throughput_figures, needs=TRAINER
     ),
+    Step(
+        "throughput_swin_b_b32_compiled",
+        300,
+        _throughput("configs/pascal_swin_b.yaml", 32, compile=True),
+        _throughput_figures,
+        needs=TRAINER,
+        cpu_skip="needs CUDA: compiling even the tiny model takes minutes on 2 CPU cores",
+    ),
     Step("throughput_swin_l_b8", 100, _throughput("configs/pascal_swin_l.yaml", 8), _throughput_figures, needs=TRAINER),
+    Step(
+        "throughput_swin_l_b8_compiled",
+        300,
+        _throughput("configs/pascal_swin_l.yaml", 8, compile=True),
+        _throughput_figures,
+        needs=TRAINER,
+        cpu_skip="needs CUDA: compiling even the tiny model takes minutes on 2 CPU cores",
+    ),
+    Step("loader", 120, _loader, _loader_figures, needs=["torch", "numpy", "PIL", "fsspec"]),
+    Step(
+        "throughput_swin_b_b16", 90, _throughput("configs/pascal_swin_b.yaml", 16), _throughput_figures, needs=TRAINER
+    ),
     Step(
         "throughput_swin_l_b16_gc",
         110,
@@ -275,31 +377,11 @@ STEPS = [
         _throughput_figures,
         needs=TRAINER,
     ),
-    Step(
-        "launcher",
-        180,
-        _launcher,
-        lambda r: {
-            k: _round(r.get(k))
-            for k in ("steps", "loss_first5", "loss_last5", "loss_falling", "eval_steps", "checkpoint", "samples_per_s")
-        },
-        needs=TRAINER,
-        passed=lambda r: r["passed"],
-    ),
     *(
         Step(f"model_step_{precision}", 90, _model_step(precision, batch), _model_step_figures, needs=MODEL + CONFIG)
         for precision, batch in (("fp32", 2), ("bf16", 16))
     ),  # fmt: skip
-    Step("loader", 120, _loader, _loader_figures, needs=["torch", "numpy", "PIL", "fsspec"]),
     Step("h2d_copy", 60, lambda ctx: ["benchmarks/h2d_copy.py"], _h2d_figures, needs=["torch"], cpu_skip="needs CUDA"),
-    Step(
-        "compile",
-        600,
-        _throughput("configs/pascal_swin_b.yaml", 32, compile=True),
-        _throughput_figures,
-        needs=TRAINER,
-        cpu_skip="needs CUDA: compiling the model takes ~7 minutes on 2 CPU cores",
-    ),
 ]
 
 
@@ -402,10 +484,13 @@ def default_out() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=default_out())
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds for all steps together (480; 1200 for --smoke on a CPU)"
+    )
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE", "") not in ("", "0"))
     parser.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], default=None)
     args = parser.parse_args()
+    args.budget = args.budget or (1200.0 if args.smoke else 480.0)
     start = time.perf_counter()
     lacking = missing()
     if lacking:

@@ -6,7 +6,9 @@
 
 One process, DeepSpeed ZeRO-2 through the trainer's own ``initialize_engine``, random inputs and the
 real multi-task loss. MFU divides the *model* FLOPs of a step by the step time and by the device's
-*measured* dense matmul rate in the same dtype. Model FLOPs are counted with
+*nominal* dense peak in the same dtype (``peak_flops.py``, by device name; the usual definition), HFU
+does the same with the hardware FLOPs; both are also given against the *measured* dense matmul rate
+(``mfu_vs_matmul``, ``hfu_vs_matmul``), which is ~0.8x the nominal peak on an H100/H200. Model FLOPs are counted with
 ``torch.utils.flop_counter`` over one forward plus the backward that actually runs (a frozen backbone
 gets no weight gradients), on a plain copy of the same model and shapes: uncompiled (a compiled graph
 can hide its matmuls from the counter) and without activation checkpointing (whose recompute is work
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import DTYPES, cast_like_engine, emit, random_targets, sync  # noqa: E402
+from peak_flops import nominal_peak  # noqa: E402
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
@@ -155,9 +158,11 @@ def main() -> None:
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(info.device) / 2**30 if info.device.type == "cuda" else None
     rate = matmul_rate(info.device, dtype)
+    device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+    peak_rate = nominal_peak(device_name, dtype)
     result = {
         "config": args.config,
-        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "device": device_name,
         "batch": args.batch,
         "size": args.size,
         "precision": args.precision,
@@ -170,10 +175,13 @@ def main() -> None:
         "peak_memory_gib": peak,
         "model_tflop_per_step": model_flops / 1e12,
         "achieved_tflops": model_flops / step_s / 1e12,
+        "nominal_peak_tflops": peak_rate / 1e12 if peak_rate else None,
         "measured_matmul_tflops": rate / 1e12,
-        "mfu": model_flops / step_s / rate,
+        "mfu": model_flops / step_s / peak_rate if peak_rate else None,
+        "mfu_vs_matmul": model_flops / step_s / rate,
         "hardware_tflop_per_step": hardware_flops / 1e12,
-        "hfu": hardware_flops / step_s / rate,
+        "hfu": hardware_flops / step_s / peak_rate if peak_rate else None,
+        "hfu_vs_matmul": hardware_flops / step_s / rate,
         "flops_counted_on": "eager copy of the model, batch of one times the batch, same image size and dtype; "
         "model FLOPs without recompute, hardware FLOPs with it",
         "date": time.strftime("%Y-%m-%d"),

@@ -24,11 +24,15 @@ sees the bytes, and every decoder error, whatever its type (third-party decoders
 ``ValueError`` to ``tokenize.TokenError``), becomes a :class:`SampleDecodeError` naming the shard, the
 sample and the member. Decoders (:class:`Decoders`): libjpeg-turbo through ``simplejpeg`` (or PIL) for
 the image, libspng through ``pyspng`` (or PIL) for the maps; ``simplejpeg`` can also decode at 1/2,
-1/4 or 1/8 size when the image is going to be shrunk at least that much anyway.
+1/4 or 1/8 size when the image is going to be shrunk at least that much anyway. Where the fast library
+is not installed (the bare GPU machine has neither), PIL decodes instead: the same pixels, only slower;
+:meth:`Decoders.available` says which will run, and the loader logs the substitution once.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import re
 import struct
@@ -46,6 +50,7 @@ from mtlora_dist.tasks.registry import get_task
 __all__ = [
     "ENCODING_VERSION",
     "Decoders",
+    "installed",
     "jpeg_size",
     "read_npy",
     "IMAGE_SUFFIX",
@@ -76,6 +81,23 @@ class Decoders:
     def __post_init__(self) -> None:
         if self.jpeg not in ("simplejpeg", "pil") or self.png not in ("pyspng", "pil"):
             raise ValueError(f"unknown decoders {self}; jpeg: simplejpeg | pil, png: pyspng | pil")
+
+    def available(self) -> Decoders:
+        """These decoders with PIL in place of each library that cannot be imported here."""
+        return Decoders(
+            self.jpeg if self.jpeg == "pil" or installed(self.jpeg) else "pil",
+            self.png if self.png == "pil" or installed(self.png) else "pil",
+        )
+
+
+@functools.cache
+def installed(module: str) -> bool:
+    """Whether ``module`` imports in this process (cached: decoding asks once per sample)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def check_png(data: bytes) -> tuple[int, int, int, int]:
@@ -124,7 +146,7 @@ def _decode_png8(data: bytes, decoders: Decoders = Decoders()) -> np.ndarray:
     height, width, depth, colour = check_png(data)
     if (depth, colour) != (8, 0):
         raise SampleDecodeError(f"expected an 8-bit grayscale PNG, got bit depth {depth}, colour type {colour}")
-    if decoders.png == "pyspng":
+    if decoders.png == "pyspng" and installed("pyspng"):
         import pyspng
 
         array = pyspng.load(data)
@@ -263,6 +285,8 @@ def encode_sample(
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """``(height, width)`` from a JPEG header without decoding, or None when it cannot be read."""
+    if not installed("simplejpeg"):
+        return None
     try:
         import simplejpeg
 
@@ -274,7 +298,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def _decode_image(data: bytes, decoders: Decoders, min_hw: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 HxWx3; with ``min_hw``, possibly smaller (DCT scaling) but at least that large."""
-    if decoders.jpeg == "simplejpeg" and data[:2] == b"\xff\xd8":
+    if decoders.jpeg == "simplejpeg" and data[:2] == b"\xff\xd8" and installed("simplejpeg"):
         import simplejpeg
 
         min_h, min_w = min_hw or (0, 0)

@@ -35,6 +35,7 @@ Policies (details in ``docs/data.md``):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -355,6 +356,24 @@ def _unused_note(loader: ShardLoader) -> str:
     return note
 
 
+def usable_decoders(wanted: Decoders) -> Decoders:
+    """``wanted`` with PIL for each library that is not installed, saying so once per process."""
+    usable = wanted.available()
+    if usable != wanted:
+        _log_substitution(wanted, usable)
+    return usable
+
+
+@functools.cache
+def _log_substitution(wanted: Decoders, usable: Decoders) -> None:
+    missing = [lib for lib, now in ((wanted.jpeg, usable.jpeg), (wanted.png, usable.png)) if lib != now]
+    log.warning(
+        "%s not installed: decoding with PIL instead (same pixels, slower; pip install %s)",
+        " and ".join(missing),
+        " ".join(missing),
+    )
+
+
 def build_loader(
     url: str,
     *,
@@ -473,7 +492,7 @@ def build_loader(
         prefetch_samples=prefetch_samples,
         max_consecutive_failures=max_consecutive_failures,
         verify_checksums=verify_checksums,
-        decoders=Decoders(jpeg_decoder, png_decoder),
+        decoders=usable_decoders(Decoders(jpeg_decoder, png_decoder)),
         resampling=Resampling(resampler, normals_resampling),
         reduced_decode=reduced_decode,
         augment_on_device=augment_device == "device",
