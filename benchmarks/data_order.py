@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mtlora_dist.data.plan import (
+from mtlora_dist.data.stream.plan import (
     epoch_order,
     locate,
     make_worker_plan,

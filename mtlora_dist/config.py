@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
-from mtlora_dist.data.format_spec import DatasetFormat, register_format
+from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
 
@@ -128,7 +128,7 @@ class DataConfig:
     sample_log: str | None = None  # a local folder: each rank appends every training batch's sample keys
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
-    # a dataset of your own: file patterns and label kinds (data/format_spec.py, docs/data.md); null for
+    # a dataset of your own: file patterns and label kinds (data/ingest/format_spec.py, docs/data.md); null for
     # the built-in pascal_context and nyud
     format: DatasetFormat | None = None
 

@@ -16,7 +16,7 @@ import torch
 from mtlora_dist import comm
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import Progress, setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype

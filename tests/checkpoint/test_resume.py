@@ -334,8 +334,8 @@ EPOCH = 48  # training samples: 6 global batches of 8
 @pytest.fixture(scope="module")
 def order_shards(tmp_path_factory) -> dict[str, str]:
     """Synthetic PASCAL-Context shards of 48 training samples, several per shard."""
-    from mtlora_dist.data.convert import convert
-    from mtlora_dist.data.synthetic import generate
+    from mtlora_dist.data.ingest.convert import convert
+    from mtlora_dist.synthetic.datasets import generate
 
     root = tmp_path_factory.mktemp("order_data")
     generate("pascal_context", str(root / "src"), num_train=EPOCH, num_val=4, seed=5, size=48)

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from mtlora_dist.config import data_config
-from mtlora_dist.data.loader import build_loader
-from mtlora_dist.data.manifest import read_manifest
-from mtlora_dist.data.synthetic_layouts import make_cityscapes_tree
+from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.stream.loader import build_loader
+from mtlora_dist.synthetic.layouts import make_cityscapes_tree
 
 from datatest_utils import convert_splits
 

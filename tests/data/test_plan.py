@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mtlora_dist.data.plan import (
+from mtlora_dist.data.stream.plan import (
     batches_per_rank,
     buffer_shuffle,
     epoch_order,

@@ -18,12 +18,12 @@ Policies (details in ``docs/data.md``):
   loop); iterating again after a finished epoch moves on to the next one by itself.
 * **Workers.** One ``DataLoader`` per loader, made on first use, with persistent workers: they start
   once and stay alive across epochs. Each worker reads the position the loader sets before every
-  iteration from shared memory (see :class:`~mtlora_dist.data.streaming.ShardStream`), so epochs,
+  iteration from shared memory (see :class:`~mtlora_dist.data.stream.streaming.ShardStream`), so epochs,
   ``set_epoch`` and ``load_state_dict`` reach workers that were started earlier. ``num_workers=None``
   sizes the count from the CPUs (:func:`default_num_workers`); batches are pinned when the device is
   CUDA (:func:`should_pin_memory`) so the trainer's ``non_blocking`` copies are asynchronous. Workers
   ignore SIGINT and SIGUSR1 and take SIGTERM only from their own process
-  (:mod:`~mtlora_dist.data.worker_signals`): a stop signal sent to the whole process group (Ctrl-C, a
+  (:mod:`~mtlora_dist.data.stream.worker_signals`): a stop signal sent to the whole process group (Ctrl-C, a
   launcher terminating its process tree, SLURM's warning signal) is the main process's to handle, and
   torch's own shutdown of the workers still works.
 * **Augmentation on the training device** (``augment_device="device"``): workers only decode and
@@ -45,14 +45,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtlora_dist.data.batch import LABELED
-from mtlora_dist.data.encoding import Decoders
 from mtlora_dist.data.errors import DataError
-from mtlora_dist.data.manifest import Manifest, read_manifest
-from mtlora_dist.data.plan import batches_per_rank
-from mtlora_dist.data.streaming import ShardStream, StreamConfig, stat_keys
-from mtlora_dist.data.transforms import Resampling, warp_batch
-from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
+from mtlora_dist.data.ingest.encoding import Decoders
+from mtlora_dist.data.ingest.manifest import Manifest, read_manifest
+from mtlora_dist.data.stream.batch import LABELED
+from mtlora_dist.data.stream.plan import batches_per_rank
+from mtlora_dist.data.stream.streaming import ShardStream, StreamConfig, stat_keys
+from mtlora_dist.data.stream.transforms import Resampling, warp_batch
+from mtlora_dist.data.stream.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks, get_dataset
 

@@ -1,6 +1,6 @@
 """Streaming shards into augmented batches inside one DataLoader worker (or the main process).
 
-Each worker follows its :class:`~mtlora_dist.data.plan.WorkerPlan`: a background thread reads the
+Each worker follows its :class:`~mtlora_dist.data.stream.plan.WorkerPlan`: a background thread reads the
 shards it needs, each once and sequentially, in the order the plan first needs them, through fsspec (so network reads overlap with decoding) and splits them
 into samples with webdataset's tar iterators, and the worker thread emits samples in the planned
 order, decodes, transforms and collates them. Samples before the resume point are dropped as raw
@@ -53,13 +53,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
-from mtlora_dist.data.batch import collate, collate_decoded
-from mtlora_dist.data.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
 from mtlora_dist.data.errors import DataError, SampleDecodeError, ShardError, TooManyFailuresError
-from mtlora_dist.data.manifest import Manifest
-from mtlora_dist.data.plan import WorkerPlan, locate, make_worker_plan, shard_order
-from mtlora_dist.data.tarshards import iter_tar_samples
-from mtlora_dist.data.transforms import (
+from mtlora_dist.data.ingest.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
+from mtlora_dist.data.ingest.manifest import Manifest
+from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.stream.batch import collate, collate_decoded
+from mtlora_dist.data.stream.plan import WorkerPlan, locate, make_worker_plan, shard_order
+from mtlora_dist.data.stream.transforms import (
     Resampling,
     Warp,
     augment_for,
