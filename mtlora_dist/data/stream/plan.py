@@ -6,20 +6,23 @@ rank and in every worker, and a resumed run can recompute exactly where it was.
 **Shard order.** A permutation of the shards from ``(seed, epoch)`` (identity without shuffling).
 Concatenating the shards in that order numbers the epoch's samples ``0..N-1`` ("positions").
 
-**Training order** (``drop_last``): a function of ``(seed, epoch, manifest, global batch G, block T)``
-only -- never of the number of ranks, workers, or the micro-batch split -- so it is the same on any
-number of GPUs and a run resumes mid-epoch on another world size (:func:`epoch_order`).
+**Training order** (``drop_last``): a function of ``(seed, epoch, manifest, global batch G)`` and the
+order settings ``block`` and ``interleave`` only -- never of the number of ranks, workers, or the
+micro-batch split -- so it is the same on any number of GPUs and a run resumes mid-epoch on another
+world size (:func:`epoch_order`).
 
 1. The epoch has ``nb = floor(N / G)`` global batches; the last ``N - nb * G`` positions (the tail of
    this epoch's shard order, so different samples each epoch) are not used.
-2. Slot ``p`` of the global batch (``0 <= p < G``) reads *blocks*: contiguous runs of ``T`` positions,
-   one block per ``T`` consecutive global batches. The ``G * ceil(nb / T)`` blocks are laid over the
-   positions in a seeded random order, and each block is emitted in a seeded random order. So one
-   global batch takes its ``G`` samples from ``G`` blocks scattered over the whole epoch (as mixed as a
-   uniform shuffle), while a reader needs only ``T``-sample runs of each shard.
+2. Slot ``p`` of the global batch (``0 <= p < G``) at global batch ``b`` reads from its stream
+   ``b % interleave``; each stream is cut into *blocks* of ``block`` visits (``0``: one block), each a
+   contiguous run of positions. All blocks of all slots are laid over the positions in a seeded random
+   order and each is emitted in a seeded random order. So one global batch takes its ``G`` samples from
+   ``G`` runs scattered over the whole epoch (as mixed as a uniform shuffle), while a reader needs only
+   runs of each shard, and reads each shard once.
 3. Global batch ``b`` is cut into ``W * A`` micro-batches of ``m = G / (W * A)`` slots (world size
    ``W``, gradient accumulation ``A``); rank ``r`` takes micro-batches ``r*A .. r*A + A - 1`` as its
-   batches ``b*A .. b*A + A - 1``, and its batch ``i`` is produced by DataLoader worker ``i % K``.
+   batches ``b*A .. b*A + A - 1``, and its batch ``i`` is produced by DataLoader worker ``i % K``. When
+   ``K`` divides ``interleave * A``, a stream is read by one worker only.
 
 **Evaluation order** (no ``drop_last``): rank ``r`` takes a contiguous run of ``ceil(N / W)`` slots;
 ranks that get one sample fewer pad with a copy of their last sample marked ``valid=False``, so every

@@ -11,9 +11,9 @@ Integrity (``verify_checksums``, on by default): every byte of a shard goes thro
 streams (no second read; a worker that needs only the start of a shard reads the rest too, without
 parsing it), and the shard's samples are handed on only once the digest and size match the
 manifest, so a shard with flipped bytes fails as a whole, like any corrupt shard. A worker therefore
-holds, as raw bytes, the samples it still needs from the shards it has read: in training about one
-block (``shuffle_block`` samples) per slot of its micro-batch, divided among its workers, plus one
-shard being read (bounds measured in ``docs/data.md``).
+holds, as raw bytes, the samples it still needs from the shards it has read, plus one shard being
+read: at most its share of the epoch; smaller ``shuffle_block`` values hold fewer (bounds measured in
+``docs/data.md``, "The training order").
 
 Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
 (:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
