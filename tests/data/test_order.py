@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 import pytest
 
 from mtlora_dist.config import data_config
 from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.ingest.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree
 
@@ -104,3 +106,34 @@ def test_drop_last_reports_unused_samples_and_warns_above_five_percent(sorted_sh
     assert "lower the global batch" in warnings[0]
     keys = [k for b in big for k in b["__key__"]]  # an epoch of rank 0: its 4 micro-batches of 10
     assert len(keys) == 40 == len(set(keys))
+
+
+def test_a_missing_shard_is_skipped_on_every_rank_without_desynchronising(sorted_shards, tmp_path):
+    """``on_error=skip``: the lost samples are counted and stood in for on whichever rank needed them;
+    every rank still yields its ``len(loader)`` batches, and the global batches keep their order."""
+    url = str(tmp_path / "shards")
+    shutil.copytree(sorted_shards["url"], url)
+    manifest = read_manifest(url)
+    lost = manifest.shards[1]
+    (tmp_path / "shards" / lost.name).unlink()
+    whole = rank_batches(sorted_shards["url"], 2, 2, 8)
+    missing, padded = 0, 0
+    for rank in range(2):
+        ldr = loader(url, rank=rank, world_size=2, num_workers=2, batch_size=8, on_error="skip")
+        batches = list(ldr)
+        assert len(batches) == len(ldr) == len(whole[rank])
+        for got, want in zip(batches, whole[rank], strict=True):
+            ok = [k for k, v in zip(got["__key__"], got["valid"].tolist(), strict=True) if v]
+            assert set(ok) <= set(want) and len(got["__key__"]) == len(want)
+        missing += ldr.stats["samples_missing"]
+        padded += ldr.stats["samples_padded"]
+        ldr.close()
+    used = {k for per_rank in whole for b in per_rank for k in b}
+    in_lost = sum(1 for i in range(lost.num_samples) if _key_of(sorted_shards["url"], 1, i) in used)
+    assert missing == padded == in_lost > 0
+
+
+def _key_of(url: str, shard: int, index: int) -> str:
+    name = read_manifest(url).shards[shard].name
+    with open(f"{url}/{name}", "rb") as f:
+        return [key for key, _ in iter_tar_samples(f)][index]
