@@ -124,6 +124,9 @@ def test_epoch_advances_and_state_checks_the_layout(pascal_shards):
     assert (other.epoch, other.batches_consumed) == (state["epoch"] + 1, 0)
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({**state, "version": 99})
+    old = pascal_loader(pascal_shards["train"], batch_size=4)  # a checkpoint of the order before issue 25
+    old.load_state_dict({**state, "version": 1, "batches_consumed": 2})
+    assert (old.epoch, old.batches_consumed) == (state["epoch"] + 1, 0)
 
 
 def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
