@@ -179,3 +179,17 @@ def test_locate_maps_positions_to_shards():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
         batches_per_rank(7, 2, 4, True)
+
+
+def test_the_unused_samples_change_from_epoch_to_epoch():
+    """drop_last leaves out the tail of each epoch's shard order: other samples every epoch."""
+    counts, global_batch = [10] * 10, 16  # 100 samples, 6 global batches: 4 unused
+
+    def unused(epoch: int) -> set[tuple[int, int]]:
+        used = epoch_order(100, global_batch, seed=2, epoch=epoch, shuffle=True, block=0, interleave=8).ravel()
+        slots = set(locate(used, counts, shard_order(10, 2, epoch, True)))
+        return {(s, i) for s in range(10) for i in range(10)} - slots
+
+    sets = [unused(e) for e in range(4)]
+    assert all(len(s) == 100 % global_batch for s in sets)
+    assert len({frozenset(s) for s in sets}) == 4
