@@ -3,7 +3,7 @@
     python benchmarks/convert_throughput.py [--dataset pascal_context] [--num-images 256] [--size 448]
         [--workers 1 2] [--repeats 3] [--shard-size-mb 32] [--work-dir DIR] [--json out.json]
 
-Makes a synthetic dataset in the real layout (``mtlora_dist.data.synthetic``, images about ``--size``
+Makes a synthetic dataset in the real layout (``mtlora_dist.synthetic.datasets``, images about ``--size``
 pixels high, like PASCAL's ~500x375), then converts its train split into a fresh local folder once per
 repeat and worker count (``convert(..., workers=N)``: N encoding processes, the main process writing,
 checksumming and copying the shards). Reported per worker count, medians over ``--repeats``:
@@ -35,8 +35,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 
-from mtlora_dist.data.convert import convert  # noqa: E402
-from mtlora_dist.data.synthetic import ensure_synthetic  # noqa: E402
+from mtlora_dist.data.ingest.convert import convert  # noqa: E402
+from mtlora_dist.synthetic.datasets import ensure_synthetic  # noqa: E402
 
 from common import emit  # noqa: E402
 

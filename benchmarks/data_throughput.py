@@ -54,12 +54,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from mtlora_dist.data import build_loader  # noqa: E402
-from mtlora_dist.data.convert import convert  # noqa: E402
-from mtlora_dist.data.manifest import read_manifest  # noqa: E402
-from mtlora_dist.data.streaming import StreamConfig, _ShardReader  # noqa: E402
-from mtlora_dist.data.synthetic import ensure_synthetic  # noqa: E402
-from mtlora_dist.data.tarshards import iter_tar_samples  # noqa: E402
+from mtlora_dist.data.ingest.convert import convert  # noqa: E402
+from mtlora_dist.data.ingest.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.ingest.tarshards import iter_tar_samples  # noqa: E402
+from mtlora_dist.data.stream.streaming import StreamConfig, _ShardReader  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
+from mtlora_dist.synthetic.datasets import ensure_synthetic  # noqa: E402
 
 from s3_server import KEY, SECRET, S3Server  # noqa: E402
 
@@ -197,7 +197,7 @@ def device_split(url: str, args: argparse.Namespace) -> list[dict]:
     """``augment_device="device"`` on this CPU: the whole path (workers' decode + the batched torch warp
     in the main process), and the workers' share alone (the warp replaced by a no-op), which is what a
     GPU node's CPUs still do when the warp runs on the GPU."""
-    import mtlora_dist.data.loader as loader_module
+    import mtlora_dist.data.stream.loader as loader_module
 
     warp = loader_module.warp_batch
     modes = {

@@ -7,17 +7,17 @@
 
 DATASET is a built-in dataset, or a data config with a ``format:`` section (a name in configs/data/ or
 a YAML path). Re-running a killed command resumes it; under a SLURM array each task converts its part
-(docs/data.md, 'Conversion at scale'). Thin entry point: the work is in :mod:`mtlora_dist.data.convert`.
+(docs/data.md, 'Conversion at scale'). Thin entry point: the work is in :mod:`mtlora_dist.data.ingest.convert`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from mtlora_dist.data.convert import main
 from mtlora_dist.data.errors import DataError, StorageUnavailableError
-from mtlora_dist.data.format_spec import DatasetFormat
-from mtlora_dist.data.formats import READERS
+from mtlora_dist.data.ingest.convert import main
+from mtlora_dist.data.ingest.format_spec import DatasetFormat
+from mtlora_dist.data.ingest.formats import READERS
 
 import _cli  # noqa: F401  (puts the checkout on sys.path)
 

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
-from mtlora_dist.data.format_spec import DatasetFormat, register_format
+from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
 
@@ -120,9 +120,15 @@ class DataConfig:
     augment_device: AugmentDevice = AugmentDevice.worker
     cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
     cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
+    # training order (docs/data.md), the same on any number of ranks and workers: slot p of global batch b
+    # reads stream b % shuffle_interleave, in contiguous blocks of shuffle_block samples (0: one block);
+    # larger blocks read fewer shards and hold more samples; workers dividing the interleave share no block
+    shuffle_block: int = 0
+    shuffle_interleave: int = 8
+    sample_log: str | None = None  # a local folder: each rank appends every training batch's sample keys
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
-    # a dataset of your own: file patterns and label kinds (data/format_spec.py, docs/data.md); null for
+    # a dataset of your own: file patterns and label kinds (data/ingest/format_spec.py, docs/data.md); null for
     # the built-in pascal_context and nyud
     format: DatasetFormat | None = None
 

@@ -2,8 +2,9 @@
 
     comm, storage, choices, lazy      the bottom: processes, bytes, the config's Enum base, lazy exports
     tasks, adapters                   what a task is; the LoRA math
-    data, models                      shards -> batches; backbone + heads
-    config, config_errors             the run configuration (every job reads it)
+    data, models                      sources -> shards -> batches; backbone + heads
+    config, config_errors             the run configuration (every job reads it);
+    synthetic                           generated datasets in the real layouts (tests, quickstart)
     checkpoint                        trainable state on disk
     engine                            DeepSpeed set-up and the training loop
     export                            merged weights for inference
@@ -26,7 +27,7 @@ LEVELS = [
     {"comm", "storage", "choices", "lazy"},
     {"tasks", "adapters"},
     {"data", "models"},
-    {"config", "config_errors"},
+    {"config", "config_errors", "synthetic"},
     {"checkpoint"},
     {"engine"},
     {"export"},
@@ -36,7 +37,7 @@ LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 
 
 def _unit(module: str) -> str | None:
-    """``mtlora_dist.data.loader`` -> ``data``; ``mtlora_dist`` itself -> None."""
+    """``mtlora_dist.data.stream.loader`` -> ``data``; ``mtlora_dist`` itself -> None."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "mtlora_dist" else None
 

@@ -22,7 +22,7 @@ def prepare_data(data: DataConfig, info: DistInfo) -> tuple[str, str]:
     check_data(data)  # the entry points checked it before importing torch; callers of the API get it here
     if data.train_url:
         return data.train_url, data.val_url
-    from mtlora_dist.data.synthetic import synthetic_shards  # only generated data needs the generator
+    from mtlora_dist.synthetic.datasets import synthetic_shards  # only generated data needs the generator
 
     syn = data.synthetic
     settings = dict(num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed, shard_size_mb=syn.shard_size_mb)

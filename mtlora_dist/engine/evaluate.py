@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtlora_dist import comm
-from mtlora_dist.data.batch import normalize_image
+from mtlora_dist.data.stream.batch import normalize_image
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 

@@ -12,7 +12,7 @@ kill timer (the deepspeed launcher and torchrun SIGKILL a rank 30 s after their 
 So the handler only sets a flag; ranks agree on it with one host-side all-reduce per step
 (``comm.any_rank``), which makes every rank stop at the same step even when only one was signalled,
 and enter the checkpoint collective together. DataLoader workers leave the stop to their rank
-(``data/worker_signals.py``), so a signal to the process tree no longer kills the workers under the
+(``data/stream/worker_signals.py``), so a signal to the process tree no longer kills the workers under the
 training step.
 
 One stop arrives without a signal: the deepspeed runner has no handler on a single node, so a SIGTERM

@@ -14,8 +14,10 @@ log = logging.getLogger("mtlora_dist")
 
 
 class DataPosition:
-    """The training loader's position. On another number of ranks every rank's share of the data
-    changes, so the loader continues at the next epoch boundary instead."""
+    """The training loader's position, in global batches. The order of an epoch depends on the global
+    batch, not on the number of ranks, so a resume on another world size with the same global batch
+    (micro-batch x accumulation x ranks) continues mid-epoch exactly; with another global batch the
+    loader continues at the next epoch boundary."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -26,9 +28,12 @@ class DataPosition:
     def load_state_dict(self, state: dict[str, Any], same_world: bool) -> None:
         self.loader.load_state_dict(state, strict=same_world)
         if not same_world:
-            log.warning(
-                "resumed on %d ranks from a checkpoint of another world size: data continues at the next epoch",
+            log.info(
+                "resumed on %d ranks from a checkpoint of %s ranks: data continues at epoch %d, global batch %d",
                 comm.world_size(),
+                state.get("world_size", "another number of"),
+                self.loader.epoch,
+                self.loader.batches_consumed // max(1, self.loader.cfg.accumulation),
             )
 
 

@@ -16,7 +16,7 @@ import torch
 from mtlora_dist import comm
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
 from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import Progress, setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
@@ -224,6 +224,10 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
         split=split,
         img_size=tuple(cfg.model.img_size),
         batch_size=data.batch_size if split == "train" else data.eval_batch_size,
+        accumulation=cfg.deepspeed.gradient_accumulation_steps if split == "train" else 1,
+        shuffle_block=data.shuffle_block,
+        shuffle_interleave=data.shuffle_interleave,
+        sample_log=data.sample_log if split == "train" else None,
         num_workers=data.num_workers,
         seed=cfg.seed,
         rank=info.rank,

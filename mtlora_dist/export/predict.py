@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtlora_dist.data.batch import normalize_image
-from mtlora_dist.data.transforms import Warp, warp_sample
+from mtlora_dist.data.stream.batch import normalize_image
+from mtlora_dist.data.stream.transforms import Warp, warp_sample
 from mtlora_dist.tasks.registry import get_task
 
 __all__ = ["decode", "predict", "resize_image"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from mtlora_dist import comm
 from mtlora_dist.config import TrainConfig
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
 from mtlora_dist.engine.deepspeed_setup import model_dtype

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from mtlora_dist import comm
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.evaluate import to_device
 from mtlora_dist.export.predict import decode
 from mtlora_dist.reports.colorize import colorize, label_map

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from mtlora_dist.data.convert import convert
-from mtlora_dist.data.synthetic import generate
+from mtlora_dist.data.ingest.convert import convert
+from mtlora_dist.synthetic.datasets import generate
 
 from datatest_utils import NYUD, PASCAL, SHARD_MB
 

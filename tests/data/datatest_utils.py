@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mtlora_dist.data import build_loader
-from mtlora_dist.data.convert import convert
+from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
 PASCAL = {"num_train": 24, "num_val": 10, "seed": 3, "size": 80}  # the session datasets (conftest.py)

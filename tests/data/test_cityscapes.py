@@ -14,12 +14,12 @@ from PIL import Image
 from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import ConfigError, data_config
-from mtlora_dist.data.format_spec import register_format
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.formats.cityscapes import disparity_to_depth
-from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.loader import build_loader
-from mtlora_dist.data.synthetic_layouts import (
+from mtlora_dist.data.ingest.format_spec import register_format
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.formats.cityscapes import disparity_to_depth
+from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
+from mtlora_dist.data.stream.loader import build_loader
+from mtlora_dist.synthetic.layouts import (
     CITYSCAPES_COLOURS,
     CITYSCAPES_TRAIN_IDS,
     cityscapes_scene,

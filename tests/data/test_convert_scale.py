@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtlora_dist.data.convert import convert, main, part_from_env
-from mtlora_dist.data.convert_parts import ConversionMismatchError, PartLocation, merge_parts, part_bounds
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.manifest import read_manifest, verify_shards
+from mtlora_dist.data.ingest.convert import convert, main, part_from_env
+from mtlora_dist.data.ingest.convert_parts import ConversionMismatchError, PartLocation, merge_parts, part_bounds
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.manifest import read_manifest, verify_shards
 
 from datatest_utils import PASCAL, PASCAL_TASKS, SHARD_MB, epoch_batches, pascal_loader, valid_keys
 
@@ -81,7 +81,7 @@ def pascal_args(root: str, out: str | Path, *extra: str) -> list[str]:
 SLOW_CLI = """
 import runpy, sys, time
 sys.path.insert(0, "launch")
-import mtlora_dist.data.convert as convert
+import mtlora_dist.data.ingest.convert as convert
 encoded = convert._encoded
 def slow(context, sample_id):
     time.sleep(0.06)

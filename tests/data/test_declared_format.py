@@ -18,11 +18,11 @@ from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.adapters import AdapterConfig
 from mtlora_dist.config import ConfigError, data_config, load_config
-from mtlora_dist.data.convert import convert
-from mtlora_dist.data.format_spec import DatasetFormat, LabelFormat, register_format
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.ingest.convert import convert
+from mtlora_dist.data.ingest.format_spec import DatasetFormat, LabelFormat, register_format
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.export.artifact import ModelSpec
 from mtlora_dist.models.trainable import TrainableConfig
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import mtlora_dist.data.loader as loader_mod
-import mtlora_dist.data.streaming as streaming_mod
-from mtlora_dist.data.batch import collate_decoded
-from mtlora_dist.data.transforms import AUGMENT, Resampling, Warp, sample_warp, warp_batch, warp_sample
+import mtlora_dist.data.stream.loader as loader_mod
+import mtlora_dist.data.stream.streaming as streaming_mod
+from mtlora_dist.data.stream.batch import collate_decoded
+from mtlora_dist.data.stream.transforms import AUGMENT, Resampling, Warp, sample_warp, warp_batch, warp_sample
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, state_after
 

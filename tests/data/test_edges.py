@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtlora_dist.data.edges import label_edges, laplacian_nonzero, thin
+from mtlora_dist.data.ingest.edges import label_edges, laplacian_nonzero, thin
 
 
 def test_straight_boundary_becomes_one_pixel_line():

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from mtlora_dist.data.encoding import Decoders, check_png, decode_sample, encode_sample, member_suffix
 from mtlora_dist.data.errors import SampleDecodeError
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.manifest import read_manifest
-from mtlora_dist.data.tarshards import TarShardWriter, iter_tar_samples
+from mtlora_dist.data.ingest.encoding import Decoders, check_png, decode_sample, encode_sample, member_suffix
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.ingest.tarshards import TarShardWriter, iter_tar_samples
 
 from datatest_utils import NYUD_TASKS, PASCAL_TASKS
 
@@ -197,8 +197,8 @@ def test_npy_reader_round_trips_and_turns_any_header_corruption_into_a_decode_er
 
     import numpy as _np
 
-    from mtlora_dist.data.encoding import read_npy
     from mtlora_dist.data.errors import SampleDecodeError
+    from mtlora_dist.data.ingest.encoding import read_npy
 
     for array in (_np.zeros((4, 5, 3), _np.float16), _np.arange(12, dtype=_np.float32).reshape(3, 4)):
         buf = _io.BytesIO()

@@ -11,10 +11,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.formats.pascal_context import normals_valid_classes, read_human_parts
-from mtlora_dist.data.labels import HUMAN_PART, PERSON_CLASS
-from mtlora_dist.data.synthetic import make_scene
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.formats.pascal_context import normals_valid_classes, read_human_parts
+from mtlora_dist.data.ingest.labels import HUMAN_PART, PERSON_CLASS
+from mtlora_dist.synthetic.datasets import make_scene
 
 from datatest_utils import NYUD, PASCAL
 

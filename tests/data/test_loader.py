@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mtlora_dist.data import build_loader, normalize_image
-from mtlora_dist.data.convert import convert
-from mtlora_dist.data.manifest import read_manifest
+from mtlora_dist.data.ingest.convert import convert
+from mtlora_dist.data.ingest.manifest import read_manifest
 
 from datatest_utils import (
     NYUD,
@@ -117,13 +117,16 @@ def test_epoch_advances_and_state_checks_the_layout(pascal_shards):
     state = loader.state_dict()
     assert all(isinstance(v, (int, str)) for v in state.values())
     other = pascal_loader(pascal_shards["train"], batch_size=2)
-    with pytest.raises(ValueError, match="batch_size: saved 4, now 2"):
+    with pytest.raises(ValueError, match="global_batch: saved 4, now 2"):
         other.load_state_dict(state)
     mid = dict(state, batches_consumed=2)
     other.load_state_dict(mid, strict=False)
     assert (other.epoch, other.batches_consumed) == (state["epoch"] + 1, 0)
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({**state, "version": 99})
+    old = pascal_loader(pascal_shards["train"], batch_size=4)  # a checkpoint of the order before issue 25
+    old.load_state_dict({**state, "version": 1, "batches_consumed": 2})
+    assert (old.epoch, old.batches_consumed) == (state["epoch"] + 1, 0)
 
 
 def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
@@ -220,7 +223,7 @@ def test_bad_arguments_are_clear_errors(pascal_root, pascal_shards, tmp_path):
         )
     with pytest.raises(ValueError, match="holds 'pascal_context' shards"):
         build_loader(pascal_shards["val"], dataset="nyud", tasks=["semseg"], split="val", img_size=(8, 8), batch_size=2)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
         pascal_loader(pascal_shards["train"], batch_size=13, world_size=2)
     with pytest.raises(ValueError, match="split must be"):
         pascal_loader(pascal_shards["train"], split="test")

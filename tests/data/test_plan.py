@@ -1,4 +1,5 @@
-"""Epoch planning: coverage, equal batch counts, determinism, resume arithmetic."""
+"""Epoch planning: coverage, equal batch counts, determinism, an order independent of the rank, worker and
+micro-batch split (elastic), resume arithmetic."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mtlora_dist.data.plan import batches_per_rank, buffer_shuffle, locate, make_worker_plan, shard_order
+from mtlora_dist.data.stream.plan import (
+    batches_per_rank,
+    buffer_shuffle,
+    epoch_order,
+    locate,
+    make_worker_plan,
+    shard_order,
+)
 
 LAYOUTS = [(37, 2, 2, 4), (40, 3, 4, 5), (24, 2, 1, 3), (100, 4, 3, 7)]
 EVAL_LAYOUTS = LAYOUTS + [(5, 4, 3, 2), (3, 4, 2, 2)]  # also: fewer samples than ranks
 
 
-def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8):
+def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8, accumulation=1, block=3, interleave=2):
     return {
         (r, k): make_worker_plan(
             n,
@@ -28,6 +36,9 @@ def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8):
             drop_last=train,
             shuffle_buffer=buffer,
             batches_consumed=consumed,
+            accumulation=accumulation,
+            block=block,
+            interleave=interleave,
         )
         for r in range(world)
         for k in range(workers)
@@ -40,6 +51,7 @@ def test_training_epoch_sees_each_sample_at_most_once_and_ranks_match(n, world, 
     seen = Counter(pos for plan in p.values() for pos in plan.positions)
     assert max(seen.values()) == 1 and all(0 <= x < n for x in seen)
     assert n - len(seen) < world * batch  # dropped: less than one global batch
+    assert n - len(seen) == n % (world * batch)
     per_rank = [sum(len(p[r, k].batch_sizes) for k in range(workers)) for r in range(world)]
     assert per_rank == [batches_per_rank(n, world, batch, True)] * world
     assert all(size == batch for plan in p.values() for size in plan.batch_sizes)
@@ -75,6 +87,79 @@ def test_resume_drops_exactly_the_consumed_batches():
             assert plan.skipped == done * 4
 
 
+def global_batches_of(n, world, workers, micro, accumulation, *, block=3, interleave=2, consumed=0, epoch=0):
+    """The epoch's global batches as the ranks' workers produce them: step s is rank 0's micro-batches
+    s*A .. s*A+A-1, then rank 1's, and so on (what an optimizer step averages over)."""
+    p = plans(n, world, workers, micro, train=True, accumulation=accumulation, block=block, interleave=interleave,
+              consumed=consumed, epoch=epoch)  # fmt: skip
+    per_rank: dict[int, dict[int, list[int]]] = {r: {} for r in range(world)}
+    for (r, _), plan in p.items():
+        for j, start in zip(plan.batch_indices, range(0, len(plan.positions), micro), strict=True):
+            per_rank[r][j] = plan.positions[start : start + micro]
+    steps = batches_per_rank(n, world, micro, True, accumulation) // accumulation
+    first = consumed // accumulation
+    return [
+        [x for r in range(world) for a in range(accumulation) for x in per_rank[r][s * accumulation + a]]
+        for s in range(first, steps)
+    ]
+
+
+@pytest.mark.parametrize("n,block,interleave", [(70, 3, 1), (64, 0, 8), (100, 1, 3), (37, 50, 2), (200, 2, 8)])
+def test_the_order_depends_on_the_global_batch_only(n, block, interleave):
+    """Global batch 8 on 1, 2, 4 and 8 ranks, any worker count and micro/accumulation split: the same
+    samples in the same order at every step."""
+    kw = {"block": block, "interleave": interleave}
+    reference = global_batches_of(n, 1, 1, 8, 1, **kw)
+    assert len(reference) == n // 8 and all(len(b) == 8 for b in reference)
+    assert len({x for b in reference for x in b}) == 8 * len(reference)
+    for world, workers, micro, acc in [(1, 3, 4, 2), (2, 1, 4, 1), (2, 2, 2, 2), (4, 2, 2, 1), (8, 3, 1, 1)]:
+        assert global_batches_of(n, world, workers, micro, acc, **kw) == reference, (world, workers, acc)
+
+
+@pytest.mark.parametrize("world,workers,accumulation", [(1, 8, 1), (2, 4, 1), (1, 2, 2), (4, 1, 1)])
+def test_workers_dividing_the_interleave_read_disjoint_blocks(world, workers, accumulation):
+    """With worker counts that divide ``interleave * accumulation`` no two workers read the same
+    position run (block), so a shard is shared only where blocks meet."""
+    n, micro, interleave = 512, 4, 8
+    order = epoch_order(n, micro * accumulation * world, seed=3, epoch=0, shuffle=True, block=0,
+                        interleave=interleave)  # fmt: skip
+    p = plans(n, world, workers, micro, train=True, accumulation=accumulation, block=0, interleave=interleave)
+    owner = np.full(n, -1)
+    for i, plan in enumerate(p.values()):
+        assert (owner[plan.positions] == -1).all()
+        owner[plan.positions] = i
+    used = np.sort(order.ravel())
+    runs = np.split(owner[used], np.flatnonzero(np.diff(used) != 1) + 1)
+    blocks = micro * accumulation * world * interleave  # one block per slot and stream (block=0)
+    changes = sum(int((np.diff(run) != 0).sum()) for run in runs)
+    assert changes < blocks  # owners change only at block boundaries
+
+
+def test_an_elastic_resume_continues_the_order_on_another_world_size():
+    """Stopped after 3 of 8 global batches on 2 ranks, resumed on 1 rank (accumulation 2) for 2 more,
+    then on 4 ranks: every step is the uninterrupted run's."""
+    straight = global_batches_of(64, 2, 2, 4, 1)
+    first = global_batches_of(64, 2, 2, 4, 1)[:3]
+    second = global_batches_of(64, 1, 1, 4, 2, consumed=3 * 2)[:2]
+    third = global_batches_of(64, 4, 2, 2, 1, consumed=5)
+    assert first + second + third == straight
+
+
+def test_training_order_mixes_blocks_from_across_the_epoch():
+    order = epoch_order(3000, 16, seed=1, epoch=0, shuffle=True, block=8)
+    assert sorted(order.ravel()) == list(range(order.size))  # a permutation of the used positions
+    # within a global batch the slots read from far-apart places (blocks laid out at random) ...
+    spread = np.ptp(order, axis=1)
+    assert np.median(spread) > 0.5 * order.size
+    # ... and one slot reads a contiguous block for 8 steps (so a worker reads runs of a shard)
+    for slot in range(16):
+        block = np.sort(order[:8, slot])
+        assert np.array_equal(block, np.arange(block[0], block[0] + 8))
+    assert not np.array_equal(order, epoch_order(3000, 16, seed=1, epoch=1, shuffle=True, block=8))
+    plain = epoch_order(64, 8, seed=1, epoch=0, shuffle=False, block=0)
+    np.testing.assert_array_equal(plain[:, 1], np.arange(8, 16))  # no shuffling: slot p reads run p
+
+
 def test_buffer_shuffle_is_a_bounded_permutation():
     rng = np.random.default_rng(0)
     order = buffer_shuffle(200, 16, rng)
@@ -92,5 +177,19 @@ def test_locate_maps_positions_to_shards():
 
 
 def test_too_little_data_is_a_clear_error():
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
         batches_per_rank(7, 2, 4, True)
+
+
+def test_the_unused_samples_change_from_epoch_to_epoch():
+    """drop_last leaves out the tail of each epoch's shard order: other samples every epoch."""
+    counts, global_batch = [10] * 10, 16  # 100 samples, 6 global batches: 4 unused
+
+    def unused(epoch: int) -> set[tuple[int, int]]:
+        used = epoch_order(100, global_batch, seed=2, epoch=epoch, shuffle=True, block=0, interleave=8).ravel()
+        slots = set(locate(used, counts, shard_order(10, 2, epoch, True)))
+        return {(s, i) for s in range(10) for i in range(10)} - slots
+
+    sets = [unused(e) for e in range(4)]
+    assert all(len(s) == 100 % global_batch for s in sets)
+    assert len({frozenset(s) for s in sets}) == 4

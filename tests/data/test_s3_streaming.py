@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from mtlora_dist.data.convert import convert
 from mtlora_dist.data.errors import StorageUnavailableError
+from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.storage.fs import StorageOptions
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, upload, valid_keys

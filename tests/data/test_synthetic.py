@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.synthetic import ensure_synthetic, generate, make_scene
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.synthetic.datasets import ensure_synthetic, generate, make_scene
 
 from datatest_utils import PASCAL
 
@@ -40,7 +40,7 @@ def test_cli_writes_the_layout_and_marker(tmp_path):
         [
             sys.executable,
             "-m",
-            "mtlora_dist.data.synthetic",
+            "mtlora_dist.synthetic.datasets",
             "--dataset",
             "nyud",
             "--root",

@@ -15,10 +15,10 @@ from PIL import Image
 from runs import TINY_RUN, run_script, train_records
 
 from mtlora_dist.config import data_config
-from mtlora_dist.data.formats import get_reader
-from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.loader import build_loader
-from mtlora_dist.data.synthetic_layouts import (
+from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
+from mtlora_dist.data.stream.loader import build_loader
+from mtlora_dist.synthetic.layouts import (
     TASKONOMY_CLASSES,
     TASKONOMY_COLOURS,
     TASKONOMY_TASK_DOMAINS,

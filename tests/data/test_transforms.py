@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtlora_dist.data.transforms import AUGMENT, Resampling, Warp, eval_transform, sample_warp, warp_sample
+from mtlora_dist.data.stream.transforms import AUGMENT, Resampling, Warp, eval_transform, sample_warp, warp_sample
 
 H, W = 60, 80
 YY, XX = np.mgrid[0:H, 0:W].astype(np.float64) + 0.5
@@ -91,7 +91,7 @@ def test_rotated_normals_match_the_rotated_surface(warp, resampling):
     s = make_sample()
     s["normals"] = normals_of(height_field(XX, YY))
     out = warp_sample(s, ["normals"], (H, W), warp, resampling)
-    from mtlora_dist.data.transforms import inverse_affine
+    from mtlora_dist.data.stream.transforms import inverse_affine
 
     m = inverse_affine((H, W), (H, W), warp)
     x_in = m[0, 0] * XX + m[0, 1] * YY + m[0, 2]

@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 
 from mtlora_dist import comm  # noqa: E402
 from mtlora_dist.config import load_config  # noqa: E402
-from mtlora_dist.data.loader import build_loader  # noqa: E402
+from mtlora_dist.data.stream.loader import build_loader  # noqa: E402
 from mtlora_dist.engine.deepspeed_setup import initialize_engine  # noqa: E402
 from mtlora_dist.engine.distributed import init_distributed  # noqa: E402
 from mtlora_dist.engine.evaluate import to_device  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 from runs import TINY_RUN, deepspeed_launcher
 
 from mtlora_dist.config import data_config
-from mtlora_dist.data.convert import convert
+from mtlora_dist.data.ingest.convert import convert
 
 from declared_data import NAME, make_tree, write_configs
 

@@ -12,9 +12,9 @@ import fsspec
 import pytest
 from runs import TINY_RUN, deepspeed_launcher
 
-from mtlora_dist.data.convert import convert
-from mtlora_dist.data.synthetic import generate
+from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.storage.fs import url_to_fs
+from mtlora_dist.synthetic.datasets import generate
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtlora_dist.data.convert import convert
-from mtlora_dist.data.synthetic import generate
+from mtlora_dist.data.ingest.convert import convert
+from mtlora_dist.synthetic.datasets import generate
 
 from evaltest_utils import CONFIG, TINY, TrainedRun, run_script
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mtlora_dist.config import run_config
-from mtlora_dist.data.batch import normalize_image
-from mtlora_dist.data.loader import build_loader
+from mtlora_dist.data.stream.batch import normalize_image
+from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.export import load
 from mtlora_dist.export.merge import output_difference

@@ -26,7 +26,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def raw_pascal(tmp_path_factory) -> Path:
-    from mtlora_dist.data.synthetic import generate
+    from mtlora_dist.synthetic.datasets import generate
 
     root = tmp_path_factory.mktemp("convert-array") / "raw"
     generate("pascal_context", str(root), num_train=16, num_val=2, seed=1, size=64)
@@ -61,8 +61,8 @@ def outputs(workdir: Path, name: str) -> str:
 
 def test_array_job_converts_parts_and_merges(slurm_cluster, raw_pascal, tmp_path):
     from mtlora_dist.data import build_loader
-    from mtlora_dist.data.formats import get_reader
-    from mtlora_dist.data.manifest import read_manifest, verify_shards
+    from mtlora_dist.data.ingest.formats import get_reader
+    from mtlora_dist.data.ingest.manifest import read_manifest, verify_shards
 
     out = tmp_path / "shards"
     args = [

@@ -42,8 +42,8 @@ JOB_TIMEOUT = 240
 def data_root(tmp_path_factory) -> Path:
     """Synthetic PASCAL-Context shards where ``data.synthetic.root`` finds them (made here once, not by
     every job's rank 0), in many small shards so that both ranks get some."""
-    from mtlora_dist.data.convert import convert
-    from mtlora_dist.data.synthetic import generate
+    from mtlora_dist.data.ingest.convert import convert
+    from mtlora_dist.synthetic.datasets import generate
 
     root = tmp_path_factory.mktemp("slurm-data")
     dataset = root / "pascal_context"

@@ -1,7 +1,7 @@
 """Streaming shards into augmented batches inside one DataLoader worker (or the main process).
 
-Each worker follows its :class:`~mtlora_dist.data.plan.WorkerPlan`: a background thread reads the
-shards it needs in order through fsspec (so network reads overlap with decoding) and splits them
+Each worker follows its :class:`~mtlora_dist.data.stream.plan.WorkerPlan`: a background thread reads the
+shards it needs, each once and sequentially, in the order the plan first needs them, through fsspec (so network reads overlap with decoding) and splits them
 into samples with webdataset's tar iterators, and the worker thread emits samples in the planned
 order, decodes, transforms and collates them. Samples before the resume point are dropped as raw
 bytes, never decoded. With ``augment_on_device`` the worker only decodes (and draws each sample's
@@ -11,7 +11,9 @@ Integrity (``verify_checksums``, on by default): every byte of a shard goes thro
 streams (no second read; a worker that needs only the start of a shard reads the rest too, without
 parsing it), and the shard's samples are handed on only once the digest and size match the
 manifest, so a shard with flipped bytes fails as a whole, like any corrupt shard. A worker therefore
-holds up to about two shards' worth of its own samples (raw bytes) in memory.
+holds, as raw bytes, the samples it still needs from the shards it has read, plus one shard being
+read: at most its share of the epoch; smaller ``shuffle_block`` values hold fewer (bounds measured in
+``docs/data.md``, "The training order").
 
 Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
 (:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
@@ -51,13 +53,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
-from mtlora_dist.data.batch import collate, collate_decoded
-from mtlora_dist.data.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
 from mtlora_dist.data.errors import DataError, SampleDecodeError, ShardError, TooManyFailuresError
-from mtlora_dist.data.manifest import Manifest
-from mtlora_dist.data.plan import WorkerPlan, locate, make_worker_plan, shard_order
-from mtlora_dist.data.tarshards import iter_tar_samples
-from mtlora_dist.data.transforms import (
+from mtlora_dist.data.ingest.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
+from mtlora_dist.data.ingest.manifest import Manifest
+from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.stream.batch import collate, collate_decoded
+from mtlora_dist.data.stream.plan import WorkerPlan, locate, make_worker_plan, shard_order
+from mtlora_dist.data.stream.transforms import (
     Resampling,
     Warp,
     augment_for,
@@ -119,7 +121,10 @@ class StreamConfig:
     protocol: str
     on_error: str
     storage: StorageOptions = field(default_factory=StorageOptions)
-    shuffle_buffer: int = 128
+    shuffle_buffer: int = 128  # evaluation with shuffling only
+    accumulation: int = 1  # gradient accumulation: global batch = batch_size * accumulation * world_size
+    shuffle_block: int = 0  # training: visits one slot reads from one contiguous block (plan.py)
+    shuffle_interleave: int = 8  # training: a slot's blocks alternate over this many consecutive steps
     prefetch_samples: int = 16
     max_consecutive_failures: int = 3
     verify_checksums: bool = True
@@ -426,6 +431,9 @@ class ShardStream(IterableDataset):
             drop_last=cfg.drop_last,
             shuffle_buffer=cfg.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
+            accumulation=cfg.accumulation,
+            block=cfg.shuffle_block,
+            interleave=cfg.shuffle_interleave,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -515,7 +523,7 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         order = shard_order(len(cfg.manifest.shards), cfg.seed, epoch, cfg.shuffle)
         slots = locate(plan.positions, [s.num_samples for s in cfg.manifest.shards], order)
-        reader = _ShardReader(cfg, _segments(slots, order))
+        reader = _ShardReader(cfg, _segments(slots))
         reader.start()
         stats: Counter[str] = Counter(samples_resume_skipped=plan.skipped)
         reported: Counter[str] = Counter()
@@ -536,15 +544,12 @@ class ShardStream(IterableDataset):
             reader.stop()
 
 
-def _segments(slots: list[tuple[int, int]], order: np.ndarray) -> list[tuple[int, list[int]]]:
-    """``(shard, sorted indices)`` to read, in the epoch's shard order (each sample once)."""
-    rank_of = {int(s): r for r, s in enumerate(order)}
-    segments: list[tuple[int, list[int]]] = []
-    for shard, idx in sorted(set(slots), key=lambda si: (rank_of[si[0]], si[1])):
-        if not segments or segments[-1][0] != shard:
-            segments.append((shard, []))
-        segments[-1][1].append(idx)
-    return segments
+def _segments(slots: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """``(shard, sorted indices)`` to read: each shard once, in the order the plan first needs it."""
+    needed: dict[int, set[int]] = {}
+    for shard, idx in slots:
+        needed.setdefault(shard, set()).add(idx)
+    return [(shard, sorted(idxs)) for shard, idxs in needed.items()]
 
 
 class _Pending:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from mtlora_dist.data.formats.base import LayoutReader, SampleFiles, load_gray, load_npy, normalize_normals
+from mtlora_dist.data.ingest.formats.base import LayoutReader, SampleFiles, load_gray, load_npy, normalize_normals
 from mtlora_dist.tasks.registry import IGNORE_INDEX
 
 __all__ = ["make_reader"]

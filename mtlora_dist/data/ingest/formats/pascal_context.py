@@ -30,9 +30,9 @@ import os
 import numpy as np
 import scipy.io
 
-from mtlora_dist.data.edges import label_edges
-from mtlora_dist.data.formats.base import LayoutReader, SampleFiles, load_gray, load_rgb, normalize_normals
-from mtlora_dist.data.labels import HUMAN_PART, PERSON_CLASS
+from mtlora_dist.data.ingest.edges import label_edges
+from mtlora_dist.data.ingest.formats.base import LayoutReader, SampleFiles, load_gray, load_rgb, normalize_normals
+from mtlora_dist.data.ingest.labels import HUMAN_PART, PERSON_CLASS
 from mtlora_dist.tasks.registry import IGNORE_INDEX
 
 __all__ = ["make_reader", "normals_valid_classes", "read_labelmap", "read_human_parts"]

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from mtlora_dist.data.convert_parts import (
+from mtlora_dist.data.ingest.convert_parts import (
     PartJournal,
     PartLocation,
     begin_part,
@@ -38,12 +38,12 @@ from mtlora_dist.data.convert_parts import (
     merge_parts,
     part_bounds,
 )
-from mtlora_dist.data.encoding import describe_encodings, encode_sample
-from mtlora_dist.data.format_spec import DatasetFormat, register_format
-from mtlora_dist.data.formats import READERS, get_reader
-from mtlora_dist.data.labels import CLASS_NAMES
-from mtlora_dist.data.manifest import ShardInfo
-from mtlora_dist.data.tarshards import TarShardWriter, tar_size
+from mtlora_dist.data.ingest.encoding import describe_encodings, encode_sample
+from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
+from mtlora_dist.data.ingest.formats import READERS, get_reader
+from mtlora_dist.data.ingest.labels import CLASS_NAMES
+from mtlora_dist.data.ingest.manifest import ShardInfo
+from mtlora_dist.data.ingest.tarshards import TarShardWriter, tar_size
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 from mtlora_dist.tasks.registry import get_dataset

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from mtlora_dist.data.synthetic import _bumps, _Canvas, _hsv
+from mtlora_dist.synthetic.datasets import _bumps, _Canvas, _hsv
 from mtlora_dist.tasks.registry import IGNORE_INDEX
 
 __all__ = [

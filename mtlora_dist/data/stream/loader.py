@@ -3,25 +3,27 @@
 Policies (details in ``docs/data.md``):
 
 * **Equal batches on every rank.** ``len(loader)`` is derived from the manifest alone and is the same on
-  every rank. Training drops fewer than ``world_size * batch_size`` samples per epoch (a different set
-  each epoch); evaluation pads ranks that are one sample short with a copy marked ``valid=False`` and
+  every rank. Training drops fewer than one global batch (``batch_size * accumulation * world_size``)
+  of samples per epoch (a different set each epoch; logged at start-up, a warning above 5%); evaluation pads ranks that are one sample short with a copy marked ``valid=False`` and
   may end with a smaller batch (the same size on every rank). A sample that cannot be read while
   skipping errors is replaced by a copy of a good one, also ``valid=False``, so the count never changes.
-* **Exact resume.** The position is ``(epoch, batches consumed)``; the order of an epoch is a pure
-  function of ``(seed, epoch, world_size, num_workers, batch_size)``, so a restored loader yields
-  exactly the batches the interrupted one would have. Resuming under a different layout is refused
-  (``strict=True``) or restarts at the next epoch boundary (``strict=False``).
+* **Exact, elastic resume.** The position is ``(epoch, global batches consumed)``; the training order of
+  an epoch is a pure function of ``(seed, epoch, manifest, global batch, shuffle_block, shuffle_interleave)`` (``plan.py``),
+  never of the number of ranks, workers or the micro-batch split, so a restored loader yields exactly
+  the batches the interrupted run would have, on any world size with the same global batch. Resuming
+  under another order is refused (``strict=True``) or restarts at the next epoch boundary
+  (``strict=False``). Evaluation loaders order by rank and worker and are not checkpointed.
 * **Epochs.** ``set_epoch(e)`` moves to epoch ``e`` (keeping the position if ``e`` is already the
   current epoch, so a restored loader resumes mid-epoch under the usual ``for epoch: set_epoch(epoch)``
   loop); iterating again after a finished epoch moves on to the next one by itself.
 * **Workers.** One ``DataLoader`` per loader, made on first use, with persistent workers: they start
   once and stay alive across epochs. Each worker reads the position the loader sets before every
-  iteration from shared memory (see :class:`~mtlora_dist.data.streaming.ShardStream`), so epochs,
+  iteration from shared memory (see :class:`~mtlora_dist.data.stream.streaming.ShardStream`), so epochs,
   ``set_epoch`` and ``load_state_dict`` reach workers that were started earlier. ``num_workers=None``
   sizes the count from the CPUs (:func:`default_num_workers`); batches are pinned when the device is
   CUDA (:func:`should_pin_memory`) so the trainer's ``non_blocking`` copies are asynchronous. Workers
   ignore SIGINT and SIGUSR1 and take SIGTERM only from their own process
-  (:mod:`~mtlora_dist.data.worker_signals`): a stop signal sent to the whole process group (Ctrl-C, a
+  (:mod:`~mtlora_dist.data.stream.worker_signals`): a stop signal sent to the whole process group (Ctrl-C, a
   launcher terminating its process tree, SLURM's warning signal) is the main process's to handle, and
   torch's own shutdown of the workers still works.
 * **Augmentation on the training device** (``augment_device="device"``): workers only decode and
@@ -33,8 +35,8 @@ Policies (details in ``docs/data.md``):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -43,14 +45,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtlora_dist.data.batch import LABELED
-from mtlora_dist.data.encoding import Decoders
 from mtlora_dist.data.errors import DataError
-from mtlora_dist.data.manifest import Manifest, read_manifest
-from mtlora_dist.data.plan import batches_per_rank
-from mtlora_dist.data.streaming import ShardStream, StreamConfig, stat_keys
-from mtlora_dist.data.transforms import Resampling, warp_batch
-from mtlora_dist.data.worker_signals import shield_worker_from_stop_signals
+from mtlora_dist.data.ingest.encoding import Decoders
+from mtlora_dist.data.ingest.manifest import Manifest, read_manifest
+from mtlora_dist.data.stream.batch import LABELED
+from mtlora_dist.data.stream.plan import batches_per_rank
+from mtlora_dist.data.stream.streaming import ShardStream, StreamConfig, stat_keys
+from mtlora_dist.data.stream.transforms import Resampling, warp_batch
+from mtlora_dist.data.stream.worker_signals import shield_worker_from_stop_signals
 from mtlora_dist.storage.fs import StorageOptions
 from mtlora_dist.tasks.registry import check_tasks, get_dataset
 
@@ -65,9 +67,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
-_LAYOUT_KEYS = ("seed", "world_size", "num_workers", "batch_size", "num_samples", "shuffle")
+STATE_VERSION = 2
 MAX_AUTO_WORKERS = 8
+UNUSED_WARN_FRACTION = 0.05  # drop_last leaving more of an epoch out than this is worth a warning
 
 
 def available_cpus() -> int:
@@ -117,12 +119,14 @@ class ShardLoader:
         pin_memory: bool = False,
         auto_workers: bool = False,
         device: torch.device | str | None = None,
+        sample_log: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.prefetch_factor = prefetch_factor
         self.pin_memory = bool(pin_memory)
         self.auto_workers = auto_workers  # the worker count was chosen for this machine, not by the user
         self._device = torch.device(device) if device is not None else None
+        self.sample_log = sample_log  # a folder: rank<r>.jsonl gets the keys of every batch yielded
         self._epoch = 0
         self._consumed = 0
         self._stats = dict.fromkeys(stat_keys(cfg.tasks), 0)
@@ -161,7 +165,21 @@ class ShardLoader:
 
     def __len__(self) -> int:
         cfg = self.cfg
-        return batches_per_rank(cfg.manifest.num_samples, cfg.world_size, cfg.batch_size, cfg.drop_last)
+        return batches_per_rank(
+            cfg.manifest.num_samples, cfg.world_size, cfg.batch_size, cfg.drop_last, cfg.accumulation
+        )
+
+    @property
+    def global_batch(self) -> int:
+        """Samples of one optimizer step over all ranks: micro-batch x accumulation x world size."""
+        return self.cfg.batch_size * self.cfg.accumulation * self.cfg.world_size
+
+    @property
+    def unused_per_epoch(self) -> int:
+        """Training samples ``drop_last`` leaves out of every epoch (a different set each epoch)."""
+        if not self.cfg.drop_last:
+            return 0
+        return self.cfg.manifest.num_samples - len(self) // self.cfg.accumulation * self.global_batch
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
@@ -210,12 +228,22 @@ class ShardLoader:
         for batch in batches:
             for key, value in batch.pop("__stats__").items():
                 self._stats[key] += value
+            self._log_keys(batch["__key__"])
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch
         if self._consumed != len(self):
             raise DataError(
                 f"rank {self.cfg.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}"
             )
+
+    def _log_keys(self, keys: list[str]) -> None:
+        """Append this batch's sample keys to ``sample_log`` (an audit of the data order)."""
+        if self.sample_log is None:
+            return
+        os.makedirs(self.sample_log, exist_ok=True)
+        record = {"epoch": self._epoch, "batch": self._consumed, "keys": list(keys)}
+        with open(os.path.join(self.sample_log, f"rank{self.cfg.rank}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _warp_on_device(self, raw: dict[str, Any]) -> dict[str, Any]:
         """A decoded batch from the workers -> the training batch, warped on ``self.device``."""
@@ -231,67 +259,66 @@ class ShardLoader:
 
     # ------------------------------------------------------------------------------------- checkpoint
 
-    def _layout(self) -> dict[str, int]:
+    def _order(self) -> dict[str, int]:
+        """What the order of an epoch depends on (training: not the world size, workers or micro-batch)."""
         cfg = self.cfg
+        common = {"seed": cfg.seed, "num_samples": cfg.manifest.num_samples, "shuffle": int(cfg.shuffle)}
+        if cfg.drop_last:
+            return {
+                **common,
+                "global_batch": self.global_batch,
+                "shuffle_block": cfg.shuffle_block,
+                "shuffle_interleave": cfg.shuffle_interleave,
+            }
         return {
-            "seed": cfg.seed,
+            **common,
             "world_size": cfg.world_size,
             "num_workers": max(1, cfg.num_workers),
             "batch_size": cfg.batch_size,
-            "num_samples": cfg.manifest.num_samples,
-            "shuffle": int(cfg.shuffle),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Position and the layout it is valid for; ints and strings only."""
+        """Position and the order it is valid for; ints and strings only. ``batches_consumed`` counts
+        global batches (optimizer steps), so it means the same on any number of ranks."""
+        if self._consumed % self.cfg.accumulation:
+            raise ValueError(
+                f"cannot save the data position in the middle of a gradient accumulation cycle "
+                f"({self._consumed} micro-batches, accumulation {self.cfg.accumulation})"
+            )
         return {
             "version": STATE_VERSION,
             "epoch": self._epoch,
-            "batches_consumed": self._consumed,
+            "batches_consumed": self._consumed // self.cfg.accumulation,
             "split": self.cfg.manifest.split,
-            **self._layout(),
+            "world_size": self.cfg.world_size,  # informative: the order does not depend on it
+            **self._order(),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Resume at ``state``'s position. A different layout would change the order: with ``strict``
-        that is an error, otherwise the loader restarts at the next epoch boundary (with a warning)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown data loader state version {state.get('version')!r} (expected {STATE_VERSION})")
-        saved_workers = state.get("num_workers")
-        others_match = all(state.get(k) == v for k, v in self._layout().items() if k != "num_workers")
-        if (
-            self.auto_workers
-            and others_match
-            and isinstance(saved_workers, int)
-            and saved_workers >= 1
-            and saved_workers != self._layout()["num_workers"]
-        ):
-            # an automatic count follows the saved run's: the order of an epoch depends on it
-            log.info(
-                "data loader: using the checkpoint's %d workers instead of the automatic %d so the data "
-                "position resumes exactly",
-                saved_workers,
-                self.cfg.num_workers,
-            )
-            self._set_workers(saved_workers)
-        mismatch = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        """Resume at ``state``'s position, on any number of ranks and workers. A different order (seed,
+        global batch, data, ``shuffle_block``, ``shuffle_interleave``): with ``strict`` that is an error, otherwise the loader
+        restarts at the next epoch boundary (with a warning)."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unknown data loader state version {version!r} (expected {STATE_VERSION})")
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if version == 1:  # an older order: nothing of it carries over
+            mismatch = {"order": ("version 1", f"version {STATE_VERSION}")}
+        else:
+            mismatch = {k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v}
         if mismatch:
             what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatch.items())
-            if strict:
+            if strict and version == STATE_VERSION:
                 raise ValueError(
                     f"cannot resume the data position exactly: {what}. Use the saved settings, or "
                     "load_state_dict(state, strict=False) to continue from the next epoch boundary"
                 )
-            log.warning("data layout changed (%s): continuing from the start of the next epoch", what)
+            log.warning("data order changed (%s): continuing from the start of the next epoch", what)
             epoch, consumed = (epoch + 1, 0) if consumed else (epoch, 0)
+        consumed *= self.cfg.accumulation
         if not 0 <= consumed <= len(self):
             raise ValueError(f"saved position {consumed} is outside the epoch's {len(self)} batches")
         self._epoch, self._consumed = epoch, consumed
-
-    def _set_workers(self, num_workers: int) -> None:
-        self.close()
-        self.cfg = dataclasses.replace(self.cfg, num_workers=num_workers)
 
 
 def _default_device() -> torch.device:
@@ -310,6 +337,23 @@ def _check_heads(url: str, manifest: Manifest, dataset: str, tasks: list[str]) -
             f"{url} was converted with other outputs per task than dataset '{dataset}' declares ({detail}); "
             "convert the dataset again with this declaration, or restore the one it was converted with"
         )
+
+
+def _unused_note(loader: ShardLoader) -> str:
+    """How much of each epoch ``drop_last`` leaves out; a warning above ``UNUSED_WARN_FRACTION``."""
+    unused, total = loader.unused_per_epoch, loader.manifest.num_samples
+    note = (
+        f"{len(loader) // loader.cfg.accumulation} global batches of {loader.global_batch} per epoch, "
+        f"{unused} of {total} samples ({100 * unused / total:.1f}%) unused (drop_last; a different set each epoch)"
+    )
+    if unused > UNUSED_WARN_FRACTION * total:
+        log.warning(
+            "%s: more than %d%% of every epoch is left out; lower the global batch (batch size x gradient "
+            "accumulation x ranks) to train on more of it",
+            note,
+            round(100 * UNUSED_WARN_FRACTION),
+        )
+    return note
 
 
 def usable_decoders(wanted: Decoders) -> Decoders:
@@ -348,6 +392,10 @@ def build_loader(
     augment: bool | None = None,
     shuffle: bool | None = None,
     shuffle_buffer: int = 128,
+    accumulation: int = 1,
+    shuffle_block: int = 0,
+    shuffle_interleave: int = 8,
+    sample_log: str | None = None,
     prefetch_samples: int = 16,
     max_consecutive_failures: int = 3,
     prefetch_factor: int = 2,
@@ -368,6 +416,15 @@ def build_loader(
     ``split`` chooses the policy: ``"train"`` shuffles, augments and drops the remainder; ``"val"``
     keeps the file order, only resizes, and covers every sample exactly once (``valid`` marks padding).
     ``augment``/``shuffle`` override those defaults.
+
+    ``accumulation``: gradient accumulation steps; with ``batch_size`` and ``world_size`` it makes the
+    global batch, which (with ``seed`` and ``shuffle_block``) fixes the training order on any number of
+    ranks. ``shuffle_block``/``shuffle_interleave``: slot ``p`` of global batch ``b`` reads from its
+    stream ``b % shuffle_interleave``, whose samples come in contiguous blocks of ``shuffle_block``
+    (``plan.py``, ``docs/data.md``: larger blocks read fewer shards and hold more samples; worker counts
+    dividing ``shuffle_interleave * accumulation`` never read the same block).
+    ``shuffle_buffer``: evaluation with ``shuffle=True`` only. ``sample_log``: a local folder where
+    each rank appends the sample keys of every batch it yields (``rank<r>.jsonl``; null: off).
 
     ``num_workers``: worker processes (0: decode in this process); ``None`` sizes it from the CPUs
     (:func:`default_num_workers`). ``pin_memory``: pin batches for fast, asynchronous host-to-GPU
@@ -398,6 +455,11 @@ def build_loader(
         num_workers = default_num_workers()
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
+    if accumulation < 1 or shuffle_block < 0 or shuffle_interleave < 1:
+        raise ValueError(
+            "accumulation and shuffle_interleave must be >= 1 and shuffle_block >= 0 (got "
+            f"{accumulation}, {shuffle_interleave}, {shuffle_block})"
+        )
     check_tasks(dataset, tasks)
     storage = storage or StorageOptions()
     manifest = read_manifest(url, storage)
@@ -424,6 +486,9 @@ def build_loader(
         on_error=on_error,
         storage=storage,
         shuffle_buffer=shuffle_buffer,
+        accumulation=accumulation if train else 1,
+        shuffle_block=shuffle_block,
+        shuffle_interleave=shuffle_interleave,
         prefetch_samples=prefetch_samples,
         max_consecutive_failures=max_consecutive_failures,
         verify_checksums=verify_checksums,
@@ -435,15 +500,23 @@ def build_loader(
         cache_max_bytes=int(cache_max_gb * 2**30) if cache_dir else 0,
     )
     pin = should_pin_memory(pin_memory)
-    loader = ShardLoader(cfg, prefetch_factor=prefetch_factor, pin_memory=pin, auto_workers=auto_workers, device=device)
+    loader = ShardLoader(
+        cfg,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin,
+        auto_workers=auto_workers,
+        device=device,
+        sample_log=sample_log,
+    )
     len(loader)  # fail now if the data cannot fill one batch per rank
     log.info(
-        "%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s",
+        "%s loader, rank %d: %d worker process(es)%s%s, pinned memory %s%s",
         split,
         rank,
         num_workers,
         f" (automatic: {available_cpus()} CPUs, {local_world_size()} local rank(s))" if auto_workers else "",
         ", persistent" if num_workers > 0 else "",
         "on" if pin else "off",
+        f"; {_unused_note(loader)}" if train else "",
     )
     return loader

@@ -16,7 +16,7 @@ what each task's label means (``docs/data.md``).
 This module is the schema only (torch- and numpy-free: it is part of the run config, checked before
 torch loads) plus :func:`register_format`, which turns a declaration into registry entries so the
 model, losses, metrics and reports treat the dataset like a built-in one. The reader is
-``data/formats/declared.py``; label decoders are registry entries in ``data/formats/decoders.py``.
+``data/ingest/formats/declared.py``; label decoders are registry entries in ``data/ingest/formats/decoders.py``.
 """
 
 from __future__ import annotations

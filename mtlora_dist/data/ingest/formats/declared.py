@@ -1,4 +1,4 @@
-"""The reader of a declared dataset (``data.format`` in a data config; ``data/format_spec.py``).
+"""The reader of a declared dataset (``data.format`` in a data config; ``data/ingest/format_spec.py``).
 
 Samples are the files the image pattern matches; their ``{fields}`` name them and fill in the label
 patterns. A sample's key is its field values joined by ``__`` (tar keys may hold neither ``.`` nor
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from mtlora_dist.data.format_spec import FIELD, DatasetFormat
-from mtlora_dist.data.formats.base import load_rgb
-from mtlora_dist.data.formats.decoders import DeclaredSample, decode_label
+from mtlora_dist.data.ingest.format_spec import FIELD, DatasetFormat
+from mtlora_dist.data.ingest.formats.base import load_rgb
+from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
 
 __all__ = ["DeclaredReader", "KEY_SEPARATOR"]
 

@@ -16,7 +16,7 @@ Sizes vary per image and are not square, so evaluation at original resolution is
 PASCAL layout gets ``.mat`` files (``LabelMap`` and a PASCAL-Part ``anno`` struct with real part
 names) so the readers run exactly as on the real data. Deterministic by seed.
 
-CLI: ``python -m mtlora_dist.data.synthetic --dataset pascal_context --root DIR --num-train 32 --num-val 16``
+CLI: ``python -m mtlora_dist.synthetic.datasets --dataset pascal_context --root DIR --num-train 32 --num-val 16``
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from mtlora_dist.data.edges import label_edges
-from mtlora_dist.data.labels import HUMAN_PART, PERSON_CLASS, VOC_CLASSES
+from mtlora_dist.data.ingest.edges import label_edges
+from mtlora_dist.data.ingest.labels import HUMAN_PART, PERSON_CLASS, VOC_CLASSES
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.tasks.registry import DATASET_TASKS, IGNORE_INDEX
 
@@ -496,7 +496,7 @@ def synthetic_shards(
 ) -> dict[str, str]:
     """``{split: shard folder}`` of a synthetic dataset under ``root/<dataset>``; with ``make``, the raw
     layout is generated and converted to shards on first use, and again when the settings change."""
-    from mtlora_dist.data.convert import convert  # the generator stays importable without the converter
+    from mtlora_dist.data.ingest.convert import convert  # the generator stays importable without the converter
 
     base = os.path.abspath(os.path.join(root, dataset))
     raw = os.path.join(base, "raw")
@@ -510,7 +510,9 @@ def synthetic_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m mtlora_dist.data.synthetic")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], prog="python -m mtlora_dist.synthetic.datasets"
+    )
     parser.add_argument("--dataset", choices=sorted(WRITERS), required=True)
     parser.add_argument("--root", required=True, help="output folder (the dataset root)")
     parser.add_argument("--num-train", type=int, default=64)

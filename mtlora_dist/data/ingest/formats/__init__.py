@@ -1,17 +1,17 @@
 """Readers for datasets as laid out on disk; each returns canonical samples (see ``base``).
 
 Built in: PASCAL-Context and NYUD-v2 (``READERS``). Any other dataset is declared in a data config
-(``data.format``) and read by :class:`~mtlora_dist.data.formats.declared.DeclaredReader`.
+(``data.format``) and read by :class:`~mtlora_dist.data.ingest.formats.declared.DeclaredReader`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mtlora_dist.data.format_spec import DatasetFormat
-from mtlora_dist.data.formats import nyud, pascal_context
-from mtlora_dist.data.formats.base import LayoutReader
-from mtlora_dist.data.formats.declared import DeclaredReader
+from mtlora_dist.data.ingest.format_spec import DatasetFormat
+from mtlora_dist.data.ingest.formats import nyud, pascal_context
+from mtlora_dist.data.ingest.formats.base import LayoutReader
+from mtlora_dist.data.ingest.formats.declared import DeclaredReader
 
 __all__ = ["READERS", "DeclaredReader", "LayoutReader", "get_reader"]
 

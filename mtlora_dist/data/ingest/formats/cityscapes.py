@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mtlora_dist.data.format_spec import LabelFormat, pattern_fields
-from mtlora_dist.data.formats.decoders import DeclaredSample, read_array, register_decoder
+from mtlora_dist.data.ingest.format_spec import LabelFormat, pattern_fields
+from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, read_array, register_decoder
 
 __all__ = ["DISPARITY_SCALE", "disparity_to_depth", "read_camera", "cityscapes_disparity"]
 

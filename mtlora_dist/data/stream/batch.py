@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlora_dist.data.transforms import warps_to_tensor
+from mtlora_dist.data.stream.transforms import warps_to_tensor
 from mtlora_dist.tasks.registry import IGNORE_INDEX, labeled_key
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LABELED", "collate", "collate_decoded", "labeled", "normalize_image"]

@@ -1,7 +1,7 @@
 """Label decoders of declared datasets: stored file -> canonical label (see ``formats/base.py``).
 
 One entry per label kind decodes the common storage of that kind, driven by its
-:class:`~mtlora_dist.data.format_spec.LabelFormat` (class ids with an id map and an ignore value, a
+:class:`~mtlora_dist.data.ingest.format_spec.LabelFormat` (class ids with an id map and an ignore value, a
 thresholded mask, an RGB-encoded or ``.npy`` direction, a scaled scalar with an invalid value). A
 dataset whose storage needs more (Cityscapes disparity needs the camera of each image) adds a named
 entry with :func:`register_decoder` and names it in its data config's ``decoder:``.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mtlora_dist.data.format_spec import LabelFormat
-from mtlora_dist.data.formats.base import load_gray, load_npy, load_rgb, normalize_normals
+from mtlora_dist.data.ingest.format_spec import LabelFormat
+from mtlora_dist.data.ingest.formats.base import load_gray, load_npy, load_rgb, normalize_normals
 from mtlora_dist.tasks.registry import IGNORE_INDEX
 
 __all__ = ["DECODERS", "DeclaredSample", "Decoder", "register_decoder", "read_array", "decode_label"]
@@ -157,4 +157,4 @@ def decode_label(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
     return decoder(sample, label)
 
 
-from mtlora_dist.data.formats import cityscapes  # noqa: E402,F401 (registers its decoders)
+from mtlora_dist.data.ingest.formats import cityscapes  # noqa: E402,F401 (registers its decoders)
