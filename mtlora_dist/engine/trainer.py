@@ -151,7 +151,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
                 _log_train(logger, progress, step, losses, engine, rate, train_loader)
                 tick, samples = time.perf_counter(), 0
             if validation.due(step, total_steps):
-                results = validation.run(engine, step)
+                with stop.doing("the evaluation"):
+                    results = validation.run(engine, step)
             # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
             stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
             if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
