@@ -38,9 +38,7 @@ def test_ctrl_c_through_tee_keeps_the_stop_checkpoint_and_its_line(tmp_path):
             "data.synthetic.num_val=4", "logging.wandb.enabled=false", "checkpoint.every=0", "max_steps=60",
             f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}"]  # fmt: skip
     line = f"({shlex.join(args)}; echo $? > {status}) 2>&1 | tee {log}"
-    shell = subprocess.Popen(
-        ["bash", "-c", line], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, start_new_session=True
-    )
+    shell = subprocess.Popen(["bash", "-c", line], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     while _metrics_rows(run_dir) < 3:
         assert shell.poll() is None, log.read_text()[-3000:]
