@@ -183,7 +183,9 @@ def failure_message(err: BaseException) -> str:
             f"object storage at {describe_endpoint()} failed: {type(err).__name__}: {text}; check that the S3 "
             "server is running and reachable, the endpoint URL and the credentials"
         )
-    return text
+    from mtlora_dist.storage.fs import redact_userinfo
+
+    return redact_userinfo(text)
 
 
 def _rank() -> int:

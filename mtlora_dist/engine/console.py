@@ -33,9 +33,18 @@ from collections.abc import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mtlora_dist.storage.fs import redact_userinfo
+
 __all__ = ["Progress", "format_eta", "setup_logging", "survive_closed_output", "write_stderr"]
 
 log = logging.getLogger("mtlora_dist")
+
+
+class _Redacting(logging.Formatter):
+    """Every log line with the user-info of URLs masked (``s3://***@bucket``): no credential in a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_userinfo(super().format(record))
 
 
 def setup_logging(rank: int) -> None:
@@ -43,7 +52,7 @@ def setup_logging(rank: int) -> None:
     third-party chatter kept to warnings. Output survives a pipe reader that dies first."""
     survive_closed_output()
     level = logging.INFO if rank == 0 else logging.WARNING
-    formatter = logging.Formatter(f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    formatter = _Redacting(f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
     to_stdout = logging.StreamHandler(sys.stdout)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)

@@ -96,6 +96,11 @@ class RunLogger:
         atomic_write_text(self.metrics_path, state.get("metrics", ""))
         self.flush()
 
+    def start_over(self) -> None:
+        """No checkpoint to continue from: the log starts empty, so rows of an earlier attempt that was
+        killed before its first complete checkpoint do not appear twice."""
+        self.load_state_dict({"run_id": self.run_id or "", "metrics": ""})
+
     def _start_wandb(self, cfg, config: dict) -> None:
         import wandb
 

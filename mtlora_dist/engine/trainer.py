@@ -97,6 +97,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+    else:
+        logger.start_over()  # rows of an attempt killed before its first complete checkpoint go
     if engine.global_steps >= total_steps:
         log.info(
             "%s is already complete (step %d of %d): nothing to train. To train longer, pass a larger "
