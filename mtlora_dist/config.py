@@ -390,6 +390,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(explain(err, overrides, [config_dir, PACKAGE_CONFIGS])) from None
+    except yaml.YAMLError as err:  # e.g. a !!python/object tag: plain YAML only, nothing is constructed
+        raise ConfigError(
+            f"{path} (or a config it includes) is not plain YAML: {' '.join(str(err).split())}; remove the tag "
+            "or fix the syntax"
+        ) from None
     except ValueError as err:  # a dataclass's own check (e.g. AdapterConfig.mode)
         raise ConfigError(f"invalid configuration: {err}") from None
     _check_choices(cfg)

@@ -101,3 +101,59 @@ def test_messages_and_log_lines_mask_a_urls_user_info():
     assert _cli.failure_message(err) == "could not read s3://***@bucket/x"
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "reading %s", (f"s3://{KEY}@b/x",), None)
     assert KEY not in _Redacting("%(message)s").format(record)
+
+
+# -- items 5 and 8: wrong credentials, a bucket that does not exist ------------------------------------------
+S3_FAST = ["data.storage.retries=0", "data.storage.read_retries=1", "data.storage.retry_delay_s=0.05"]
+
+
+@pytest.mark.parametrize("where", ["run_dir", "data"])
+def test_wrong_credentials_are_one_line_naming_the_url(tmp_path, s3_bucket, where):
+    args = [f"run_dir=s3://{s3_bucket}/run"] if where == "run_dir" else [
+        f"data.train_url=s3://{s3_bucket}/pascal/train", f"data.val_url=s3://{s3_bucket}/pascal/val",
+        "data=pascal_context", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = run([script("train.py"), *TINY, *S3_FAST, *args], tmp_path, env={"AWS_SECRET_ACCESS_KEY": "NotTheSecret9d1"})
+    assert_one_line_exit_2(proc, f"s3://{s3_bucket}/", "refused", "AWS_SECRET_ACCESS_KEY", "endpoint http://127.0.0.1")
+    assert "NotTheSecret9d1" not in output(proc)
+
+
+@pytest.mark.parametrize("where", ["run_dir", "data", "convert"])
+def test_a_missing_bucket_names_the_url_the_endpoint_and_how_to_create_it(tmp_path, s3_server, where):
+    if where == "convert":
+        args = [script("convert.py"), "pascal_context", "--root", str(tmp_path), "--split", "train",
+                "--out", "s3://no-such-bucket/pascal/train"]  # fmt: skip
+    elif where == "run_dir":
+        args = [script("train.py"), *TINY, *S3_FAST, "run_dir=s3://no-such-bucket/run"]
+    else:
+        args = [script("train.py"), *TINY, *S3_FAST, "data=pascal_context", f"run_dir={tmp_path / 'run'}",
+                "data.train_url=s3://no-such-bucket/train", "data.val_url=s3://no-such-bucket/val"]  # fmt: skip
+    started = time.monotonic()
+    proc = run(args, tmp_path, timeout=120)
+    assert_one_line_exit_2(
+        proc, "s3://no-such-bucket/", "does not exist", s3_server.endpoint, "mkdir('no-such-bucket')"
+    )
+    assert time.monotonic() - started < 30  # before the model is built (it took ~34 s before)
+
+
+def test_the_create_bucket_hint_works(tmp_path, s3_server):
+    """The command the message suggests creates the bucket with the same AWS_* variables (no aws CLI)."""
+    from mtlora_dist.storage.buckets import create_bucket_hint
+
+    command = create_bucket_hint("made-by-hint").split("set): ", 1)[1].split(" (or ", 1)[0]
+    proc = subprocess.run(command, shell=True, env={**os.environ, **s3_server.env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ok = run([script("train.py"), "run_dir=s3://made-by-hint/run", "--cfg", "job"], tmp_path)
+    assert ok.returncode == 0, output(ok)[-2000:]
+    from mtlora_dist.storage.buckets import require_buckets
+
+    require_buckets({"run_dir": "s3://made-by-hint/run"})
+
+
+# -- item 7: a config.yaml with a python tag --------------------------------------------------------------------
+def test_a_python_tag_in_a_runs_config_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    recipe = (REPO / "configs" / "quickstart.yaml").read_text()
+    (run_dir / "config.yaml").write_text(recipe + "seed: !!python/object/apply:os.getcwd []\n")
+    proc = run([script("eval.py"), f"checkpoint={run_dir}"], tmp_path)
+    assert_one_line_exit_2(proc, "config.yaml", "not plain YAML")
