@@ -147,7 +147,11 @@ def print_config(cfg) -> None:
 # (module, class): looked up in sys.modules when an error arrives, so the check imports nothing heavy (an
 # exception of a class whose module was never imported cannot have been raised).
 _KNOWN = {
-    "config": (("mtlora_dist.config", "ConfigError"), ("builtins", "FileNotFoundError")),
+    "config": (
+        ("mtlora_dist.config", "ConfigError"),
+        ("builtins", "FileNotFoundError"),
+        ("mtlora_dist.models.pretrained", "PretrainedWeightsError"),
+    ),
     "checkpoint": (("mtlora_dist.checkpoint.format", "CheckpointError"),),
     "data": (
         ("mtlora_dist.data.errors", "DataError"),

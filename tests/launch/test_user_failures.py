@@ -157,3 +157,42 @@ def test_a_python_tag_in_a_runs_config_is_one_line(tmp_path):
     (run_dir / "config.yaml").write_text(recipe + "seed: !!python/object/apply:os.getcwd []\n")
     proc = run([script("eval.py"), f"checkpoint={run_dir}"], tmp_path)
     assert_one_line_exit_2(proc, "config.yaml", "not plain YAML")
+
+
+# -- item 6: model.pretrained that is not a Swin state dict -----------------------------------------------------
+class _Code:
+    """Unpickling this would create a folder: stands in for code hidden in a weights file."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.makedirs, (self.target,))
+
+
+def _text_file(path: Path) -> None:
+    path.write_text("these are not weights\n")
+
+
+def _resnet(path: Path) -> None:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+
+
+def _pickle_with_code(path: Path) -> None:
+    import torch
+
+    torch.save({"model": _Code(str(path.parent / "pwned"))}, path)
+
+
+@pytest.mark.parametrize("make", [_text_file, _resnet, _pickle_with_code], ids=["text", "resnet", "pickle-code"])
+def test_a_pretrained_file_that_is_not_swin_weights_is_one_line(tmp_path, make):
+    weights = tmp_path / "weights.pth"
+    make(weights)
+    proc = run([script("train.py"), *TINY, f"model.pretrained={weights}", f"run_dir={tmp_path / 'run'}",
+                f"data.synthetic.root={tmp_path / 'data'}", "logging.wandb.enabled=false"], tmp_path)  # fmt: skip
+    assert_one_line_exit_2(proc, f"pretrained checkpoint '{weights}'", "model.pretrained")
+    assert "weights_only=False" not in output(proc)
+    assert not (tmp_path / "pwned").exists()
