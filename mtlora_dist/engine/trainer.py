@@ -26,6 +26,7 @@ from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
+from mtlora_dist.engine.threads import set_thread_count
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.models import build_model
 from mtlora_dist.storage.atomic import atomic_write_text
@@ -58,6 +59,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     info = init_distributed(local_rank)
     stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
     setup_logging(info.rank)
+    set_thread_count(cfg.data.num_workers, announce=info.is_main)
     comm.barrier()
     with comm.peer_loss_as_error():
         result = _run(cfg, info, stop, reports)
