@@ -10,6 +10,7 @@ wandb has credentials masked and wandb records no command line; an offline run e
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -158,8 +159,21 @@ class RunLogger:
             offline_dir = self._wandb.settings.sync_dir if self.wandb_cfg.mode == "offline" else None
             self._call_wandb(self._wandb.finish)
             if offline_dir and self._wandb is not None:
-                log.info("wandb run saved offline in %s; upload it with: wandb sync %s", offline_dir, offline_dir)
+                log.info("%s", self.sync_hint(offline_dir))
             self._wandb = None
+
+    def sync_hint(self, offline_dir: str) -> str:
+        """The command that uploads every offline folder of this wandb run: each job (resume) of it writes
+        one (``offline-run-<time>-<id>``), and ``wandb sync`` takes them all."""
+        parent = os.path.dirname(offline_dir.rstrip("/"))
+        folders = sorted(glob.glob(os.path.join(parent, f"offline-run-*-{self.run_id}")))
+        if len(folders) <= 1:
+            return f"wandb run saved offline in {offline_dir}; upload it with: wandb sync {offline_dir}"
+        pattern = os.path.join(parent, f"offline-run-*-{self.run_id}")
+        return (
+            f"wandb run saved offline in {len(folders)} folders under {parent} (one per job of this run); "
+            f"upload them all with: wandb sync {pattern}"
+        )
 
 
 def _wandb_settings(wandb) -> dict[str, Any]:

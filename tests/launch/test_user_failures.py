@@ -226,3 +226,20 @@ def test_ranks_times_threads_and_workers_fit_the_cpus():
     assert choose_threads(2, cpus=16, local_ranks=2) == 6  # 2 x (6 + 2) = 16
     assert choose_threads(None, cpus=16, local_ranks=8) == 1
     assert choose_threads(4, cpus=2, local_ranks=2) == 1  # never 0
+
+
+# -- item 14: every offline wandb folder of a resumed run is named ---------------------------------------------
+@pytest.mark.integration
+def test_the_closing_wandb_sync_line_covers_every_job_of_the_run(tmp_path):
+    import glob
+
+    run_dir = tmp_path / "run"
+    args = [script("train.py"), *TINY, "steps_per_job=1", f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'd'}",
+            "logging.wandb.enabled=true", "logging.wandb.mode=offline"]  # fmt: skip
+    for _ in range(2):
+        proc = run(args, tmp_path)
+        assert proc.returncode == 0, output(proc)[-3000:]
+        time.sleep(1.1)  # offline folders are named by the second they start
+    line = next(x for x in output(proc).splitlines() if "upload them all with: wandb sync " in x)
+    pattern = line.split("wandb sync ", 1)[1].strip()
+    assert len(glob.glob(pattern)) == 2 and all(p.startswith(str(run_dir / "wandb")) for p in glob.glob(pattern))
