@@ -6,6 +6,7 @@ copied into the model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,14 +39,16 @@ def _replace(tag_dir: Path, name: str, data: bytes) -> None:
     (tag_dir / "COMPLETE.json").write_text(json.dumps(marker))
 
 
-def test_retention_never_follows_a_link_out_of_checkpoints(tmp_path):
+def test_retention_never_follows_a_link_out_of_checkpoints(tmp_path, caplog):
     engine = make_engine()
     outside = Path(_checkpointer(tmp_path / "other", engine).save(1))  # a complete checkpoint elsewhere
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     os.symlink(os.path.relpath(outside, run_dir / "checkpoints"), run_dir / "checkpoints" / "step_00000001")
     ckpt = _checkpointer(run_dir, engine, keep_last=2)
-    assert ckpt.resume() == 1
+    with caplog.at_level(logging.INFO, logger="mtlora_dist"):
+        assert ckpt.resume() == 1
+    assert "saved by 1 rank)" in caplog.text  # not "1 ranks"
     for step in (2, 3, 4):
         ckpt.save(step)
     assert (outside / "COMPLETE.json").is_file() and (outside / "trainable.safetensors").is_file()
