@@ -78,3 +78,24 @@ def test_ruff_passes_with_and_without_a_runs_folder(tmp_path):
             (copy / "runs" / "quickstart").mkdir(parents=True)
         proc = subprocess.run(["ruff", "check", "--no-cache", "tests"], cwd=copy, capture_output=True, text=True)
         assert proc.returncode == 0, (with_runs, proc.stdout[-3000:])
+
+
+@pytest.mark.integration
+def test_a_stop_during_an_evaluation_says_it_finishes_the_evaluation(tmp_path):
+    """SIGINT right after step 3's record, when the evaluation of step 3 is running (48 batches)."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, script("train.py"), *TINY_RUN, "data.batch_size=2", "data.eval_batch_size=2",
+            "data.synthetic.num_train=16", "data.synthetic.num_val=96", "eval.every=3", "eval.max_batches=48",
+            "eval.visual_samples=0", "logging.wandb.enabled=false", "checkpoint.every=0", "max_steps=30",
+            f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}"]  # fmt: skip
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while _metrics_rows(run_dir) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=180) == 3, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "received SIGINT: finishing the evaluation, then a checkpoint and exit 3" in text, text[-3000:]
