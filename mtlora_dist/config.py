@@ -389,7 +389,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(composed))
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(explain(err, overrides, [config_dir, PACKAGE_CONFIGS])) from None
+        dirs = [config_dir, PACKAGE_CONFIGS]
+        raise ConfigError(explain(err, overrides, dirs, schema=TrainConfig, group_options=group_options)) from None
     except yaml.YAMLError as err:  # e.g. a !!python/object tag: plain YAML only, nothing is constructed
         raise ConfigError(
             f"{path} (or a config it includes) is not plain YAML: {' '.join(str(err).split())}; remove the tag "

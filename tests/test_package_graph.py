@@ -2,8 +2,8 @@
 
     comm, storage, choices, lazy      the bottom: processes, bytes, the config's Enum base, lazy exports
     tasks, adapters                   what a task is; the LoRA math
-    data, models                      shards -> batches; backbone + heads
-    config, config_errors             the run configuration (every job reads it)
+    data, models, config_errors       shards -> batches; backbone + heads; what a config error means
+    config                            the run configuration (every job reads it; hands config_errors its schema)
     checkpoint                        trainable state on disk
     engine                            DeepSpeed set-up and the training loop
     export                            merged weights for inference
@@ -25,8 +25,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtlora_dist"
 LEVELS = [
     {"comm", "storage", "choices", "lazy"},
     {"tasks", "adapters"},
-    {"data", "models"},
-    {"config", "config_errors"},
+    {"data", "models", "config_errors"},
+    {"config"},
     {"checkpoint"},
     {"engine"},
     {"export"},
