@@ -66,6 +66,9 @@ def setup_logging(rank: int) -> None:
         handler.mtlora_console = True
         root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("asyncio").setLevel(
+        logging.ERROR
+    )  # "socket.send() raised exception." once wandb's service is gone
     logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
     if rank != 0:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

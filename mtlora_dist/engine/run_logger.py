@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -106,6 +108,7 @@ class RunLogger:
         import wandb
 
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        _service_outside_the_process_tree()
         self._wandb = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -138,8 +141,13 @@ class RunLogger:
         try:
             fn()
         except Exception as err:  # noqa: BLE001
-            log.warning("wandb failed (%s: %s); continuing without wandb", type(err).__name__, err)
+            log.warning(
+                "wandb failed (%s: %s); continuing without wandb (metrics.jsonl has every step)",
+                type(err).__name__,
+                err,
+            )
             self._wandb = None
+            _teardown_quietly()
 
     def log_image(self, key: str, path: str, step: int) -> None:
         if self.enabled and self._wandb is not None:
@@ -174,6 +182,46 @@ class RunLogger:
             f"wandb run saved offline in {len(folders)} folders under {parent} (one per job of this run); "
             f"upload them all with: wandb sync {pattern}"
         )
+
+
+# Run in a short-lived process: it starts wandb's service detached and prints how to connect to it, then exits.
+_START_SERVICE = (
+    "import wandb\n"
+    "from wandb.sdk.lib.service import service_process\n"
+    "print(service_process.start_detached(wandb.Settings(), idle_timeout='30s').token.env_value)\n"
+)
+
+
+def _service_outside_the_process_tree() -> None:
+    """Start wandb's service from a process that exits at once, so the service is nobody's child here.
+
+    A launcher that stops a job terminates each rank's whole process tree (the deepspeed launcher's
+    Ctrl-C handling): wandb's service, a child of the rank, died before the rank's final ``finish`` and
+    the run ended with ``socket.send()`` errors and an atexit traceback. Outside the tree the service
+    stays up, ``finish`` completes the wandb run, and the service leaves after 30 idle seconds. Where
+    this cannot be done (another wandb version), wandb starts its service as usual."""
+    if os.environ.get("WANDB_SERVICE"):
+        return
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _START_SERVICE], capture_output=True, text=True, timeout=120, check=True
+        )
+        token = proc.stdout.strip().splitlines()[-1]
+    except (subprocess.SubprocessError, OSError, IndexError) as err:
+        log.debug("wandb service not started outside the process tree: %s", err)
+        return
+    os.environ["WANDB_SERVICE"] = token
+
+
+def _teardown_quietly() -> None:
+    """Close wandb's connection to a service that has gone (a launcher's SIGTERM to the rank's process tree
+    reaches it), so wandb's atexit hook does not print a traceback after the run has ended."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - the service is gone: nothing left to close cleanly
+        pass
 
 
 def _wandb_settings(wandb) -> dict[str, Any]:

@@ -99,3 +99,33 @@ def test_a_stop_during_an_evaluation_says_it_finishes_the_evaluation(tmp_path):
     assert proc.wait(timeout=180) == 3, log.read_text()[-3000:]
     text = log.read_text()
     assert "received SIGINT: finishing the evaluation, then a checkpoint and exit 3" in text, text[-3000:]
+
+
+@pytest.mark.integration
+def test_ctrl_c_under_deepspeed_ends_quietly_with_a_complete_wandb_run(tmp_path):
+    """The deepspeed launcher terminates each rank's process tree on Ctrl-C; wandb's service must not be in it:
+    no socket errors, no wandb failure, no atexit traceback, and the offline run is closed with its sync line."""
+    from runs import deepspeed_launcher
+
+    run_dir = tmp_path / "run"
+    args = [*deepspeed_launcher(), script("train.py"), *TINY_RUN, "data.synthetic.num_train=32",
+            "data.synthetic.num_val=4", "checkpoint.every=0", "max_steps=60", "logging.wandb.enabled=true",
+            "logging.wandb.mode=offline", f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}"]  # fmt: skip
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while _metrics_rows(run_dir) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    deadline = time.monotonic() + 120  # the ranks finish after the launcher has returned
+    while "wandb run saved offline" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    text = log.read_text()
+    assert "stopping at step" in text and "wandb run saved offline" in text, text[-3000:]
+    for noise in ("socket.send()", "wandb failed", "Exception ignored", "ConnectionResetError"):
+        assert noise not in text, (noise, text[-3000:])
+    assert len(list((run_dir / "checkpoints").glob("step_*/COMPLETE.json"))) == 1
