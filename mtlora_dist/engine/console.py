@@ -66,9 +66,8 @@ def setup_logging(rank: int) -> None:
         handler.mtlora_console = True
         root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("asyncio").setLevel(
-        logging.ERROR
-    )  # "socket.send() raised exception." once wandb's service is gone
+    # asyncio's "socket.send() raised exception." repeats once a peer (wandb's service) has gone
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
     if rank != 0:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -114,11 +113,11 @@ _fallback: dict[int, str] = {}  # fd -> where its output continues once the pipe
 
 def _redirect_after_broken_pipe(fd: int) -> None:
     """Point ``fd`` (and the other standard stream on the same pipe) at the fallback file."""
+    broken = [other for other in (1, 2) if other == fd or _same_file(other, fd)]  # before any dup2
     target = os.open(_fallback.get(fd, os.devnull), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        for other in (1, 2):
-            if other == fd or _same_file(other, fd):
-                os.dup2(target, other)
+        for other in broken:
+            os.dup2(target, other)
     finally:
         os.close(target)
 
