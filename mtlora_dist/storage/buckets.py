@@ -37,7 +37,7 @@ def _check_bucket(what: str, url: str, storage: StorageOptions | None) -> None:
     bucket = path.split("/", 1)[0]
     where = f"{what} {redact_userinfo(url)} at {describe_endpoint(storage)}"
     try:
-        fs.call_s3("head_bucket", Bucket=bucket)
+        _probe(fs, path)
     except FileNotFoundError:
         raise StorageAccessError(
             f"the bucket '{bucket}' of {where} does not exist; {create_bucket_hint(bucket)}"
@@ -50,3 +50,13 @@ def _check_bucket(what: str, url: str, storage: StorageOptions | None) -> None:
     except Exception as err:  # noqa: BLE001 - unreachable: the readers' retries report it with their own message
         if not is_transient(err):
             raise
+
+
+def _probe(fs, path: str) -> None:
+    """HeadBucket, or where a policy grants only a prefix (no HeadBucket), a one-key listing of the prefix:
+    what the run itself does first. Raises FileNotFoundError / PermissionError as s3fs maps them."""
+    bucket, _, key = path.partition("/")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except PermissionError:
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
