@@ -62,10 +62,9 @@ def load_pretrained_swin(backbone: nn.Module, path: str) -> list[str]:
 
     Raises with the offending keys when the file is not a Swin of this shape.
     """
+    state = read_state_dict(path)
     try:
-        state = checkpoint_filter_fn(read_state_dict(path), backbone)
-    except PretrainedWeightsError:
-        raise
+        state = checkpoint_filter_fn(state, backbone)
     except Exception as err:  # noqa: BLE001 - timm's renames fail on another model's keys
         raise PretrainedWeightsError(
             f"pretrained checkpoint '{path}' is not a Swin checkpoint ({type(err).__name__}: {err}); {_NOT_WEIGHTS}"
