@@ -106,15 +106,18 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def print_or_prepare(args: argparse.Namespace, cfg, *, needs_data: bool = True) -> bool:
     """With ``--cfg job``, print the resolved config and return True (nothing else to do). Otherwise
-    check the data settings and silence the libraries' start-up noise (``engine/quiet.py``), before
+    check the data settings and the buckets of the run_dir and data URLs, and silence the libraries' start-up noise (``engine/quiet.py``), before
     torch and DeepSpeed load, and return False."""
     if args.cfg:
         print_config(cfg)
         return True
     if needs_data:
         from mtlora_dist.config import check_data
+        from mtlora_dist.storage.buckets import require_buckets
 
         check_data(cfg.data)
+        urls = {"run_dir": cfg.run_dir, "data.train_url": cfg.data.train_url, "data.val_url": cfg.data.val_url}
+        require_buckets(urls, cfg.data.storage)  # a missing bucket or refused key: before the model is built
     from mtlora_dist.engine.quiet import quiet_third_party
 
     quiet_third_party()
@@ -144,9 +147,18 @@ def print_config(cfg) -> None:
 # (module, class): looked up in sys.modules when an error arrives, so the check imports nothing heavy (an
 # exception of a class whose module was never imported cannot have been raised).
 _KNOWN = {
-    "config": (("mtlora_dist.config", "ConfigError"), ("builtins", "FileNotFoundError")),
+    "config": (
+        ("mtlora_dist.config", "ConfigError"),
+        ("builtins", "FileNotFoundError"),
+        ("mtlora_dist.models.pretrained", "PretrainedWeightsError"),
+    ),
     "checkpoint": (("mtlora_dist.checkpoint.format", "CheckpointError"),),
-    "data": (("mtlora_dist.data.errors", "DataError"), ("mtlora_dist.storage.retry", "StorageUnavailableError")),
+    "data": (
+        ("mtlora_dist.data.errors", "DataError"),
+        ("mtlora_dist.storage.retry", "StorageUnavailableError"),
+        ("mtlora_dist.storage.buckets", "StorageAccessError"),
+        ("builtins", "PermissionError"),  # a file or an object store that refuses us: the user's to fix
+    ),
     "peer": (("mtlora_dist.comm", "PeerLostError"),),  # another rank died: its own output has the cause
 }
 # A rank that stops because another one died reports 1 ("an error"), not 2: nothing in the configuration
@@ -183,7 +195,16 @@ def failure_message(err: BaseException) -> str:
             f"object storage at {describe_endpoint()} failed: {type(err).__name__}: {text}; check that the S3 "
             "server is running and reachable, the endpoint URL and the credentials"
         )
-    return text
+    if isinstance(err, PermissionError) and "credential" not in text.lower():
+        from mtlora_dist.storage.fs import describe_endpoint
+
+        text = (
+            f"permission denied: {text}; for s3:// URLs check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY at "
+            f"{describe_endpoint()} and the bucket's permissions; for files, their owner and mode"
+        )
+    from mtlora_dist.storage.fs import redact_userinfo
+
+    return redact_userinfo(text)
 
 
 def _rank() -> int:

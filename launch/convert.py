@@ -35,10 +35,31 @@ def resolve_dataset(name: str) -> tuple[str, DatasetFormat | None]:
     return cfg.dataset, cfg.format
 
 
+def check_output_bucket(argv: list[str]) -> None:
+    """``--out s3://bucket/...``: the bucket exists and takes our credentials, before any shard is written."""
+    from mtlora_dist.storage.buckets import require_buckets
+
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            require_buckets({"--out": argv[i + 1]})
+        elif arg.startswith("--out="):
+            require_buckets({"--out": arg[len("--out=") :]})
+
+
 if __name__ == "__main__":
+    from mtlora_dist.storage.buckets import StorageAccessError
+
     try:
+        check_output_bucket(sys.argv[1:])
         main(resolve=resolve_dataset)
-    except (FileNotFoundError, PermissionError, ValueError, DataError, StorageUnavailableError) as err:
+    except (
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+        DataError,
+        StorageUnavailableError,
+        StorageAccessError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
 from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
-from mtlora_dist.storage.fs import StorageOptions, is_secret_key, join, redact, url_to_fs
+from mtlora_dist.storage.fs import StorageOptions, has_userinfo, is_secret_key, join, redact, url_to_fs
 
 __all__ = [
     "TrainConfig",
@@ -320,16 +320,63 @@ def check_data(data: DataConfig) -> None:
 def refuse_secret_overrides(overrides: list[str]) -> None:
     """A credential typed on the command line is printed by the deepspeed launcher (``cmd = ...``), kept
     in shell history and recorded by job schedulers before this code runs: the entry points refuse it
-    (without echoing it). Overrides passed to :func:`load_config` from Python are not checked."""
+    (without echoing it), whether it is a credential key (``data.storage.secret=...``), a credential
+    field inside a mapping value (``data.storage={key: ..., secret: ...}``) or a URL's user-info
+    (``s3://KEY:SECRET@bucket/...``). Overrides passed to :func:`load_config` from Python are not checked."""
     for override in overrides:
         key, sep, value = override.partition("=")
-        leaf = key.lstrip("+~").rsplit(".", 1)[-1]
-        if sep and is_secret_key(leaf) and value.strip() not in ("", "null") and not value.startswith("${oc.env:"):
+        name = key.lstrip("+~")
+        if not sep:
+            continue
+        if has_userinfo(value):
             raise ConfigError(
-                f"'{key.lstrip('+~')}' is a credential and must not be given on the command line "
+                f"'{name}' holds a URL with credentials in it (user:password@...), which must not be given on "
+                f"the command line (launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
+                "was shared, rotate it"
+            )
+        field = _credential_field(name, value)
+        if field:
+            raise ConfigError(
+                f"'{field}' is a credential and must not be given on the command line "
                 f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
                 "was shared, rotate it"
             )
+
+
+def _credential_field(name: str, value: str) -> str | None:
+    """The dotted name of a credential that ``name=value`` sets to a literal (not ``${oc.env:VAR}``), if any."""
+    if is_secret_key(name.rsplit(".", 1)[-1]) and _is_literal(value):
+        return name
+    if not value.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides([f"{name}={value}"])[0].value()
+    except Exception:  # noqa: BLE001 - unparsable: judged by its text alone below
+        parsed = None
+    if parsed is None:  # refuse any credential-looking field name inside an unparsable mapping
+        found = re.search(r"[{,]\s*['\"]?([\w-]+)['\"]?\s*:\s*([^,}\s][^,}]*)", value)
+        return f"{name}.{found.group(1)}" if found and is_secret_key(found.group(1)) else None
+    return _secret_in(parsed, name)
+
+
+def _secret_in(value: Any, prefix: str) -> str | None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            path = f"{prefix}.{key}"
+            if is_secret_key(str(key)) and isinstance(sub, (str, int, float)) and _is_literal(str(sub)):
+                return path
+            found = _secret_in(sub, path)
+            if found:
+                return found
+    elif isinstance(value, list):
+        return next((f for i, sub in enumerate(value) if (f := _secret_in(sub, f"{prefix}[{i}]"))), None)
+    return None
+
+
+def _is_literal(value: str) -> bool:
+    return value.strip() not in ("", "null", "None") and not value.strip().startswith("${oc.env:")
 
 
 def _refuse_hydra_settings(overrides: list[str]) -> None:
@@ -374,13 +421,36 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(composed))
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(explain(err, overrides, [config_dir, PACKAGE_CONFIGS])) from None
+        dirs = [config_dir, PACKAGE_CONFIGS]
+        raise ConfigError(explain(err, overrides, dirs, schema=TrainConfig, group_options=group_options)) from None
+    except yaml.YAMLError as err:  # e.g. a !!python/object tag: plain YAML only, nothing is constructed
+        raise ConfigError(
+            f"{path} (or a config it includes) is not plain YAML: {' '.join(str(err).split())}; remove the tag "
+            "or fix the syntax"
+        ) from None
     except ValueError as err:  # a dataclass's own check (e.g. AdapterConfig.mode)
         raise ConfigError(f"invalid configuration: {err}") from None
     _check_choices(cfg)
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
+    _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
+
+
+def _refuse_urls_with_credentials(value: Any, prefix: str = "") -> None:
+    """A URL's user-info (``s3://KEY:SECRET@bucket``) is no way to pass S3 credentials (s3fs would take
+    ``KEY:SECRET@bucket`` for the bucket name and print it in its error): refused from config files too."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _refuse_urls_with_credentials(sub, f"{prefix}{key}.")
+    elif isinstance(value, list):
+        for sub in value:
+            _refuse_urls_with_credentials(sub, prefix)
+    elif isinstance(value, str) and has_userinfo(value):
+        raise ConfigError(
+            f"'{prefix[:-1]}' is a URL with credentials in it (user:password@...); URLs take none: "
+            f"{SECRET_ENV_HINT}. If the value was shared, rotate it"
+        )
 
 
 def _check_dataset(data: DataConfig) -> None:

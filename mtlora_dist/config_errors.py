@@ -4,6 +4,9 @@ Hydra reports ``Error merging override max_steps=abc`` and keeps the useful part
 expected type) in the exception's cause; an unknown group option comes back as ``Could not find
 'adapter/mtlora_r8'`` with no list of what exists. :func:`explain` walks the cause chain and answers
 with the expected type, the valid keys at the level that went wrong, or the options of the group.
+
+It sits below the schema it explains: ``config.py`` imports this module and hands it the schema class and
+the group options; nothing here imports ``config.py``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from mtlora_dist.storage.fs import is_secret_key
+from mtlora_dist.storage.fs import is_secret_key, redact_userinfo
 
 __all__ = ["explain", "unknown_key_message"]
 
@@ -40,7 +44,7 @@ def _masked(overrides: list[str]) -> list[str]:
     out = []
     for override in overrides:
         key, sep, _ = override.partition("=")
-        out.append(f"{key}=***" if sep and is_secret_key(key.rsplit(".", 1)[-1]) else override)
+        out.append(f"{key}=***" if sep and is_secret_key(key.rsplit(".", 1)[-1]) else redact_userinfo(override))
     return out
 
 
@@ -52,12 +56,10 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def unknown_key_message(full_key: str) -> str:
-    """Walk ``full_key`` down the schema; name the first part that does not exist, the valid keys at that
-    level and the closest ones."""
-    from mtlora_dist.config import TrainConfig
-
-    node, path = TrainConfig, []
+def unknown_key_message(full_key: str, schema: type) -> str:
+    """Walk ``full_key`` down the ``schema`` dataclass; name the first part that does not exist, the valid keys
+    at that level and the closest ones."""
+    node, path = schema, []
     for part in re.split(r"\.|\[\d+\]", full_key):
         if not part:
             continue
@@ -79,14 +81,15 @@ def unknown_key_message(full_key: str) -> str:
     return f"unknown config key '{full_key}'"
 
 
-def _missing_option(message: str, search_dirs: list[str]) -> str | None:
+GroupOptions = Callable[[list[str]], dict[str, list[str]]]  # config.group_options: folders -> {group: options}
+
+
+def _missing_option(message: str, search_dirs: list[str], group_options: GroupOptions) -> str | None:
     """``Could not find 'adapter/mtlora_r8'`` -> the adapter options that exist."""
     match = re.search(r"Could not find '([\w.-]+)/([\w.-]+)'", message)
     if not match:
         return None
     group, option = match.groups()
-    from mtlora_dist.config import group_options
-
     options = group_options(search_dirs).get(group)
     if not options:
         return (
@@ -116,8 +119,11 @@ def _bad_value(err: ValidationError, overrides: list[str]) -> str:
     return f"config key '{key}': {message}"
 
 
-def explain(err: BaseException, overrides: list[str], search_dirs: list[str]) -> str:
-    """One message for a failed composition: what was wrong, what is valid, and the overrides given."""
+def explain(
+    err: BaseException, overrides: list[str], search_dirs: list[str], *, schema: type, group_options: GroupOptions
+) -> str:
+    """One message for a failed composition: what was wrong, what is valid (keys of ``schema``, options from
+    ``group_options``), and the overrides given."""
     chain = _chain(err)
     top = _first_line(err)
     message = None
@@ -130,11 +136,11 @@ def explain(err: BaseException, overrides: list[str], search_dirs: list[str]) ->
     elif "Error parsing override" in top:
         message = f"{top}: overrides are key=value (e.g. max_steps=100, data.batch_size=16, adapter=mtlora_r16)"
     if message is None:
-        message = _missing_option(top, search_dirs)
+        message = _missing_option(top, search_dirs, group_options)
     if message is None:
         for cause in chain:
             if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
-                message = unknown_key_message(cause.full_key)
+                message = unknown_key_message(cause.full_key, schema)
                 break
             if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
                 message = _bad_value(cause, overrides)

@@ -2,9 +2,9 @@
 
     comm, storage, choices, lazy      the bottom: processes, bytes, the config's Enum base, lazy exports
     tasks, adapters                   what a task is; the LoRA math
-    data, models                      sources -> shards -> batches; backbone + heads
-    config, config_errors             the run configuration (every job reads it);
-    synthetic                           generated datasets in the real layouts (tests, quickstart)
+    data, models, config_errors       sources -> shards -> batches; backbone + heads; what a config error means
+    config, synthetic                 the run configuration (every job reads it; hands config_errors its
+                                      schema); generated datasets in the real layouts (tests, quickstart)
     checkpoint                        trainable state on disk
     engine                            DeepSpeed set-up and the training loop
     export                            merged weights for inference
@@ -26,8 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtlora_dist"
 LEVELS = [
     {"comm", "storage", "choices", "lazy"},
     {"tasks", "adapters"},
-    {"data", "models"},
-    {"config", "config_errors", "synthetic"},
+    {"data", "models", "config_errors"},
+    {"config", "synthetic"},
     {"checkpoint"},
     {"engine"},
     {"export"},

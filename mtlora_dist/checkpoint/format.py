@@ -31,6 +31,8 @@ __all__ = [
     "CLIENT",
     "STATE",
     "CheckpointError",
+    "describe_tensor_problems",
+    "tensor_problems",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
     "step_tag",
@@ -199,3 +201,36 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         return safetensors.torch.load(data)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"not a safetensors file ({type(err).__name__}: {err})") from err
+
+
+def tensor_problems(module: nn.Module, tensors: dict[str, torch.Tensor], moments: list[str] = ()) -> list[str]:
+    """What keeps a checkpoint's ``param/``, ``<moment>/`` and ``buffer/`` tensors from being copied into
+    ``module``: a missing tensor, another shape (the full shape, also under ZeRO-3), or a dtype that is not
+    floating point. Checked before anything is copied, so a refused checkpoint leaves the model as it was."""
+    expected = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            shape = list(getattr(p, "ds_shape", p.shape))
+            expected.update({f"{key}/{name}": (shape, True) for key in ("param", *moments)})
+    buffers = dict(module.named_buffers())
+    for key in tensors:
+        if key.startswith("buffer/") and key[len("buffer/") :] in buffers:
+            buffer = buffers[key[len("buffer/") :]]
+            expected[key] = (list(buffer.shape), buffer.is_floating_point())
+    problems = []
+    for key, (shape, floating) in expected.items():
+        value = tensors.get(key)
+        if value is None:
+            problems.append(f"{key} is missing")
+        elif list(value.shape) != shape:
+            problems.append(f"{key} has shape {list(value.shape)}, the model's is {shape}")
+        elif floating and not value.is_floating_point():
+            problems.append(f"{key} is {value.dtype}, not floating point")
+    return problems
+
+
+def describe_tensor_problems(problems: list[str], where: str = "the checkpoint") -> str:
+    return (
+        f"the tensors of {where} do not fit this model ({len(problems)} problem(s)): {'; '.join(problems[:6])}; its "
+        "files were changed or come from another model: use another checkpoint or start a new run_dir"
+    )

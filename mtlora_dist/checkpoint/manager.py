@@ -65,6 +65,52 @@ class SavePolicy:
     keep_last: int = 3
 
 
+def checked_state(raw: bytes, marker: dict, client: dict, url: str) -> dict:
+    """``state.json`` parsed and checked against the schema ``save`` writes (and the marker's world size),
+    so a changed file is a CheckpointError naming it, not a TypeError deep inside a restore."""
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{url} is not a checkpoint state ({why}); the file was changed after the checkpoint was written: "
+            "resume from another checkpoint or start a new run_dir"
+        )
+
+    try:
+        state = json.loads(raw)
+    except ValueError as err:
+        raise refuse(f"not JSON: {err}") from None
+    counters = ("global_steps", "global_samples", "optimizer_step")
+    world = marker.get("world_size")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise refuse("not a JSON object with an integer 'step'")
+    if not isinstance(world, int) or world < 1:
+        raise refuse("the marker's world_size is not a positive integer")
+    engine, pieces, per_rank = state.get("engine"), state.get("pieces"), state.get("per_rank")
+    if not isinstance(engine, dict) or not all(isinstance(engine.get(k), int) for k in counters):
+        raise refuse(f"'engine' lacks integer {', '.join(counters)}")
+    if not isinstance(pieces, dict):
+        raise refuse("'pieces' is not an object")
+    if not isinstance(per_rank, list) or len(per_rank) != world or not all(isinstance(p, dict) for p in per_rank):
+        raise refuse(f"'per_rank' is not a list of {world} object(s), one per rank that saved it")
+    refs = set()
+    _collect_refs(state, refs)
+    if refs - set(client):
+        raise refuse(f"it refers to tensors that client.safetensors lacks: {sorted(refs - set(client))[:4]}")
+    return state
+
+
+def _collect_refs(value: Any, refs: set) -> None:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            refs.add(str(value["__tensor__"]))
+            return
+        for sub in value.values():
+            _collect_refs(sub, refs)
+    elif isinstance(value, list):
+        for sub in value:
+            _collect_refs(sub, refs)
+
+
 class Checkpointer:
     """Saves, finds and loads the checkpoints of one run directory (local path or ``s3://`` URL).
 
@@ -212,14 +258,19 @@ class Checkpointer:
         tag, marker = choice["tag"], choice["marker"]
         self._check_fingerprint(tag, marker)
         tensors = tensors_from_bytes(self.store.read(tag, TRAINABLE, marker))
-        state = json.loads(self.store.read(tag, STATE, marker))
         client = tensors_from_bytes(self.store.read(tag, CLIENT, marker))
+        state = checked_state(self.store.read(tag, STATE, marker), marker, client, self.store.url(tag, STATE))
         trainable_state.restore_trainable(self.engine, tensors, int(state["engine"]["optimizer_step"]))
         trainable_state.restore_counters(self.engine, state["engine"])
         self._restore_pieces(state, client, int(marker["world_size"]))
         self.loaded_world_size, self._last_saved = int(marker["world_size"]), int(marker["step"])
+        ranks = int(marker["world_size"])
         log.info(
-            "resumed from %s (step %s, saved by %s ranks)", self.store.url(tag), marker["step"], marker["world_size"]
+            "resumed from %s (step %s, saved by %d rank%s)",
+            self.store.url(tag),
+            marker["step"],
+            ranks,
+            "s" * (ranks != 1),
         )
         return int(marker["step"])
 

@@ -138,8 +138,14 @@ class CheckpointStore:
                 self.delete(tag)
 
     def delete(self, tag: str) -> None:
-        """Marker first, so a half-deleted checkpoint never looks complete."""
+        """Marker first, so a half-deleted checkpoint never looks complete. A local checkpoint folder that
+        is a symbolic link, or resolves outside ``checkpoints/``, loses only its link: retention never
+        deletes through a link what is not this run's."""
         base = f"{self.path}/{tag}"
+        if not self.remote and _outside(base, self.path):
+            log.warning("retiring %s: a link to %s, which is left alone", base, os.path.realpath(base))
+            os.unlink(base)
+            return
         self.fs.invalidate_cache()
         if self.fs.exists(f"{base}/{MARKER}"):
             self.fs.rm_file(f"{base}/{MARKER}")
@@ -160,7 +166,17 @@ class CheckpointStore:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 log.info("aborted stale multipart upload of s3://%s/%s", bucket, upload["Key"])
         except Exception as err:  # noqa: BLE001 - a server without the call must not stop training
+            if "NoSuchUpload" in str(err):  # rclone's answer when there are none: nothing to abort
+                return
             log.warning("could not list/abort stale multipart uploads under %s: %s", self.root, err)
+
+
+def _outside(path: str, root: str) -> bool:
+    """True if ``path`` is a link or does not resolve to a place inside ``root``."""
+    if os.path.islink(path):
+        return True
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) != real_root
 
 
 def _multipart_uploads(fs: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:

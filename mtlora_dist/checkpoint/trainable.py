@@ -25,7 +25,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from mtlora_dist import comm
-from mtlora_dist.checkpoint.format import CheckpointError
+from mtlora_dist.checkpoint.format import CheckpointError, describe_tensor_problems, tensor_problems
 
 __all__ = [
     "check_supported",
@@ -151,8 +151,11 @@ def restore_trainable(engine: Any, tensors: dict[str, torch.Tensor], optimizer_s
     missing = sorted(f"param/{n}" for n, _ in trainable if f"param/{n}" not in tensors)
     if missing:
         raise CheckpointError(f"the checkpoint lacks trainable parameters: {missing[:8]}")
-    _ensure_optimizer_state(engine, [p for _, p in trainable])
     moments = sorted({key.split("/", 1)[0] for key in tensors} - {"param", "buffer"})
+    problems = tensor_problems(engine.module, tensors, moments)
+    if problems:  # before anything is copied: a refused checkpoint leaves the engine as it was
+        raise CheckpointError(describe_tensor_problems(problems))
+    _ensure_optimizer_state(engine, [p for _, p in trainable])
     inner, partitioned = _inner_optimizer(engine), _partitioned(engine)
     for name, p in trainable:
         value = tensors[f"param/{name}"]

@@ -2,7 +2,14 @@
 and for a batch log file.
 
 Every entry point sets logging up through :func:`setup_logging`: rank 0 logs at INFO, the others only
-warnings, each line prefixed with time and rank.
+warnings, each line prefixed with time and rank. Progress and results go to stdout, warnings and errors
+to stderr, as command-line tools do (``python launch/train.py | tee out.log`` keeps the progress).
+
+Output that outlives its reader: with ``2>&1 | tee log``, a terminal's Ctrl-C reaches ``tee`` too, which
+dies at once while the trainer finishes its step and writes its checkpoint. A write to the closed pipe
+would then raise ``BrokenPipeError`` in the middle of the stop and lose the checkpoint, so
+:func:`survive_closed_output` makes stdout and stderr move to the file ``tee`` was writing (found
+through ``/proc`` at start-up; ``/dev/null`` where there is none) instead of failing.
 
 On a terminal (rank 0, stdout a TTY, ``logging.progress_bar: true``) a tqdm bar shows step, loss, lr
 and img/s, and log lines are routed through ``tqdm.write`` so an evaluation table or the stop line is
@@ -15,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
+import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -23,21 +33,149 @@ from collections.abc import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-__all__ = ["Progress", "format_eta", "setup_logging"]
+from mtlora_dist.storage.fs import redact_userinfo
+
+__all__ = ["Progress", "format_eta", "setup_logging", "survive_closed_output", "write_stderr"]
 
 log = logging.getLogger("mtlora_dist")
 
 
+class _Redacting(logging.Formatter):
+    """Every log line with the user-info of URLs masked (``s3://***@bucket``): no credential in a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_userinfo(super().format(record))
+
+
 def setup_logging(rank: int) -> None:
-    """The console format of every rank; third-party chatter kept to warnings."""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[%(asctime)s r{rank}] %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """The console format of every rank: INFO and below on stdout, warnings and errors on stderr;
+    third-party chatter kept to warnings. Output survives a pipe reader that dies first."""
+    survive_closed_output()
+    level = logging.INFO if rank == 0 else logging.WARNING
+    formatter = _Redacting(f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S")
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # set up once: a second call replaces, never duplicates
+        if getattr(handler, "mtlora_console", False):
+            root.removeHandler(handler)
+    for handler in (to_stdout, to_stderr):
+        handler.setFormatter(formatter)
+        handler.mtlora_console = True
+        root.addHandler(handler)
+    root.setLevel(level)
+    # asyncio's "socket.send() raised exception." repeats once a peer (wandb's service) has gone
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
     if rank != 0:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+# -- output whose reader has gone ----------------------------------------------------------------------------
+def _fd_flags(pid: str, fd: str) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+        return next(int(line.split()[1], 8) for line in fh if line.startswith("flags:"))
+
+
+def _tee_log_file(fd: int) -> str | None:
+    """The file that a ``tee`` reading the pipe on ``fd`` writes (its first file argument), or None: no
+    pipe, no /proc, or another kind of reader (``| less`` has no file to continue)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if not stat.S_ISFIFO(st.st_mode) or not os.path.isdir("/proc"):
+        return None
+    pipe = f"pipe:[{st.st_ino}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() != "tee":
+                    continue
+            fds = {n: os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+            if fds.get("0") != pipe:
+                continue
+            files = [
+                target
+                for n, target in sorted(fds.items(), key=lambda kv: int(kv[0]))
+                if int(n) > 2 and target.startswith("/") and _fd_flags(pid, n) & os.O_ACCMODE != os.O_RDONLY
+            ]
+            return next((f for f in files if os.path.isfile(f)), None)
+        except (OSError, ValueError, StopIteration):
+            continue
+    return None
+
+
+_fallback: dict[int, str] = {}  # fd -> where its output continues once the pipe's reader has gone
+
+
+def _redirect_after_broken_pipe(fd: int) -> None:
+    """Point ``fd`` (and the other standard stream on the same pipe) at the fallback file."""
+    broken = [other for other in (1, 2) if other == fd or _same_file(other, fd)]  # before any dup2
+    target = os.open(_fallback.get(fd, os.devnull), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for other in broken:
+            os.dup2(target, other)
+    finally:
+        os.close(target)
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class _SurvivingStream:
+    """A text stream that, when its pipe's reader has gone, moves to the fallback and writes again."""
+
+    def __init__(self, stream, fd: int) -> None:
+        self._stream, self._fd = stream, fd
+
+    def _retry(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            if err.errno != errno.EPIPE:
+                raise
+            _redirect_after_broken_pipe(self._fd)
+            return call(*args)
+
+    def write(self, text: str) -> int:
+        return self._retry(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._retry(self._stream.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def survive_closed_output() -> None:
+    """Make stdout and stderr outlive a pipe reader (``| tee log``) that a Ctrl-C ended first. Idempotent."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, _SurvivingStream):
+            continue
+        found = _tee_log_file(fd)
+        if found:
+            _fallback[fd] = found
+        setattr(sys, name, _SurvivingStream(stream, fd))
+
+
+def write_stderr(text: str) -> None:
+    """``os.write`` to stderr, for signal handlers (no locks); survives a closed pipe like the streams."""
+    data = text.encode()
+    try:
+        os.write(2, data)
+    except BrokenPipeError:
+        _redirect_after_broken_pipe(2)
+        with contextlib.suppress(OSError):
+            os.write(2, data)
 
 
 def format_eta(seconds: float) -> str:

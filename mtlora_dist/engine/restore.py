@@ -117,6 +117,9 @@ def restore_model(
         )
     store = CheckpointStore(join(ref.run_dir, CHECKPOINTS_DIR), storage)
     tensors = ckpt.tensors_from_bytes(store.read(ref.tag, ckpt.TRAINABLE, ref.marker))
+    problems = ckpt.tensor_problems(model, tensors)
+    if problems:
+        raise ckpt.CheckpointError(ckpt.describe_tensor_problems(problems, f"{ref.url}/{ckpt.TRAINABLE}"))
     weights = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith(("param/", "buffer/"))}
     result = model.load_state_dict(weights, strict=False)
     trainable = set(ckpt.trainable_shapes(model))

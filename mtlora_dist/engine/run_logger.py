@@ -10,10 +10,13 @@ wandb has credentials masked and wandb records no command line; an offline run e
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -96,10 +99,16 @@ class RunLogger:
         atomic_write_text(self.metrics_path, state.get("metrics", ""))
         self.flush()
 
+    def start_over(self) -> None:
+        """No checkpoint to continue from: the log starts empty, so rows of an earlier attempt that was
+        killed before its first complete checkpoint do not appear twice."""
+        self.load_state_dict({"run_id": self.run_id or "", "metrics": ""})
+
     def _start_wandb(self, cfg, config: dict) -> None:
         import wandb
 
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        _service_outside_the_process_tree()
         self._wandb = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -132,8 +141,13 @@ class RunLogger:
         try:
             fn()
         except Exception as err:  # noqa: BLE001
-            log.warning("wandb failed (%s: %s); continuing without wandb", type(err).__name__, err)
+            log.warning(
+                "wandb failed (%s: %s); continuing without wandb (metrics.jsonl has every step)",
+                type(err).__name__,
+                err,
+            )
             self._wandb = None
+            _teardown_quietly()
 
     def log_image(self, key: str, path: str, step: int) -> None:
         if self.enabled and self._wandb is not None:
@@ -153,8 +167,61 @@ class RunLogger:
             offline_dir = self._wandb.settings.sync_dir if self.wandb_cfg.mode == "offline" else None
             self._call_wandb(self._wandb.finish)
             if offline_dir and self._wandb is not None:
-                log.info("wandb run saved offline in %s; upload it with: wandb sync %s", offline_dir, offline_dir)
+                log.info("%s", self.sync_hint(offline_dir))
             self._wandb = None
+
+    def sync_hint(self, offline_dir: str) -> str:
+        """The command that uploads every offline folder of this wandb run: each job (resume) of it writes
+        one (``offline-run-<time>-<id>``), and ``wandb sync`` takes them all."""
+        parent = os.path.dirname(offline_dir.rstrip("/"))
+        folders = sorted(glob.glob(os.path.join(parent, f"offline-run-*-{self.run_id}")))
+        if len(folders) <= 1:
+            return f"wandb run saved offline in {offline_dir}; upload it with: wandb sync {offline_dir}"
+        pattern = os.path.join(parent, f"offline-run-*-{self.run_id}")
+        return (
+            f"wandb run saved offline in {len(folders)} folders under {parent} (one per job of this run); "
+            f"upload them all with: wandb sync {pattern}"
+        )
+
+
+# Run in a short-lived process: it starts wandb's service detached and prints how to connect to it, then exits.
+_START_SERVICE = (
+    "import wandb\n"
+    "from wandb.sdk.lib.service import service_process\n"
+    "print(service_process.start_detached(wandb.Settings(), idle_timeout='30s').token.env_value)\n"
+)
+
+
+def _service_outside_the_process_tree() -> None:
+    """Start wandb's service from a process that exits at once, so the service is nobody's child here.
+
+    A launcher that stops a job terminates each rank's whole process tree (the deepspeed launcher's
+    Ctrl-C handling): wandb's service, a child of the rank, died before the rank's final ``finish`` and
+    the run ended with ``socket.send()`` errors and an atexit traceback. Outside the tree the service
+    stays up, ``finish`` completes the wandb run, and the service leaves after 30 idle seconds. Where
+    this cannot be done (another wandb version), wandb starts its service as usual."""
+    if os.environ.get("WANDB_SERVICE"):
+        return
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _START_SERVICE], capture_output=True, text=True, timeout=120, check=True
+        )
+        token = proc.stdout.strip().splitlines()[-1]
+    except (subprocess.SubprocessError, OSError, IndexError) as err:
+        log.debug("wandb service not started outside the process tree: %s", err)
+        return
+    os.environ["WANDB_SERVICE"] = token
+
+
+def _teardown_quietly() -> None:
+    """Close wandb's connection to a service that has gone (a launcher's SIGTERM to the rank's process tree
+    reaches it), so wandb's atexit hook does not print a traceback after the run has ended."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - the service is gone: nothing left to close cleanly
+        pass
 
 
 def _wandb_settings(wandb) -> dict[str, Any]:

@@ -23,12 +23,14 @@ launcher, torchrun) and treats one that has gone as a stop request.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
+from collections.abc import Iterator
 
 import psutil  # a DeepSpeed dependency
 
 from mtlora_dist import comm
+from mtlora_dist.engine.console import write_stderr
 
 __all__ = ["TerminationFlag", "STOP_SIGNALS"]
 
@@ -64,6 +66,7 @@ class TerminationFlag:
         self.received: int | None = None
         self.launcher_gone = False
         self.announce = announce  # one line on stderr when the first signal arrives (rank 0)
+        self.finishing = "finishing this step"  # what the announcement says the rank does before stopping
         self._launchers = launcher_processes()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
@@ -73,11 +76,16 @@ class TerminationFlag:
         self.received = self.received or signum
         if first and self.announce:
             # os.write: no locks taken inside a signal handler (logging could be mid-write)
-            os.write(
-                2,
-                f"\nreceived {signal.Signals(signum).name}: finishing this step, then a checkpoint "
-                "and exit 3\n".encode(),
-            )
+            write_stderr(f"\nreceived {signal.Signals(signum).name}: {self.finishing}, then a checkpoint and exit 3\n")
+
+    @contextlib.contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """While inside, a stop announces that the rank is finishing ``what`` (e.g. an evaluation) first."""
+        before, self.finishing = self.finishing, f"finishing {what}"
+        try:
+            yield
+        finally:
+            self.finishing = before
 
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal or lost its launcher (a collective: call it on

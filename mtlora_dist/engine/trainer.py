@@ -26,6 +26,7 @@ from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
+from mtlora_dist.engine.threads import set_thread_count
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.models import build_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
@@ -61,6 +62,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     )
     stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
     setup_logging(info.rank)
+    set_thread_count(cfg.data.num_workers, announce=info.is_main)
     comm.barrier()
     with comm.peer_loss_as_error():
         result = _run(cfg, info, stop, reports)
@@ -100,6 +102,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+    else:
+        logger.start_over()  # rows of an attempt killed before its first complete checkpoint go
     if engine.global_steps >= total_steps:
         log.info(
             "%s is already complete (step %d of %d): nothing to train. To train longer, pass a larger "
@@ -154,7 +158,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
                 _log_train(logger, progress, step, losses, engine, rate, train_loader)
                 tick, samples = time.perf_counter(), 0
             if validation.due(step, total_steps):
-                results = validation.run(engine, step)
+                with stop.doing("the evaluation"):
+                    results = validation.run(engine, step)
             # every rank takes the same branch: the signal flag is all-reduced inside should_stop()
             stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
             if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):

@@ -58,9 +58,10 @@ def plot_curves(records: list[dict]) -> Image.Image | None:
     axes = [fig.add_subplot(rows, min(panels, COLUMNS), i + 1) for i in range(panels)]
 
     loss_ax = axes[0]
-    loss_ax.plot(*_series(train, lambda r: r.get("loss")), color="black", label="total")
     for task in tasks:
         loss_ax.plot(*_series(train, lambda r, t=task: r.get("losses", {}).get(t)), label=task)
+    # the total on top and dashed: with one task (or one dominant loss) it would hide under that line
+    loss_ax.plot(*_series(train, lambda r: r.get("loss")), color="black", linestyle="--", zorder=3, label="total")
     if all(v > 0 for line in loss_ax.get_lines() for v in line.get_ydata()):
         loss_ax.set_yscale("log")
     loss_ax.set(title="training loss", xlabel="step")

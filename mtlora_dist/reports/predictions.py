@@ -8,6 +8,10 @@ official protocol) so every panel of a row shows the same field of view. They ar
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from PIL import Image
@@ -62,17 +66,8 @@ class PredictionReport:
     def samples(self) -> dict:
         """The fixed images and labels (a batch, on the CPU), read on first use."""
         if self._samples is None:
-            loader = build_loader(
-                self.url,
-                dataset=self.dataset,
-                tasks=self.tasks,
-                split="val",
-                img_size=self.img_size,
-                batch_size=self.num_samples,
-                num_workers=0,
-                storage=self.storage,
-                protocol="official",
-            )
+            with _quiet("mtlora_dist"):  # the evaluation's own loader has said what a val loader is
+                loader = self._loader()
             batches = iter(loader)
             try:
                 batch = next(batches)
@@ -81,6 +76,20 @@ class PredictionReport:
             keep = batch["valid"]
             self._samples = {k: v[keep] for k, v in batch.items() if isinstance(v, Tensor)}
         return self._samples
+
+    def _loader(self):
+        """A one-batch loader of the first ``num_samples`` validation images (always the same ones)."""
+        return build_loader(
+            self.url,
+            dataset=self.dataset,
+            tasks=self.tasks,
+            split="val",
+            img_size=self.img_size,
+            batch_size=self.num_samples,
+            num_workers=0,
+            storage=self.storage,
+            protocol="official",
+        )
 
     @torch.no_grad()
     def predict(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -131,3 +140,15 @@ def _value_range(values: np.ndarray, ignore: np.ndarray) -> tuple[float, float] 
     """Range of the valid truth values: one colour scale for truth and prediction (used by depth)."""
     valid = values[~ignore]
     return (float(valid.min()), float(valid.max())) if valid.size else None
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Info lines of logger ``name`` off while inside (warnings still show)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(before, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

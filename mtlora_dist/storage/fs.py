@@ -22,7 +22,12 @@ __all__ = [
     "describe_endpoint",
     "redact",
     "is_secret_key",
+    "has_userinfo",
+    "redact_userinfo",
 ]
+
+# ``scheme://user:password@host/...``: credentials inside a URL (user-info), masked in every message.
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
 
 # ``key`` alone is StorageOptions' access key id: a credential too.
 _SECRET_KEYS = re.compile(r"(^key$|secret|password|token|key_id|access_key|credential)", re.IGNORECASE)
@@ -147,6 +152,16 @@ def describe_endpoint(options: StorageOptions | None = None) -> str:
 def is_secret_key(name: str) -> bool:
     """True for a mapping key whose value is a credential (``key``, ``secret``, ``*token*``, ...)."""
     return bool(_SECRET_KEYS.search(name))
+
+
+def has_userinfo(text: str) -> bool:
+    """True if ``text`` holds a URL with user-info (``s3://KEY:SECRET@bucket/...``)."""
+    return bool(_USERINFO.search(text))
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the user-info of every URL in it replaced by ``***`` (``s3://***@bucket/x``)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def redact(value: Any) -> Any:

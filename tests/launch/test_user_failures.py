@@ -1,0 +1,245 @@
+"""Failures a user can cause (issue 26): each ends in one clear line and exit 2, nothing is lost or counted
+twice, and no credential is accepted on, or echoed from, the command line. Real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runs import TINY_RUN
+
+from cli_utils import REPO, TINY, output, run, script
+
+KEY, SECRET = "AKIAMARKER7f3a9c", "s3cr3tMARKER2b8e41"
+
+
+def assert_one_line_exit_2(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    text = output(proc)
+    assert proc.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for part in expected:
+        assert part in proc.stderr, (part, proc.stderr[-3000:])
+    return proc.stderr
+
+
+# -- item 4: credentials ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"data.storage={{key: {KEY}, secret: {SECRET}}}",
+        f"+data.storage={{endpoint_url: 'http://127.0.0.1:1', secret: {SECRET}}}",
+        f"data.train_url=s3://{KEY}:{SECRET}@bucket/pascal/train",
+        f"run_dir=s3://{KEY}:{SECRET}@bucket/runs/x",
+    ],
+    ids=["mapping", "mapping-with-plus", "data-url-userinfo", "run-dir-userinfo"],
+)
+def test_credentials_inside_an_override_are_refused_without_echoing_them(tmp_path, override):
+    proc = run([script("train.py"), override, "--cfg", "job"], tmp_path)
+    assert_one_line_exit_2(proc, "must not be given on the command line", "AWS_SECRET_ACCESS_KEY")
+    assert KEY not in output(proc) and SECRET not in output(proc)
+
+
+def test_a_url_with_credentials_in_a_config_file_is_refused_without_echoing_it(tmp_path):
+    """Not on the command line but in a config file: refused too (s3fs would take ``KEY:SECRET@bucket`` for
+    the bucket's name and print it), without echoing it."""
+    recipe = (REPO / "configs" / "quickstart.yaml").read_text()
+    recipe += f"data:\n  train_url: s3://{KEY}:{SECRET}@no-bucket/train\n  val_url: s3://no-bucket/val\n"
+    (tmp_path / "mine.yaml").write_text(recipe)
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    proc = run([script("train.py"), "--config", str(tmp_path / "mine.yaml"), *TINY, "data.storage.retries=0",
+                "data.storage.read_retries=1", "data.storage.retry_delay_s=0.05", f"run_dir={tmp_path / 'r'}"],
+               tmp_path, env=env, timeout=240)  # fmt: skip
+    assert_one_line_exit_2(proc, "'data.train_url' is a URL with credentials in it")
+    assert KEY not in output(proc) and SECRET not in output(proc), output(proc)[-3000:]
+
+
+# -- item 3: a kill before the first complete checkpoint ----------------------------------------------------
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(r)["step"] for r in path.read_text().splitlines() if r.strip() and '"train"' in r]
+
+
+@pytest.mark.integration
+def test_a_rerun_after_a_kill_before_any_checkpoint_logs_every_step_once(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*TINY_RUN, "logging.wandb.enabled=false", "data.synthetic.num_train=32", "data.synthetic.num_val=4",
+              "eval.max_batches=1", "eval.visual_samples=0", "checkpoint.every=0", f"run_dir={run_dir}",
+              f"data.synthetic.root={tmp_path / 'data'}"]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, script("train.py"), *common, "max_steps=200"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(_steps(run_dir)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the first run ended before step 3"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((run_dir / "checkpoints").glob("step_*/COMPLETE.json"))
+    rerun = run([script("train.py"), *common, "max_steps=4"], tmp_path)
+    assert rerun.returncode == 0, output(rerun)[-3000:]
+    assert _steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_messages_and_log_lines_mask_a_urls_user_info():
+    sys.path.insert(0, str(REPO / "launch"))
+    from mtlora_dist.engine.console import _Redacting
+
+    import _cli
+
+    err = RuntimeError(f"could not read s3://{KEY}:{SECRET}@bucket/x")
+    assert _cli.failure_message(err) == "could not read s3://***@bucket/x"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "reading %s", (f"s3://{KEY}@b/x",), None)
+    assert KEY not in _Redacting("%(message)s").format(record)
+
+
+# -- items 5 and 8: wrong credentials, a bucket that does not exist ------------------------------------------
+S3_FAST = ["data.storage.retries=0", "data.storage.read_retries=1", "data.storage.retry_delay_s=0.05"]
+
+
+@pytest.mark.parametrize("where", ["run_dir", "data"])
+def test_wrong_credentials_are_one_line_naming_the_url(tmp_path, s3_bucket, where):
+    args = [f"run_dir=s3://{s3_bucket}/run"] if where == "run_dir" else [
+        f"data.train_url=s3://{s3_bucket}/pascal/train", f"data.val_url=s3://{s3_bucket}/pascal/val",
+        "data=pascal_context", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = run([script("train.py"), *TINY, *S3_FAST, *args], tmp_path, env={"AWS_SECRET_ACCESS_KEY": "NotTheSecret9d1"})
+    assert_one_line_exit_2(proc, f"s3://{s3_bucket}/", "refused", "AWS_SECRET_ACCESS_KEY", "endpoint http://127.0.0.1")
+    assert "NotTheSecret9d1" not in output(proc)
+
+
+@pytest.mark.parametrize("where", ["run_dir", "data", "convert"])
+def test_a_missing_bucket_names_the_url_the_endpoint_and_how_to_create_it(tmp_path, s3_server, where):
+    if where == "convert":
+        args = [script("convert.py"), "pascal_context", "--root", str(tmp_path), "--split", "train",
+                "--out", "s3://no-such-bucket/pascal/train"]  # fmt: skip
+    elif where == "run_dir":
+        args = [script("train.py"), *TINY, *S3_FAST, "run_dir=s3://no-such-bucket/run"]
+    else:
+        args = [script("train.py"), *TINY, *S3_FAST, "data=pascal_context", f"run_dir={tmp_path / 'run'}",
+                "data.train_url=s3://no-such-bucket/train", "data.val_url=s3://no-such-bucket/val"]  # fmt: skip
+    started = time.monotonic()
+    proc = run(args, tmp_path, timeout=120)
+    assert_one_line_exit_2(
+        proc, "s3://no-such-bucket/", "does not exist", s3_server.endpoint, "mkdir('no-such-bucket')"
+    )
+    assert time.monotonic() - started < 30  # before the model is built (it took ~34 s before)
+
+
+def test_the_create_bucket_hint_works(tmp_path, s3_server):
+    """The command the message suggests creates the bucket with the same AWS_* variables (no aws CLI)."""
+    from mtlora_dist.storage.buckets import create_bucket_hint
+
+    command = create_bucket_hint("made-by-hint").split("set): ", 1)[1].split(" (or ", 1)[0]
+    proc = subprocess.run(command, shell=True, env={**os.environ, **s3_server.env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ok = run([script("train.py"), "run_dir=s3://made-by-hint/run", "--cfg", "job"], tmp_path)
+    assert ok.returncode == 0, output(ok)[-2000:]
+    from mtlora_dist.storage.buckets import require_buckets
+
+    require_buckets({"run_dir": "s3://made-by-hint/run"})
+
+
+# -- item 7: a config.yaml with a python tag --------------------------------------------------------------------
+def test_a_python_tag_in_a_runs_config_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    recipe = (REPO / "configs" / "quickstart.yaml").read_text()
+    (run_dir / "config.yaml").write_text(recipe + "seed: !!python/object/apply:os.getcwd []\n")
+    proc = run([script("eval.py"), f"checkpoint={run_dir}"], tmp_path)
+    assert_one_line_exit_2(proc, "config.yaml", "not plain YAML")
+
+
+# -- item 6: model.pretrained that is not a Swin state dict -----------------------------------------------------
+class _Code:
+    """Unpickling this would create a folder: stands in for code hidden in a weights file."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.makedirs, (self.target,))
+
+
+def _text_file(path: Path) -> None:
+    path.write_text("these are not weights\n")
+
+
+def _resnet(path: Path) -> None:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+
+
+def _pickle_with_code(path: Path) -> None:
+    import torch
+
+    torch.save({"model": _Code(str(path.parent / "pwned"))}, path)
+
+
+@pytest.mark.parametrize("make", [_text_file, _resnet, _pickle_with_code], ids=["text", "resnet", "pickle-code"])
+def test_a_pretrained_file_that_is_not_swin_weights_is_one_line(tmp_path, make):
+    weights = tmp_path / "weights.pth"
+    make(weights)
+    proc = run([script("train.py"), *TINY, f"model.pretrained={weights}", f"run_dir={tmp_path / 'run'}",
+                f"data.synthetic.root={tmp_path / 'data'}", "logging.wandb.enabled=false"], tmp_path)  # fmt: skip
+    assert_one_line_exit_2(proc, f"pretrained checkpoint '{weights}'", "model.pretrained")
+    assert "weights_only=False" not in output(proc)
+    assert not (tmp_path / "pwned").exists()
+
+
+# -- item 11: threads per rank ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("omp", [None, "3"], ids=["chosen", "from-OMP_NUM_THREADS"])
+def test_threads_per_rank_are_chosen_from_the_cpus_and_logged(tmp_path, omp):
+    from mtlora_dist.engine.threads import choose_threads
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp:
+        env["OMP_NUM_THREADS"] = omp
+    proc = subprocess.run([sys.executable, script("train.py"), *TINY, "data.num_workers=1", "max_steps=1",
+                           f"run_dir={tmp_path / 'run'}", f"data.synthetic.root={tmp_path / 'd'}",
+                           "logging.wandb.enabled=false"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, output(proc)[-3000:]
+    if omp:
+        assert "torch threads per rank: " in proc.stdout and f"(OMP_NUM_THREADS={omp})" in proc.stdout
+    else:
+        expected = choose_threads(1, len(os.sched_getaffinity(0)), 1)
+        assert f"torch threads per rank: {expected} (" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_ranks_times_threads_and_workers_fit_the_cpus():
+    from mtlora_dist.engine.threads import choose_threads
+
+    assert choose_threads(1, cpus=2, local_ranks=1) == 1  # the quickstart on 2 cores
+    assert choose_threads(0, cpus=2, local_ranks=1) == 2
+    assert choose_threads(2, cpus=16, local_ranks=2) == 6  # 2 x (6 + 2) = 16
+    assert choose_threads(None, cpus=16, local_ranks=8) == 1
+    assert choose_threads(4, cpus=2, local_ranks=2) == 1  # never 0
+
+
+# -- item 14: every offline wandb folder of a resumed run is named ---------------------------------------------
+@pytest.mark.integration
+def test_the_closing_wandb_sync_line_covers_every_job_of_the_run(tmp_path):
+    import glob
+
+    run_dir = tmp_path / "run"
+    args = [script("train.py"), *TINY, "steps_per_job=1", f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'd'}",
+            "logging.wandb.enabled=true", "logging.wandb.mode=offline"]  # fmt: skip
+    for _ in range(2):
+        proc = run(args, tmp_path)
+        assert proc.returncode == 0, output(proc)[-3000:]
+        time.sleep(1.1)  # offline folders are named by the second they start
+    line = next(x for x in output(proc).splitlines() if "upload them all with: wandb sync " in x)
+    pattern = line.split("wandb sync ", 1)[1].strip()
+    assert len(glob.glob(pattern)) == 2 and all(p.startswith(str(run_dir / "wandb")) for p in glob.glob(pattern))
