@@ -11,7 +11,7 @@ from packaging.version import Version
 from torch import nn
 
 from mtlora_dist.config import DeepSpeedSettings, OptimConfig
-from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
+from mtlora_dist.engine.optim import build_optimizer
 from mtlora_dist.models.precision import align_buffers
 
 __all__ = ["deepspeed_config", "initialize_engine", "model_dtype"]
@@ -76,18 +76,18 @@ def initialize_engine(
     micro_batch: int,
     world_size: int,
     total_steps: int,
+    steps_per_epoch: int = 0,
 ):
     """``deepspeed.initialize`` with AdamW over trainable parameter groups and a warmup-cosine schedule
-    that DeepSpeed steps (and checkpoints) with the optimizer."""
+    that DeepSpeed steps (and checkpoints) with the optimizer. ``steps_per_epoch`` (optimizer steps)
+    turns ``optim.warmup_epochs`` into steps; 0 means the whole run is one epoch."""
     import deepspeed
 
     check_deepspeed_version(deepspeed.__version__)
     config = deepspeed_config(settings, micro_batch, world_size)
-    base_lr, warmup_lr, min_lr = scaled_lrs(optim, config["train_batch_size"])
-    groups = param_groups(model, optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.betas), eps=optim.eps)
-    warmup = optim.warmup_steps or int(round(optim.warmup_fraction * total_steps))
-    scheduler = warmup_cosine(optimizer, base_lr, warmup_lr, min_lr, warmup, total_steps)
+    optimizer, scheduler = build_optimizer(
+        model, optim, config["train_batch_size"], total_steps, steps_per_epoch or total_steps
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     align_buffers(engine.module, model_dtype(settings))  # DeepSpeed releases differ in casting buffers
     return engine

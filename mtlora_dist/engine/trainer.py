@@ -73,8 +73,11 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
     train_loader = _loader(cfg, info, train_url, "train")
     val_loader = _loader(cfg, info, val_url, "val")
-    total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
+    steps_per_epoch = max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    engine = initialize_engine(
+        model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps, steps_per_epoch
+    )
 
     logger = RunLogger(
         cfg.run_dir,
