@@ -88,7 +88,8 @@ class LrTiming(StrEnum):
 class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
-    fp16 = "fp16"
+    fp16 = "fp16"  # with dynamic loss scaling from 2**16: the official recipe's autocast + GradScaler
+    auto = "auto"  # bf16 on a GPU that has it, else fp32; resolved when training starts (config.yaml keeps it)
 
 
 class WandbMode(StrEnum):

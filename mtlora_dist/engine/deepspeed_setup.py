@@ -14,7 +14,7 @@ from mtlora_dist.config import DeepSpeedSettings, OptimConfig
 from mtlora_dist.engine.optim import build_optimizer
 from mtlora_dist.models.precision import align_buffers
 
-__all__ = ["deepspeed_config", "initialize_engine", "model_dtype"]
+__all__ = ["deepspeed_config", "initialize_engine", "model_dtype", "resolve_precision"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TESTED_DEEPSPEED = ("0.18", "0.20")  # [low, high): pyproject.toml pins the same range
@@ -37,8 +37,16 @@ def check_deepspeed_version(version: str) -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``; other values unchanged."""
+    if precision != "auto":
+        return str(precision)
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def model_dtype(settings: DeepSpeedSettings) -> torch.dtype:
-    return _DTYPES[settings.precision]
+    return _DTYPES[resolve_precision(settings.precision)]
 
 
 def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -46,14 +54,15 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
     zero: dict[str, Any] = {"stage": settings.zero_stage}
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    precision = resolve_precision(settings.precision)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "train_batch_size": micro_batch * settings.gradient_accumulation_steps * world_size,
         "gradient_clipping": settings.gradient_clipping,
         "zero_optimization": zero,
-        "bf16": {"enabled": settings.precision == "bf16"},
-        "fp16": {"enabled": settings.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # our optimizer is torch's AdamW over the trainable groups; allow it under ZeRO and offload
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

@@ -19,7 +19,7 @@ from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
 from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import Progress, setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
-from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
+from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype, resolve_precision
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
 from mtlora_dist.engine.evaluate import ReportsFactory, Validation, to_device
 from mtlora_dist.engine.fingerprint import run_fingerprint
@@ -66,6 +66,8 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
 
 
 def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None) -> TrainResult:
+    # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
+    cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
 
     seed_everything(cfg.seed)  # same initial weights on every rank

@@ -25,3 +25,22 @@ def test_the_guard_and_pyproject_pin_the_same_range():
 
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert f'"deepspeed>={TESTED_DEEPSPEED[0]},<{TESTED_DEEPSPEED[1]}"' in pyproject
+
+
+def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_on_a_cpu(monkeypatch):
+    import torch
+
+    from mtlora_dist.config import DeepSpeedSettings
+    from mtlora_dist.engine.deepspeed_setup import deepspeed_config, model_dtype, resolve_precision
+
+    auto = DeepSpeedSettings(precision="auto")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_dtype(auto) is torch.float32 and not deepspeed_config(auto, 2, 1)["bf16"]["enabled"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert model_dtype(auto) is torch.bfloat16 and deepspeed_config(auto, 2, 1)["bf16"]["enabled"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32"  # no bf16 on the GPU: fp32, never silently fp16

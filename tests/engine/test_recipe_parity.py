@@ -144,3 +144,8 @@ def test_r64_recipe_keeps_every_other_official_setting(r64):
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_every_paper_recipe_uses_the_official_optimizer_settings(name):
     assert _recipe(name).optim == _recipe("pascal_swin_t_r64").optim
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_train_in_bf16_where_the_gpu_has_it(name):
+    assert _recipe(name).deepspeed.precision == "auto"
