@@ -209,6 +209,12 @@ def test_an_official_checkpoint_imports_evaluates_and_exports_to_the_same_output
     differences = output_difference(model, exported, images)
     assert max(differences.values()) < 1e-5, differences
 
+    if not module_prefix:  # training continues from it, with the run's own config (its model.pretrained)
+        proc = run_cli("train.py", ["--config", str(run_dir / "config.yaml"), "max_steps=2"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "resumed from step 0" in proc.stdout + proc.stderr
+        assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json").exists()
+
 
 def test_a_pickle_with_a_code_payload_is_refused_and_runs_nothing(yacs_module, tmp_path):
     sentinel = tmp_path / "payload-ran"
