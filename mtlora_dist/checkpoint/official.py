@@ -31,6 +31,8 @@ __all__ = [
     "OfficialCheckpointError",
     "adapter_differences",
     "from_official",
+    "official_key",
+    "our_key",
     "read_official",
     "to_official",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from mtlora_dist.config import OptimConfig
 
-__all__ = ["build_optimizer", "no_decay_names", "param_groups", "scaled_lrs", "warmup_cosine", "warmup_steps"]
+__all__ = ["build_optimizer", "no_decay_names", "param_groups", "scaled_lrs", "warmup_cosine", "warmup_length"]
 
 
 def no_decay_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -45,7 +45,7 @@ def scaled_lrs(cfg: OptimConfig, global_batch: int) -> tuple[float, float, float
     return cfg.base_lr * factor, cfg.warmup_lr * factor, cfg.min_lr * factor
 
 
-def warmup_steps(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> int:
+def warmup_length(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> int:
     """Warmup length in optimizer steps: ``warmup_steps``, else ``warmup_epochs`` x steps per epoch
     (truncated, as the official ``int(WARMUP_EPOCHS * n_iter_per_epoch)``), else ``warmup_fraction`` of
     the run, rounded."""
@@ -92,6 +92,6 @@ def build_optimizer(
     base_lr, warmup_lr, min_lr = scaled_lrs(cfg, global_batch)
     groups = param_groups(model, cfg.weight_decay, cfg.no_decay)
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    warmup = warmup_steps(cfg, total_steps, steps_per_epoch)
+    warmup = warmup_length(cfg, total_steps, steps_per_epoch)
     lag = 1 if cfg.lr_timing == "lagged" else 0
     return optimizer, warmup_cosine(optimizer, base_lr, warmup_lr, min_lr, warmup, total_steps, lag)

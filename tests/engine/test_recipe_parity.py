@@ -12,7 +12,7 @@ import torch
 
 from mtlora_dist.config import PACKAGE_CONFIGS, load_config
 from mtlora_dist.engine.deepspeed_setup import deepspeed_config
-from mtlora_dist.engine.optim import build_optimizer, no_decay_names, warmup_steps
+from mtlora_dist.engine.optim import build_optimizer, no_decay_names, warmup_length
 from mtlora_dist.models import build_model
 from mtlora_dist.tasks import loss_weights
 
@@ -90,7 +90,7 @@ def test_r64_recipe_runs_every_step_at_the_official_lr(r64):
     cfg, model = r64
     total = OFFICIAL["epochs"] * STEPS_PER_EPOCH
     optimizer, scheduler = build_optimizer(model, cfg.optim, GLOBAL_BATCH, total, STEPS_PER_EPOCH)
-    assert warmup_steps(cfg.optim, total, STEPS_PER_EPOCH) == OFFICIAL["warmup_epochs"] * STEPS_PER_EPOCH
+    assert warmup_length(cfg.optim, total, STEPS_PER_EPOCH) == OFFICIAL["warmup_epochs"] * STEPS_PER_EPOCH
     expected = official_lrs(STEPS_PER_EPOCH, OFFICIAL["epochs"], GLOBAL_BATCH, OFFICIAL["warmup_epochs"])
     ours = our_lrs(optimizer, scheduler, total)
     assert ours[0][0] == ours[1][0] == pytest.approx(expected[0], rel=1e-12)  # steps 0 and 1 at warmup_lr_init
@@ -149,3 +149,23 @@ def test_every_paper_recipe_uses_the_official_optimizer_settings(name):
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_paper_recipes_train_in_bf16_where_the_gpu_has_it(name):
     assert _recipe(name).deepspeed.precision == "auto"
+
+
+def test_warmup_length_takes_steps_then_epochs_then_a_fraction():
+    from mtlora_dist.config import OptimConfig
+
+    assert warmup_length(OptimConfig(warmup_steps=7, warmup_epochs=2), 1000, 100) == 7
+    assert warmup_length(OptimConfig(warmup_epochs=2.5), 1000, 100) == 250
+    assert warmup_length(OptimConfig(warmup_fraction=0.0667), 46800, 156) == 3122  # the old rule, kept
+    assert warmup_length(OptimConfig(warmup_fraction=0.0), 1000, 100) == 0
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [("optim.warmup_fraction=1.5", "optim.warmup_fraction"), ("optim.warmup_epochs=-1", "optim.warmup_epochs")],
+)
+def test_impossible_warmups_are_refused_naming_the_key(override, named):
+    from mtlora_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])

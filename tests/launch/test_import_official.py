@@ -268,3 +268,17 @@ def test_read_official_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(OfficialCheckpointError, match="not an official MTLoRA checkpoint"):
         read_official(str(path))
+
+
+def test_a_backbone_other_than_the_named_pretrained_file_is_refused(yacs_module, tmp_path):
+    from safetensors.torch import save_file
+
+    other = our_model(seed=4)  # another backbone than the one in the official file
+    pretrained = tmp_path / "swin.safetensors"
+    backbone = {k.removeprefix("backbone."): v for k, v in other.state_dict().items() if k.startswith("backbone.")}
+    save_file({k: v.contiguous() for k, v in backbone.items() if "lora_" not in k}, str(pretrained))
+    path = write_official(tmp_path / "o.pth", our_model(), official_config(yacs_module))
+    args = [*OVERRIDES, f"model.pretrained={pretrained}", f"official={path}", f"run_dir={tmp_path / 'run'}"]
+    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    assert "differs from model.pretrained" in line and "layers.0.blocks.0.attn.qkv.weight" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
