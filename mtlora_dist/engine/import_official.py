@@ -23,14 +23,15 @@ from mtlora_dist.checkpoint.official import (
     from_official,
     read_official,
 )
+from mtlora_dist.checkpoint.storage import CheckpointStore
 from mtlora_dist.config import ConfigError, TrainConfig, to_yaml
-from mtlora_dist.engine.deepspeed_setup import initialize_engine
+from mtlora_dist.engine.deepspeed_setup import initialize_engine, resolve_precision
 from mtlora_dist.engine.distributed import init_distributed
 from mtlora_dist.engine.fingerprint import run_fingerprint
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.models import MultiTaskSwin, build_model
 from mtlora_dist.storage.atomic import atomic_write_text
-from mtlora_dist.storage.fs import join
+from mtlora_dist.storage.fs import join, url_to_fs
 
 __all__ = ["import_official", "BACKBONE_FILE"]
 
@@ -78,6 +79,7 @@ def import_official(cfg: TrainConfig, path: str, backbone_out: str | None = None
             "the official checkpoint was trained with another adapter config: " + "; ".join(differences)
         )
     mapped = from_official(official.model, _build(cfg))  # names and shapes checked before anything is written
+    _refuse_used_run_dir(cfg)
     info = init_distributed()
     if info.world_size != 1:
         raise ConfigError("run launch/import_official.py as one process (python, not a launcher)")
@@ -87,7 +89,18 @@ def import_official(cfg: TrainConfig, path: str, backbone_out: str | None = None
         comm.shutdown()
 
 
+def _refuse_used_run_dir(cfg: TrainConfig) -> None:
+    """An import starts a run: never over another run's config, checkpoints or backbone file."""
+    fs, path = url_to_fs(join(cfg.run_dir, "config.yaml"), cfg.data.storage)
+    found = CheckpointStore(join(cfg.run_dir, "checkpoints"), cfg.data.storage).newest_complete()
+    if found is not None or fs.exists(path):
+        raise ConfigError(f"{cfg.run_dir} already holds a run (config.yaml or checkpoints); import into a new run_dir")
+
+
 def _write(cfg: TrainConfig, mapped: dict[str, torch.Tensor], backbone_out: str | None, device) -> str:
+    # as the trainer does: 'auto' becomes this device's precision, recorded in config.yaml, so the frozen
+    # weights' fingerprint in the checkpoint is taken in the precision the run continues in
+    cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, device)
     if cfg.model.pretrained:
         _check_backbone(_build(cfg), mapped, cfg.model.pretrained)
     else:
@@ -112,8 +125,6 @@ def _write(cfg: TrainConfig, mapped: dict[str, torch.Tensor], backbone_out: str 
         storage=cfg.data.storage,
         local_cache=cfg.checkpoint.local_cache,
     )
-    if checkpointer.latest() is not None:
-        raise ConfigError(f"{cfg.run_dir} already holds checkpoints; import into a new run_dir")
     atomic_write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
     url = checkpointer.save(0)
     checkpointer.wait()

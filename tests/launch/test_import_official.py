@@ -214,6 +214,12 @@ def test_an_official_checkpoint_imports_evaluates_and_exports_to_the_same_output
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "resumed from step 0" in proc.stdout + proc.stderr
         assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json").exists()
+    else:  # a second import into the same run_dir touches nothing of the run
+        backbone = (run_dir / "pretrained_backbone.safetensors").read_bytes()
+        again = [*OVERRIDES, "seed=9", f"official={official}", f"run_dir={run_dir}"]
+        line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *again], tmp_path))
+        assert "already holds a run" in line
+        assert (run_dir / "pretrained_backbone.safetensors").read_bytes() == backbone
 
 
 def test_a_pickle_with_a_code_payload_is_refused_and_runs_nothing(yacs_module, tmp_path):
