@@ -30,7 +30,7 @@ MOST_USED_KEYS = (
     ("max_steps / epochs", "optimizer steps (0: epochs x steps per epoch)"),
     ("steps_per_job", "stop with a checkpoint after this many steps in one job (0: no limit)"),
     ("deepspeed.zero_stage", "0, 1, 2 or 3"),
-    ("deepspeed.precision", "fp32, bf16 or fp16"),
+    ("deepspeed.precision", "fp32, bf16, fp16 or auto (bf16 on a GPU that has it, else fp32)"),
     ("deepspeed.gradient_accumulation_steps", "micro-steps per optimizer step"),
     ("checkpoint.every / eval.every", "steps between checkpoints / evaluations (0: only at the end)"),
     ("logging.wandb.mode", "offline, online or disabled"),

@@ -80,10 +80,16 @@ class LrScaling(StrEnum):
     none = "none"
 
 
+class LrTiming(StrEnum):
+    aligned = "aligned"  # optimizer step k runs at schedule index k
+    lagged = "lagged"  # step k at index max(0, k-1): timm's step_update after the step, as the official code
+
+
 class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
-    fp16 = "fp16"
+    fp16 = "fp16"  # with dynamic loss scaling from 2**16: the official recipe's autocast + GradScaler
+    auto = "auto"  # bf16 on a GPU that has it, else fp32; resolved when training starts (config.yaml keeps it)
 
 
 class WandbMode(StrEnum):
@@ -135,9 +141,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup + cosine, stepped per optimizer step (spec B §7).
+    """AdamW with warmup + cosine, stepped per optimizer step (spec B §7; docs/recipes.md).
 
     ``lr_scaling: linear`` scales every lr by global_batch / 512 as the official code does.
+    ``lr_timing: lagged`` runs optimizer step k at schedule index k-1 (the official code steps timm's
+    scheduler after the optimizer); ``aligned`` at index k. ``no_decay``: name patterns (fnmatch) of
+    parameters without weight decay, besides every parameter of at most one dimension; the official
+    optimizer exempts ``*.bias`` only, timm also the relative-position tables. Warmup length: the first
+    of ``warmup_steps``, ``warmup_epochs`` (x optimizer steps per epoch, exact as the official) and
+    ``warmup_fraction`` (x total steps, rounded) that is non-zero.
     """
 
     base_lr: float = 5e-4
@@ -148,7 +160,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
-    warmup_fraction: float = 20 / 300  # used when warmup_steps is 0
+    warmup_epochs: float = 0.0
+    warmup_fraction: float = 20 / 300  # used when warmup_steps and warmup_epochs are 0
+    lr_timing: LrTiming = LrTiming.aligned
+    no_decay: list[str] = field(default_factory=lambda: ["*.bias", "*.relative_position_bias_table", "*.lora_*scale*"])
 
 
 DIST_BACKENDS = ("auto", "nccl", "gloo", "cuda:gloo")
@@ -433,8 +448,21 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_choices(cfg)
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
+    _check_optim(cfg.optim)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    """Warmup lengths are counts or fractions, never negative; a fraction of the run stays below 1."""
+    for key in ("warmup_steps", "warmup_epochs", "warmup_fraction"):
+        if getattr(optim, key) < 0:
+            raise ConfigError(f"config key 'optim.{key}' is {getattr(optim, key)!r}; expected 0 or more")
+    if optim.warmup_fraction >= 1:
+        raise ConfigError(
+            f"config key 'optim.warmup_fraction' is {optim.warmup_fraction!r}; expected a fraction below 1 "
+            "(give a length in optimizer steps with optim.warmup_steps or in epochs with optim.warmup_epochs)"
+        )
 
 
 def _refuse_urls_with_credentials(value: Any, prefix: str = "") -> None:

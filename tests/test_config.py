@@ -18,7 +18,7 @@ from mtlora_dist.config import ConfigError, Precision, load_config, to_yaml
         ("data.on_error", "ignore", "[skip, raise]"),
         ("data.eval_protocol", "paper", "[original, official]"),
         ("optim.lr_scaling", "sqrt", "[linear, none]"),
-        ("deepspeed.precision", "fp8", "[fp32, bf16, fp16]"),
+        ("deepspeed.precision", "fp8", "[fp32, bf16, fp16, auto]"),
         ("logging.wandb.mode", "cloud", "[offline, online, disabled]"),
         ("model.pyramid", "fpn", "[official, timm]"),
         ("adapter.mode", "dora", "[matrix, matrixv2, addition, add, lora_only]"),

@@ -11,10 +11,10 @@ from packaging.version import Version
 from torch import nn
 
 from mtlora_dist.config import DeepSpeedSettings, OptimConfig
-from mtlora_dist.engine.optim import param_groups, scaled_lrs, warmup_cosine
+from mtlora_dist.engine.optim import build_optimizer
 from mtlora_dist.models.precision import align_buffers
 
-__all__ = ["bucket_elements", "deepspeed_config", "initialize_engine", "model_dtype"]
+__all__ = ["bucket_elements", "deepspeed_config", "initialize_engine", "model_dtype", "resolve_precision"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TESTED_DEEPSPEED = ("0.18", "0.20")  # [low, high): pyproject.toml pins the same range
@@ -44,8 +44,16 @@ def check_deepspeed_version(version: str) -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``; other values unchanged."""
+    if precision != "auto":
+        return str(precision)
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def model_dtype(settings: DeepSpeedSettings) -> torch.dtype:
-    return _DTYPES[settings.precision]
+    return _DTYPES[resolve_precision(settings.precision)]
 
 
 def bucket_elements(parameters: int, override: int = 0) -> int:
@@ -70,21 +78,22 @@ def deepspeed_config(
         zero["stage3_prefetch_bucket_size"] = bucket_elements(parameters or trainable, settings.bucket_size)
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    precision = resolve_precision(settings.precision)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "train_batch_size": micro_batch * settings.gradient_accumulation_steps * world_size,
         "gradient_clipping": settings.gradient_clipping,
         "zero_optimization": zero,
-        "bf16": {"enabled": settings.precision == "bf16"},
-        "fp16": {"enabled": settings.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # our optimizer is torch's AdamW over the trainable groups; allow it under ZeRO and offload
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if settings.precision == "bf16" and settings.fp32_grad_reduce:
+    if precision == "bf16" and settings.fp32_grad_reduce:
         config.update(_fp32_gradients(settings.zero_stage))
     return _merge(config, dict(settings.extra))
 
@@ -112,20 +121,20 @@ def initialize_engine(
     micro_batch: int,
     world_size: int,
     total_steps: int,
+    steps_per_epoch: int = 0,
 ):
     """``deepspeed.initialize`` with AdamW over trainable parameter groups and a warmup-cosine schedule
-    that DeepSpeed steps (and checkpoints) with the optimizer."""
+    that DeepSpeed steps (and checkpoints) with the optimizer. ``steps_per_epoch`` (optimizer steps)
+    turns ``optim.warmup_epochs`` into steps; 0 means the whole run is one epoch."""
     import deepspeed
 
     check_deepspeed_version(deepspeed.__version__)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = sum(p.numel() for p in model.parameters())
     config = deepspeed_config(settings, micro_batch, world_size, trainable, parameters)
-    base_lr, warmup_lr, min_lr = scaled_lrs(optim, config["train_batch_size"])
-    groups = param_groups(model, optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(optim.betas), eps=optim.eps)
-    warmup = optim.warmup_steps or int(round(optim.warmup_fraction * total_steps))
-    scheduler = warmup_cosine(optimizer, base_lr, warmup_lr, min_lr, warmup, total_steps)
+    optimizer, scheduler = build_optimizer(
+        model, optim, config["train_batch_size"], total_steps, steps_per_epoch or total_steps
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     align_buffers(engine.module, model_dtype(settings))  # DeepSpeed releases differ in casting buffers
     return engine

@@ -19,7 +19,7 @@ from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
 from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import Progress, setup_logging
 from mtlora_dist.engine.data_setup import prepare_data
-from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
+from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype, resolve_precision
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
 from mtlora_dist.engine.evaluate import ReportsFactory, Validation, to_device
 from mtlora_dist.engine.fingerprint import run_fingerprint
@@ -71,6 +71,8 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
 
 
 def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None) -> TrainResult:
+    # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
+    cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -78,8 +80,11 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
     train_loader = _loader(cfg, info, train_url, "train")
     val_loader = _loader(cfg, info, val_url, "val")
-    total_steps = cfg.max_steps or cfg.epochs * max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps)
+    steps_per_epoch = max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    engine = initialize_engine(
+        model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps, steps_per_epoch
+    )
 
     logger = RunLogger(
         cfg.run_dir,

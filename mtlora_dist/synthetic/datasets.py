@@ -45,15 +45,23 @@ MARKER = "SYNTHETIC.json"  # written last: its presence means the dataset is com
 LIGHT = np.array([-0.5, -0.6, 1.0]) / np.linalg.norm([-0.5, -0.6, 1.0])  # x right, y down, z to camera
 JPEG_QUALITY = 95
 
-# Synthetic PASCAL-Context "LabelMap" ids (the real ones come from the 459-class list).
+# Real PASCAL-Context "LabelMap" ids (the 459-class labels.txt) of the classes the generator paints, so
+# that the real db_info lists (context_classes.json: {name: id}) apply to synthetic data too.
 CONTEXT_IDS: dict[str, int] = {
-    "wall": 1,
-    "floor": 2,
-    "sky": 3,
-    **{name: 10 + i for i, name in enumerate(VOC_CLASSES) if i},
-}
+    "aeroplane": 2, "bicycle": 23, "bird": 25, "boat": 31, "bottle": 34, "bus": 45, "car": 59, "cat": 65,
+    "chair": 72, "cow": 98, "dog": 113, "floor": 158, "horse": 207, "motorbike": 258, "person": 284,
+    "pottedplant": 308, "sheep": 347, "sky": 360, "sofa": 368, "table": 397, "train": 416, "tvmonitor": 427,
+    "wall": 440,
+}  # fmt: skip
+CONTEXT_NAME = {"diningtable": "table"}  # VOC class name -> PASCAL-Context name, where they differ
 # Classes whose normals are trusted (real data: context classes that also exist in NYU, + tvmonitor).
-NYU_COMPATIBLE = ["unknown", "wall", "floor", "bottle", "chair", "diningtable", "person", "sofa"]
+NYU_COMPATIBLE = ["unknown", "wall", "floor", "bottle", "chair", "table", "person", "sofa"]
+
+
+def context_id(voc_class: str) -> int:
+    """The PASCAL-Context LabelMap id of a VOC class."""
+    return CONTEXT_IDS[CONTEXT_NAME.get(voc_class, voc_class)]
+
 
 # (part name, group) drawn for each person; the HUMAN_PART mapping of labels.py turns names into groups.
 PART_GROUP_HUES = {1: 0.07, 2: 0.62, 3: 0.78, 4: 0.95, 5: 0.45, 6: 0.28}
@@ -246,7 +254,7 @@ def _pascal_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
         else:
             cls = int(rng.choice(list(VOC_PALETTE)))
             mask, height = _draw_object(c, rng)
-            c.paint(mask, height, VOC_PALETTE[cls], cls, CONTEXT_IDS[VOC_CLASSES[cls]], fg=True)
+            c.paint(mask, height, VOC_PALETTE[cls], cls, context_id(VOC_CLASSES[cls]), fg=True)
             # animals get a "head" part: a reader must ignore parts of non-person objects
             parts = (
                 [("head", mask & (c.yy < c.yy[mask].min() + 4))] if cls in (3, 8, 10, 12, 13, 17) and mask.any() else []

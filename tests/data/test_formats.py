@@ -11,7 +11,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.data.ingest.formats import get_reader
+from mtlora_dist.data.ingest.formats.base import resize_label
 from mtlora_dist.data.ingest.formats.pascal_context import normals_valid_classes, read_human_parts
 from mtlora_dist.data.ingest.labels import HUMAN_PART, PERSON_CLASS
 from mtlora_dist.synthetic.datasets import make_scene
@@ -120,9 +122,58 @@ def test_human_parts_use_person_parts_only(tmp_path):
     parts = read_human_parts(path, (h, w))
     assert (parts[legs > 0] == HUMAN_PART["lfoot"]).all() and (parts[legs == 0] == 0).all()
 
+    # official rule: a person whose part masks are all empty gives no supervision (255), not background
+    empty = np.zeros((h, w), np.uint8)
+    scipy.io.savemat(path, anno([("person", 15, legs, [("lfoot", empty), ("head", empty)])]))
+    assert (read_human_parts(path, (h, w)) == 255).all()
+    scipy.io.savemat(path, anno([("person", 15, legs, [("lfoot", empty)]), ("person", 15, legs, [("lfoot", legs)])]))
+    parts = read_human_parts(path, (h, w))
+    assert (parts[legs > 0] == HUMAN_PART["lfoot"]).all() and (parts[legs == 0] == 0).all()
+
     scipy.io.savemat(path, anno([("person", 15, legs, [("tail", legs)])]))
     with pytest.raises(ValueError, match="unknown person part 'tail'"):
         read_human_parts(path, (h, w))
+
+
+def test_pascal_labels_of_another_size_are_resized_as_the_official_reader_does(pascal_root, tmp_path, caplog):
+    """The official reader resizes a label whose size differs from its JPEG: OpenCV nearest for class maps,
+    cubic for normals; each such sample is logged during conversion."""
+    import cv2
+
+    root = str(tmp_path / "pc")
+    shutil.copytree(pascal_root, root)
+    reader = get_reader("pascal_context", root, ["semseg", "sal", "normals"])
+    sample_id = reader.ids("train")[0]
+    before = reader.read(sample_id)
+    h, w = before["image"].shape[:2]
+    small = (w // 2 + 1, h // 2)  # cv2 sizes are (W, H)
+    semseg_png = os.path.join(root, "semseg", "VOC12", f"{sample_id}.png")
+    semseg_small = cv2.resize(np.asarray(Image.open(semseg_png)), small, interpolation=cv2.INTER_NEAREST)
+    Image.fromarray(semseg_small).save(semseg_png)
+    sal_png = os.path.join(root, "sal_distill", f"{sample_id}.png")
+    Image.fromarray(cv2.resize(np.asarray(Image.open(sal_png)), small, interpolation=cv2.INTER_NEAREST)).save(sal_png)
+
+    with caplog.at_level("WARNING", logger="mtlora_dist"):
+        after = reader.read(sample_id)
+    np.testing.assert_array_equal(after["semseg"], cv2.resize(semseg_small, (w, h), interpolation=cv2.INTER_NEAREST))
+    assert after["sal"].shape == (h, w) and set(np.unique(after["sal"])) <= {0, 1}
+    assert sum("label resized" in r.getMessage() for r in caplog.records) == 2  # semseg and sal, not normals
+
+    with caplog.at_level("WARNING", logger="mtlora_dist"):
+        caplog.clear()
+        convert("pascal_context", root, "train", str(tmp_path / "shards"), shard_size_mb=1)
+    assert (
+        sum(f"sample {sample_id}:" in r.getMessage() and "label resized" in r.getMessage() for r in caplog.records) >= 2
+    )
+
+
+def test_resized_normals_stay_unit_vectors_with_the_invalid_mask_nearest():
+    normals = np.zeros((8, 10, 3), np.float32)
+    normals[:, 5:] = [0.0, 0.6, 0.8]
+    resized = resize_label(normals, (16, 20), "normals")
+    valid = np.linalg.norm(resized, axis=-1) > 0
+    np.testing.assert_array_equal(valid, np.repeat(np.repeat(normals[..., 2] > 0, 2, 0), 2, 1))
+    assert np.abs(np.linalg.norm(resized[valid], axis=-1) - 1).max() < 1e-5
 
 
 def test_normals_mask_follows_db_info(pascal_root):

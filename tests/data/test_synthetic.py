@@ -147,3 +147,23 @@ def test_generate_is_reproducible_on_disk(tmp_path):
                 np.testing.assert_array_equal(sa[key], sb[key])
         with open(ra.image_path(sample_id), "rb") as fa, open(rb.image_path(sample_id), "rb") as fb:
             assert fa.read() == fb.read()
+
+
+def test_pascal_labelmaps_use_the_real_459_class_ids(pascal_root):
+    """The LabelMaps hold real PASCAL-Context ids (so the real db_info lists apply): a few from the
+    dataset's labels.txt, every written id among the generator's table, and db_info naming them so."""
+    import scipy.io
+
+    from mtlora_dist.synthetic.datasets import CONTEXT_IDS, context_id
+
+    real = {"wall": 440, "floor": 158, "sky": 360, "person": 284, "tvmonitor": 427, "table": 397, "chair": 72}
+    assert {name: CONTEXT_IDS[name] for name in real} == real
+    assert context_id("diningtable") == 397 and context_id("aeroplane") == 2
+    assert len(set(CONTEXT_IDS.values())) == len(CONTEXT_IDS) and max(CONTEXT_IDS.values()) <= 459
+    seen: set[int] = set()
+    for sample_id in get_reader("pascal_context", pascal_root).ids("train"):
+        mat = scipy.io.loadmat(os.path.join(pascal_root, "pascal-context", "trainval", f"{sample_id}.mat"))
+        seen |= set(np.unique(mat["LabelMap"]).tolist())
+    assert seen <= set(CONTEXT_IDS.values()) and 158 in seen and seen & {440, 360}  # floor, wall or sky
+    with open(os.path.join(pascal_root, "db_info", "context_classes.json")) as f:
+        assert json.load(f) == CONTEXT_IDS

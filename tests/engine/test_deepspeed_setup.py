@@ -92,3 +92,23 @@ def test_bad_bucket_or_timeout_is_refused_by_name(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_on_a_cpu(monkeypatch):
+    import torch
+
+    from mtlora_dist.config import DeepSpeedSettings
+    from mtlora_dist.engine.deepspeed_setup import deepspeed_config, model_dtype, resolve_precision
+
+    auto = DeepSpeedSettings(precision="auto")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_dtype(auto) is torch.float32 and not deepspeed_config(auto, 2, 1, 1_000_000)["bf16"]["enabled"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert model_dtype(auto) is torch.bfloat16 and deepspeed_config(auto, 2, 1, 1_000_000)["bf16"]["enabled"]
+    assert deepspeed_config(auto, 2, 1, 1_000_000)["communication_data_type"] == "fp32"  # auto -> bf16 reduces in fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32"  # no bf16 on the GPU: fp32, never silently fp16

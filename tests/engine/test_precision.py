@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def _run(tmp_path: Path, *overrides: str) -> None:
+def _run(tmp_path: Path, *overrides: str, precision: str = "bf16") -> None:
     cmd = [
         sys.executable,
         str(REPO / "launch" / "train.py"),
@@ -26,7 +26,7 @@ def _run(tmp_path: Path, *overrides: str) -> None:
         "eval.every=0",
         "logging.log_every=1",
         "logging.progress_bar=false",
-        "deepspeed.precision=bf16",
+        f"deepspeed.precision={precision}",
         "max_steps=4",
         f"run_dir={tmp_path / 'run'}",
         f"data.synthetic.root={tmp_path / 'data'}",
@@ -63,3 +63,11 @@ def test_zero2_offload_config_trains_on_cpu(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_auto_precision_trains_in_fp32_on_a_cpu_and_the_run_records_it(tmp_path):
+    import yaml
+
+    _run(tmp_path, "max_steps=1", precision="auto")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["deepspeed"]["precision"] == "fp32"  # eval and export rebuild the model in what trained

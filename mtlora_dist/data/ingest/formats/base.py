@@ -13,6 +13,7 @@ with only the tasks asked for.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,9 +22,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mtlora_dist.tasks.registry import DATASET_TASKS, check_tasks
+from mtlora_dist.tasks.registry import DATASET_TASKS, check_tasks, get_task
 
-__all__ = ["SampleFiles", "LayoutReader", "load_rgb", "load_gray", "load_npy", "normalize_normals"]
+__all__ = [
+    "SampleFiles",
+    "LayoutReader",
+    "load_rgb",
+    "load_gray",
+    "load_npy",
+    "normalize_normals",
+    "resize_label",
+]
+
+log = logging.getLogger("mtlora_dist")
 
 
 @dataclass
@@ -84,6 +95,19 @@ def normalize_normals(normals: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.where(valid, n / np.where(valid, norm, 1.0), 0.0).astype(np.float32)
 
 
+def resize_label(value: np.ndarray, shape: tuple[int, int], task: str) -> np.ndarray:
+    """``value`` at ``shape`` (H, W) as the official PASCAL reader resizes a label of another size than its
+    image: OpenCV nearest for ids and maps, cubic for normals (renormalised here: 0 stays invalid)."""
+    import cv2
+
+    size = (shape[1], shape[0])
+    if get_task(task).interpolation == "normals":
+        valid = cv2.resize((np.abs(value).sum(-1) > 0).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        resized = cv2.resize(value.astype(np.float32), size, interpolation=cv2.INTER_CUBIC)
+        return normalize_normals(np.where(valid[..., None] > 0, resized, 0.0))
+    return cv2.resize(value, size, interpolation=cv2.INTER_NEAREST)
+
+
 class LayoutReader:
     """Reads canonical samples of one dataset layout; see the module docstring for the format.
 
@@ -94,6 +118,8 @@ class LayoutReader:
         split_file: ``split -> path relative to root`` of the file listing that split's ids.
         image_file: ``id -> path relative to root`` of the image.
         loaders: ``task -> loader``; a loader returns the task's canonical array.
+        resize_labels: resize a label of another size than its image (:func:`resize_label`, one warning
+            per sample in the conversion log) instead of refusing it; the official PASCAL reader does.
     """
 
     def __init__(
@@ -105,6 +131,7 @@ class LayoutReader:
         split_file: Callable[[str], str],
         image_file: Callable[[str], str],
         loaders: Mapping[str, TaskLoader],
+        resize_labels: bool = False,
     ) -> None:
         self.dataset = dataset
         self.root = str(root)
@@ -115,6 +142,7 @@ class LayoutReader:
         self._split_file = split_file
         self._image_file = image_file
         self._loaders = dict(loaders)
+        self.resize_labels = resize_labels
         self.optional_tasks: tuple[str, ...] = ()  # built-in layouts have every label of every sample
 
     def ids(self, split: str) -> list[str]:
@@ -141,9 +169,12 @@ class LayoutReader:
         for task in self.tasks:
             value = self._loaders[task](files)
             if value.shape[:2] != (h, w):
-                raise ValueError(
-                    f"{self.dataset} sample {sample_id}: '{task}' label is {value.shape[:2]} but the image is "
-                    f"{(h, w)}; labels must have the image's size"
+                message = (
+                    f"{self.dataset} sample {sample_id}: '{task}' label is {value.shape[:2]} but the image is {(h, w)}"
                 )
+                if not self.resize_labels:
+                    raise ValueError(f"{message}; labels must have the image's size")
+                log.warning("%s: resized to the image, as the official reader does (label resized)", message)
+                value = resize_label(value, (h, w), task)
             sample[task] = value
         return sample

@@ -64,29 +64,31 @@ def read_human_parts(path: str, shape: tuple[int, int]) -> np.ndarray:
     """Six-group human-part map (uint8 HxW) from a PASCAL-Part ``anno`` struct.
 
     Every person object with part annotations paints its parts with their group id (``HUMAN_PART``),
-    in object order; other pixels are background (0). An image without any annotated person is all
-    ``255``: it has no human-parts supervision at all (Part B §5).
+    in object order; other pixels are background (0). An image where no person has a non-empty part
+    mask (no person, or persons whose part masks are all empty) is all ``255``: it has no human-parts
+    supervision at all (Part B §5), as in the official reader.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PASCAL-Part annotation not found: {path}")
     anno = scipy.io.loadmat(path)["anno"][0, 0]
-    target = np.zeros(shape, dtype=np.uint8)
-    has_person = False
+    target: np.ndarray | None = None  # at the masks' own size: a label of another size is resized later
+    painted = False
     for obj in np.asarray(anno["objects"]).ravel():
         parts = np.asarray(obj["parts"])
         if _int(obj["class_ind"]) != PERSON_CLASS or parts.size == 0:
             continue
-        has_person = True
         for part in parts.ravel():
             name = _text(part["part_name"])
             if name not in HUMAN_PART:
                 raise ValueError(f"{path}: unknown person part '{name}'; known parts: {sorted(HUMAN_PART)}")
             mask = np.asarray(part["mask"]).astype(bool)
-            if mask.shape != shape:
-                raise ValueError(f"{path}: part '{name}' mask is {mask.shape}, image is {shape}")
+            target = np.zeros(mask.shape, dtype=np.uint8) if target is None else target
+            if mask.shape != target.shape:
+                raise ValueError(f"{path}: part '{name}' mask is {mask.shape}, other masks are {target.shape}")
             target[mask] = HUMAN_PART[name]
-    if not has_person:
-        target[:] = IGNORE_INDEX
+            painted = painted or bool(mask.any())
+    if target is None or not painted:
+        return np.full(shape if target is None else target.shape, IGNORE_INDEX, dtype=np.uint8)
     return target
 
 
@@ -153,4 +155,5 @@ def make_reader(
         split_file=lambda split: os.path.join("ImageSets", "Context", f"{split}.txt"),
         image_file=lambda i: os.path.join("JPEGImages", f"{i}.jpg"),
         loaders={"semseg": semseg, "human_parts": human_parts, "sal": sal, "normals": normals, "edge": edge},
+        resize_labels=True,  # the official reader resizes a label of another size than its JPEG
     )
