@@ -12,10 +12,7 @@ from torch import nn
 
 from mtlora_dist.models.config import TrainableConfig
 
-__all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy", "NO_DECAY_GROUPS"]
-
-# Groups that get no weight decay (spec Part A 5): norms, biases, relative-position tables, scales.
-NO_DECAY_GROUPS = ("norms", "relative_position_bias", "lora_scale")
+__all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy"]
 
 
 def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:
