@@ -28,6 +28,7 @@ from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.models import build_model
+from mtlora_dist.models.compile import compile_model
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
@@ -209,7 +210,7 @@ def _build_model(cfg: TrainConfig, info: DistInfo):
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     if cfg.model.sync_bn and info.world_size > 1 and info.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN runs on GPUs only
-    return model.to(info.device)
+    return compile_model(model.to(info.device), cfg.model.compile)
 
 
 def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
