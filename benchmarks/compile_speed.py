@@ -3,6 +3,11 @@
     python benchmarks/compile_speed.py [--config configs/quickstart.yaml] [--batch 8] [--size 96]
         [--mode model|blocks] [--backend inductor] [--repeats 10] [--threads 2] [--device cpu|cuda]
         [--profile] [--json out.json] [key=value ...]
+    python benchmarks/compile_speed.py --dropout-only
+
+``--dropout-only`` times one LoRA dropout draw and application on a (6272, 384) input (Swin-T's
+stage-0 tokens at 224 px, batch 2) instead: the eager positions sampler, the hashed sampler that
+compiled code uses, run eagerly and compiled by inductor, and ``nn.functional.dropout``.
 
 Two copies of the model with the same weights, one compiled by
 :func:`mtlora_dist.models.compile.compile_model` as a training run compiles it, each with its own
@@ -67,6 +72,32 @@ def _top_ops(step, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _dropout_draws(repeats: int) -> dict:
+    from mtlora_dist.adapters.dropout import DropMask, hashed_masks
+
+    x = torch.randn(6272, 384)
+
+    def hashed_eager() -> torch.Tensor:
+        with hashed_masks():
+            return DropMask(x.shape, 0.05).apply(x)
+
+    compiled = torch.compile(lambda t: DropMask(t.shape, 0.05).apply(t), fullgraph=True)
+    draws = {
+        "positions": lambda: DropMask(x.shape, 0.05).apply(x),
+        "hashed_eager": hashed_eager,
+        "hashed_inductor": lambda: compiled(x),
+        "nn_dropout": lambda: torch.nn.functional.dropout(x, 0.05),
+    }
+    for _ in range(3):
+        for draw in draws.values():
+            draw()
+    times: dict[str, list[float]] = {name: [] for name in draws}
+    for _ in range(repeats):
+        for name, draw in draws.items():
+            times[name].append(_timed(draw, torch.device("cpu")))
+    return {f"{name}_ms": statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -79,6 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each")
+    parser.add_argument("--dropout-only", action="store_true", help="time the dropout samplers instead (CPU)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
@@ -86,6 +118,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     host_memory_kept = keep_freed_memory() if device.type == "cpu" else False
+    machine = {
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if args.dropout_only:
+        emit({**_dropout_draws(max(args.repeats, 15)), "threads": args.threads, **machine}, args.json)
+        return
 
     cfg = load_config(
         args.config, [f"model.img_size=[{args.size},{args.size}]", "model.pretrained=null", *args.overrides]
@@ -127,9 +167,8 @@ def main() -> None:
         "graphs_at_end": _graphs(),
         "repeat_times_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "host_memory_kept": host_memory_kept,
+        **machine,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if args.profile:
         for name, step in steps.items():
