@@ -24,8 +24,9 @@ uses a third sampler, *hashed*: the seed is a 2-element int64 tensor drawn with 
 the default generator (in the graph; ``torch.manual_seed`` replays it), and element ``i`` is dropped
 when a 32-bit integer hash of ``(i, seed)`` falls below ``p * 2**32``. The mask is a pure function of
 the seed tensor and element indices, so the compiler can fuse it into the op that applies it and
-recompute it in backward from the seed, which is all the graph saves (no mask kept, with or without
-checkpointing), and eager and compiled runs of the hashed sampler drop the same elements
+recompute it in backward: AOTAutograd's min-cut partitioner (inductor's) saves only the seed for
+backward (``tests/models/test_compile.py``), so no mask outlives forward, as in eager code. Eager and
+compiled runs of the hashed sampler drop the same elements
 (:func:`hashed_masks` turns it on in eager code, for such comparisons). Each element is Bernoulli(p) up
 to the hash's quality and a 2**-32 rounding of ``p`` (``tests/adapters/test_dropout.py`` checks rate
 and independence of neighbours); in eager code it costs ~12 passes over an int64 tensor, which is why
@@ -124,7 +125,7 @@ class DropMask:
         p: float,
         device: torch.device | str = "cpu",
         positions: bool | None = None,
-        seed: int | None = None,
+        seed: int | Tensor | None = None,
     ) -> None:
         """``positions``: draw dropped positions (default on a CPU) or a dense keep-mask (default on
         accelerators, where one fused kernel draws it); ignored, in favour of the hashed sampler, under

@@ -108,3 +108,30 @@ def test_unknown_mode_names_the_valid_ones():
         and not hasattr(linear, "_compiled_call_impl")
         or (linear._compiled_call_impl is None)
     )
+
+
+def test_compiled_dropout_saves_only_its_seed_for_backward():
+    """AOTAutograd's min-cut partitioner (inductor's) recomputes the hashed mask in backward: the
+    forward graph hands backward the 2-element seed, not a mask the size of the input."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from mtlora_dist.adapters.dropout import lora_dropout
+
+    saved = []
+
+    def forward_compiler(gm, _inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        saved.extend(o.meta["val"] for o in outputs[1:])  # outputs[0] is the result, the rest go to backward
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    x = torch.randn(64, 32, requires_grad=True)
+    fn = torch.compile(lambda t: lora_dropout(t, 0.1) * 2, backend=backend, fullgraph=True)
+    fn(x).sum().backward()
+    assert [(tuple(t.shape), t.dtype) for t in saved] == [((2,), torch.int64)]
+    assert 0 < int((x.grad == 0).sum()) < x.numel()  # and backward applied a mask
