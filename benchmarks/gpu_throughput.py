@@ -105,6 +105,7 @@ def main() -> None:
     from mtlora_dist.config import load_config
     from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
     from mtlora_dist.engine.distributed import init_distributed
+    from mtlora_dist.models.compile import compile_model
     from mtlora_dist.tasks.losses import MultiTaskLoss
 
     info = init_distributed()
@@ -132,7 +133,7 @@ def main() -> None:
         print(f"torch.compile does not work on this machine ({compile_skipped}); measuring without it", flush=True)
     model = _build(cfg, args.grad_checkpointing).to(info.device)
     if args.compile and not compile_skipped:
-        model = torch.compile(model)
+        model = compile_model(model, "model")  # what model.compile=model gives a training run
     engine = initialize_engine(model, cfg.optim, cfg.deepspeed, args.batch, 1, 10_000)
     loss_fn = MultiTaskLoss(cfg.data.tasks)
 

@@ -16,17 +16,33 @@ attribute of the autograd context, which gradient checkpointing cannot free (pos
 an element at p = 0.05, a keep-mask 1 byte; issue 13 puts it at ~29 % of Swin-B's activation memory
 with checkpointing on). Redrawing costs one more draw per layer and step, in backward (~2 ms for a
 (6272, 384) input as positions on the 2-core CPU machine).
+
+Under ``torch.compile`` both samplers break the graph: the seed is a Python int (a ``.item()``), the
+positions sampler loops on a data-dependent count, and a ``torch.Generator`` made in forward is an
+opaque object dynamo cannot put in a graph. Compiled code (``torch.compiler.is_compiling()``) therefore
+uses a third sampler, *hashed*: the seed is a 2-element int64 tensor drawn with ``torch.randint`` from
+the default generator (in the graph; ``torch.manual_seed`` replays it), and element ``i`` is dropped
+when a 32-bit integer hash of ``(i, seed)`` falls below ``p * 2**32``. The mask is a pure function of
+the seed tensor and element indices, so the compiler can fuse it into the op that applies it and
+recompute it in backward: AOTAutograd's min-cut partitioner (inductor's) saves only the seed for
+backward (``tests/models/test_compile.py``), so no mask outlives forward, as in eager code. Eager and
+compiled runs of the hashed sampler drop the same elements
+(:func:`hashed_masks` turns it on in eager code, for such comparisons). Each element is Bernoulli(p) up
+to the hash's quality and a 2**-32 rounding of ``p`` (``tests/adapters/test_dropout.py`` checks rate
+and independence of neighbours); in eager code it costs ~12 passes over an int64 tensor, which is why
+eager keeps the other two samplers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DropMask", "LoRADropout", "lora_dropout"]
+__all__ = ["DropMask", "LoRADropout", "hashed_masks", "lora_dropout"]
 
 # Gap draws per batch: the expected count plus six standard deviations; a shortfall draws again.
 _SIGMAS = 6.0
@@ -54,12 +70,53 @@ def _draw_seed() -> int:
     return int(torch.randint(2**63 - 1, (), dtype=torch.int64))
 
 
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # below 2**31: a product with a 32-bit value stays inside int64, no overflow
+_FORCE_HASHED = False
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 values in [0, 2**32), in torch ops."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def _hashed_keep(shape: torch.Size, p: float, seed: Tensor) -> Tensor:
+    """Bool keep-mask of ``shape``: element i is dropped when hash(i, seed) < p * 2**32."""
+    numel = shape.numel()
+    if numel >= 2**32:
+        raise ValueError(f"hashed dropout indexes elements with 32 bits; a tensor of {numel} elements is too large")
+    index = torch.arange(numel, dtype=torch.int64, device=seed.device)
+    bits = _mix32(_mix32((index + seed[0]) & _M32) ^ seed[1])
+    return (bits >= round(p * 2**32)).view(shape)
+
+
+def _use_hashed() -> bool:
+    return _FORCE_HASHED or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def hashed_masks() -> Iterator[None]:
+    """Draw masks with the compile-friendly hashed sampler in eager code too, so an eager run drops
+    the same elements as a compiled one under the same ``torch.manual_seed`` (tests, comparisons)."""
+    global _FORCE_HASHED
+    previous, _FORCE_HASHED = _FORCE_HASHED, True
+    try:
+        yield
+    finally:
+        _FORCE_HASHED = previous
+
+
 class DropMask:
     """One dropout draw for a tensor of ``shape``: which elements are zeroed, and the 1/(1-p) scale.
 
-    Holds no tensor: the draw is a seed, and :attr:`positions` / :attr:`keep` are drawn again from it
-    on each use (the same elements every time), so an autograd context that keeps the mask keeps a few
-    integers, not a tensor that gradient checkpointing could not free.
+    Holds no mask tensor: the draw is a seed, and :attr:`positions` / :attr:`keep` are drawn again from
+    it on each use (the same elements every time), so an autograd context that keeps the mask keeps a
+    few integers (a 2-element seed tensor with the hashed sampler), not a tensor that gradient
+    checkpointing could not free.
     """
 
     def __init__(
@@ -68,17 +125,23 @@ class DropMask:
         p: float,
         device: torch.device | str = "cpu",
         positions: bool | None = None,
-        seed: int | None = None,
+        seed: int | Tensor | None = None,
     ) -> None:
         """``positions``: draw dropped positions (default on a CPU) or a dense keep-mask (default on
-        accelerators, where one fused kernel draws it). ``seed``: the draw, else one from the default
-        generator."""
+        accelerators, where one fused kernel draws it); ignored, in favour of the hashed sampler, under
+        ``torch.compile`` and :func:`hashed_masks`. ``seed``: the draw (an int, or a 2-element int64
+        tensor for the hashed sampler), else one from the default generator."""
         if not 0.0 < p < 1.0:
             raise ValueError(f"dropout rate must be in (0, 1), got {p}")
         self.shape = torch.Size(shape)
         self.p = float(p)
         self.scale = 1.0 / (1.0 - p)
         self.device = torch.device(device)
+        self.hashed = _use_hashed() or isinstance(seed, Tensor)
+        if self.hashed:
+            self.use_positions = False
+            self.seed = torch.randint(2**32, (2,), dtype=torch.int64, device=self.device) if seed is None else seed
+            return
         self.use_positions = self.device.type == "cpu" if positions is None else bool(positions)
         self.seed = _draw_seed() if seed is None else int(seed)
 
@@ -97,6 +160,8 @@ class DropMask:
         """Bool keep-mask of ``shape`` (dense sampling), drawn anew from the seed."""
         if self.use_positions:
             return None
+        if self.hashed:
+            return _hashed_keep(self.shape, self.p, self.seed)
         return torch.rand(self.shape, device=self.device, generator=self._generator()) >= self.p
 
     def apply(self, x: Tensor) -> Tensor:

@@ -82,59 +82,60 @@ def _amp_backward(ctx, body: Callable, grad_out: Tensor) -> tuple:
     return tuple(g if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.input_dtypes))
 
 
-class _AmpFunction(torch.autograd.Function):
-    """An autograd op whose ``_forward(ctx, x, ...)`` and ``_backward(ctx, grad_out)`` run under the
-    autocast rules of :func:`_amp_forward` / :func:`_amp_backward`."""
+class _LoRALinear(torch.autograd.Function):
+    """:func:`_lora_forward` / :func:`_lora_backward` under the autocast rules of :func:`_amp_forward`.
 
-    @classmethod
-    def forward(cls, ctx, *args):  # type: ignore[override]
-        return _amp_forward(ctx, cls._forward, args, args[0].device.type)
-
-    @classmethod
-    def backward(cls, ctx, grad_out):  # type: ignore[override]
-        return _amp_backward(ctx, cls._backward, grad_out)
-
-
-class _LoRALinear(_AmpFunction):
-    @staticmethod
-    def _forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, d_in)  # (N, d_in)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
-        # dropout's zeros go into a copy of x; its 1/(1-p) goes into the rank-r side
-        x_kept = mask.zero_dropped_(x2.clone()) if mask is not None else x2
-        keep_scale = mask.scale if mask is not None else 1.0
-        h = x_kept @ lora_a.t()  # (N, r) = A drop(x) / keep_scale
-        s = scale.to(h.dtype) * keep_scale
-        out.addmm_(h * s, lora_b.t())
-        ctx.mask, ctx.keep_scale, ctx.scale_dtype, ctx.has_bias = mask, keep_scale, scale.dtype, bias is not None
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, x_kept, h, weight, lora_a, lora_b, s)
-        return out.view(*lead, out.shape[-1])
+    ``forward``/``backward`` are static methods naming their bodies directly (no classmethod, no
+    ``cls._forward`` lookup), the form dynamo traces into one graph without a break.
+    """
 
     @staticmethod
-    def _backward(ctx, grad_out):
-        x2, x_kept, h, weight, lora_a, lora_b, s = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_lb, need_s, _ = ctx.needs_input_grad
-        dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-        g = dy @ lora_b  # (N, r): gradient w.r.t. the rank-r product that B multiplies
-        dh = g * s  # gradient w.r.t. h (x_kept A^T), keep scale included
-        grad_x = grad_w = grad_bias = grad_a = grad_lb = grad_s = None
-        if need_x:
-            lora_dx = dh @ lora_a  # (N, d_in), a fresh tensor: the mask zeroes it in place
-            if ctx.mask is not None:
-                lora_dx = ctx.mask.zero_dropped_(lora_dx)
-            grad_x = torch.addmm(lora_dx, dy, weight).view(*grad_out.shape[:-1], weight.shape[1])
-        if need_w:
-            grad_w = dy.t() @ x2
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        if need_a:
-            grad_a = dh.t() @ x_kept
-        if need_lb:
-            grad_lb = dy.t() @ (h * s)
-        if need_s:
-            grad_s = ((g * h).sum() * ctx.keep_scale).reshape(1).to(ctx.scale_dtype)
-        return grad_x, grad_w, grad_bias, grad_a, grad_lb, grad_s, None
+    def forward(ctx, *args):  # type: ignore[override]
+        return _amp_forward(ctx, _lora_forward, args, args[0].device.type)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return _amp_backward(ctx, _lora_backward, grad_out)
+
+
+def _lora_forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask):
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in)  # (N, d_in)
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
+    # dropout's zeros go into a copy of x; its 1/(1-p) goes into the rank-r side
+    x_kept = mask.zero_dropped_(x2.clone()) if mask is not None else x2
+    keep_scale = mask.scale if mask is not None else 1.0
+    h = x_kept @ lora_a.t()  # (N, r) = A drop(x) / keep_scale
+    s = scale.to(h.dtype) * keep_scale
+    out.addmm_(h * s, lora_b.t())
+    ctx.mask, ctx.keep_scale, ctx.scale_dtype, ctx.has_bias = mask, keep_scale, scale.dtype, bias is not None
+    ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, x_kept, h, weight, lora_a, lora_b, s)
+    return out.view(*lead, out.shape[-1])
+
+
+def _lora_backward(ctx, grad_out):
+    x2, x_kept, h, weight, lora_a, lora_b, s = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_lb, need_s, _ = ctx.needs_input_grad
+    dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+    g = dy @ lora_b  # (N, r): gradient w.r.t. the rank-r product that B multiplies
+    dh = g * s  # gradient w.r.t. h (x_kept A^T), keep scale included
+    grad_x = grad_w = grad_bias = grad_a = grad_lb = grad_s = None
+    if need_x:
+        lora_dx = dh @ lora_a  # (N, d_in), a fresh tensor: the mask zeroes it in place
+        if ctx.mask is not None:
+            lora_dx = ctx.mask.zero_dropped_(lora_dx)
+        grad_x = torch.addmm(lora_dx, dy, weight).view(*grad_out.shape[:-1], weight.shape[1])
+    if need_w:
+        grad_w = dy.t() @ x2
+    if need_b and ctx.has_bias:
+        grad_bias = dy.sum(0)
+    if need_a:
+        grad_a = dh.t() @ x_kept
+    if need_lb:
+        grad_lb = dy.t() @ (h * s)
+    if need_s:
+        grad_s = ((g * h).sum() * ctx.keep_scale).reshape(1).to(ctx.scale_dtype)
+    return grad_x, grad_w, grad_bias, grad_a, grad_lb, grad_s, None
 
 
 def lora_linear(
@@ -158,127 +159,135 @@ def lora_linear(
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, mask)
 
 
-class _TaskLoRALinear(_AmpFunction):
+class _TaskLoRALinear(torch.autograd.Function):
     """An MTLoRA layer with task branches (``matrix``/``matrixv2``) -> all 1+T streams at once.
 
     The streams are written into one (1+T, N, d_out) buffer, P first: no concatenation in forward and
     no split-and-concatenate of gradients in backward, which on a CPU is several full passes over
-    the largest activations of the network.
+    the largest activations of the network. Bodies: :func:`_task_forward` / :func:`_task_backward`.
     """
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask,
-                 task_input, shared_in_tasks):  # fmt: skip
-        # x: (1+T, N, d_in) stacked streams when task_input, else the shared input (N, d_in)
-        num_tasks, rank, d_in = task_a.shape
-        x0, z = (x[0], x[1:]) if task_input else (x, None)
-        n = x0.shape[0]
-        out = x0.new_empty(1 + num_tasks, n, weight.shape[0])
-        if bias is not None:
-            torch.addmm(bias, x0, weight.t(), out=out[0])  # P
-        else:
-            torch.mm(x0, weight.t(), out=out[0])
-        # dropout's zeros go into a copy of x0, its 1/(1-p) into the scales of the branches reading x0
-        x0_kept = mask.zero_dropped_(x0.clone()) if mask is not None else x0
-        keep_scale = mask.scale if mask is not None else 1.0
-        task_keep = 1.0 if task_input else keep_scale
-        s_t = task_scale.to(x0.dtype).view(num_tasks, 1, 1) * task_keep
-        if task_input:
-            h_t = torch.bmm(z, task_a.transpose(1, 2))  # (T, N, r)
-        else:  # one GEMM for all task A matrices
-            h_t = (x0_kept @ task_a.reshape(num_tasks * rank, d_in).t()).view(n, num_tasks, rank).transpose(0, 1)
-        h_sh = s_sh = None
-        if shared_a is not None:
-            h_sh = x0_kept @ shared_a.t()  # (N, r_sh)
-            s_sh = shared_scale.to(h_sh.dtype) * keep_scale
-        if h_sh is not None and shared_in_tasks:  # matrixv2: the tasks' base includes the shared delta
-            out[0].addmm_(h_sh * s_sh, shared_b.t())
-        torch.baddbmm(out[0].expand(num_tasks, *out.shape[1:]), h_t * s_t, task_bt, out=out[1:])
-        if h_sh is not None and not shared_in_tasks:
-            out[0].addmm_(h_sh * s_sh, shared_b.t())
-        ctx.mask, ctx.task_input, ctx.shared_in_tasks = mask, task_input, shared_in_tasks
-        ctx.scale_dtypes = (None if shared_scale is None else shared_scale.dtype, task_scale.dtype)
-        ctx.keep_scales = (keep_scale, task_keep)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(
-            x0 if ctx.needs_input_grad[1] else None,
-            x0_kept,
-            z,
-            h_sh,
-            h_t,
-            weight,
-            shared_a,
-            shared_b,
-            s_sh,
-            task_a,
-            task_bt,
-            s_t,
-        )
-        return out
+    def forward(ctx, *args):  # type: ignore[override]
+        return _amp_forward(ctx, _task_forward, args, args[0].device.type)
 
     @staticmethod
-    def _backward(ctx, grad_out):
-        x0, x0_kept, z, h_sh, h_t, weight, shared_a, shared_b, s_sh, task_a, task_bt, s_t = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        num_tasks, rank, d_in = task_a.shape
-        n = x0_kept.shape[0]
-        grad_out = grad_out.contiguous()
-        d0, d_tasks = grad_out[0], grad_out[1:]
-        d_frozen = grad_out.sum(0)  # P feeds every stream
-        grads: list = [None] * 12
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return _amp_backward(ctx, _task_backward, grad_out)
 
-        g_t = torch.bmm(d_tasks, task_bt.transpose(1, 2))  # (T, N, r): gradient w.r.t. s_t * h_t
-        dh_t = g_t * s_t
-        if need[7]:
-            grads[7] = torch.bmm((h_t * s_t).transpose(1, 2), d_tasks)
-        if need[8]:
-            grads[8] = ((g_t * h_t).sum((1, 2)) * ctx.keep_scales[1]).to(ctx.scale_dtypes[1])
-        dh_t_flat = None if ctx.task_input else dh_t.transpose(0, 1).reshape(n, num_tasks * rank)
-        if need[6]:
-            grads[6] = (
-                torch.bmm(dh_t.transpose(1, 2), z)
-                if ctx.task_input
-                else (dh_t_flat.t() @ x0_kept).view(num_tasks, rank, d_in)
-            )
 
-        lora_rows, lora_cols = [], []  # low-rank gradients that reach x0 through drop(x0), keep scale included
-        if h_sh is not None:
-            d_shared = d_frozen if ctx.shared_in_tasks else d0
-            g_sh = d_shared @ shared_b
-            dh_sh = g_sh * s_sh
-            if need[3]:
-                grads[3] = dh_sh.t() @ x0_kept
-            if need[4]:
-                grads[4] = d_shared.t() @ (h_sh * s_sh)
-            if need[5]:
-                grads[5] = ((g_sh * h_sh).sum() * ctx.keep_scales[0]).reshape(1).to(ctx.scale_dtypes[0])
-            lora_rows.append(dh_sh)
-            lora_cols.append(shared_a)
-        if dh_t_flat is not None:
-            lora_rows.append(dh_t_flat)
-            lora_cols.append(task_a.reshape(num_tasks * rank, d_in))
+def _task_forward(ctx, x, weight, bias, shared_a, shared_b, shared_scale, task_a, task_bt, task_scale, mask,
+                  task_input, shared_in_tasks):  # fmt: skip
+    # x: (1+T, N, d_in) stacked streams when task_input, else the shared input (N, d_in)
+    num_tasks, rank, d_in = task_a.shape
+    x0, z = (x[0], x[1:]) if task_input else (x, None)
+    n = x0.shape[0]
+    out = x0.new_empty(1 + num_tasks, n, weight.shape[0])
+    if bias is not None:
+        torch.addmm(bias, x0, weight.t(), out=out[0])  # P
+    else:
+        torch.mm(x0, weight.t(), out=out[0])
+    # dropout's zeros go into a copy of x0, its 1/(1-p) into the scales of the branches reading x0
+    x0_kept = mask.zero_dropped_(x0.clone()) if mask is not None else x0
+    keep_scale = mask.scale if mask is not None else 1.0
+    task_keep = 1.0 if task_input else keep_scale
+    s_t = task_scale.to(x0.dtype).view(num_tasks, 1, 1) * task_keep
+    if task_input:
+        h_t = torch.bmm(z, task_a.transpose(1, 2))  # (T, N, r)
+    else:  # one GEMM for all task A matrices
+        h_t = (x0_kept @ task_a.reshape(num_tasks * rank, d_in).t()).view(n, num_tasks, rank).transpose(0, 1)
+    h_sh = s_sh = None
+    if shared_a is not None:
+        h_sh = x0_kept @ shared_a.t()  # (N, r_sh)
+        s_sh = shared_scale.to(h_sh.dtype) * keep_scale
+    if h_sh is not None and shared_in_tasks:  # matrixv2: the tasks' base includes the shared delta
+        out[0].addmm_(h_sh * s_sh, shared_b.t())
+    torch.baddbmm(out[0].expand(num_tasks, *out.shape[1:]), h_t * s_t, task_bt, out=out[1:])
+    if h_sh is not None and not shared_in_tasks:
+        out[0].addmm_(h_sh * s_sh, shared_b.t())
+    ctx.mask, ctx.task_input, ctx.shared_in_tasks = mask, task_input, shared_in_tasks
+    ctx.scale_dtypes = (None if shared_scale is None else shared_scale.dtype, task_scale.dtype)
+    ctx.keep_scales = (keep_scale, task_keep)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(
+        x0 if ctx.needs_input_grad[1] else None,
+        x0_kept,
+        z,
+        h_sh,
+        h_t,
+        weight,
+        shared_a,
+        shared_b,
+        s_sh,
+        task_a,
+        task_bt,
+        s_t,
+    )
+    return out
 
-        if need[0]:
-            lora_dx = None
-            if lora_rows:  # one GEMM over the shared and (shared-input) task ranks
-                lora_dx = torch.cat(lora_rows, 1) @ torch.cat(lora_cols, 0)
-                if ctx.mask is not None:
-                    lora_dx = ctx.mask.zero_dropped_(lora_dx)
-            if ctx.task_input:
-                grad_x = grad_out.new_empty(1 + num_tasks, n, d_in)
-                if lora_dx is None:
-                    torch.mm(d_frozen, weight, out=grad_x[0])
-                else:
-                    torch.addmm(lora_dx, d_frozen, weight, out=grad_x[0])
-                torch.bmm(dh_t, task_a, out=grad_x[1:])
+
+def _task_backward(ctx, grad_out):
+    x0, x0_kept, z, h_sh, h_t, weight, shared_a, shared_b, s_sh, task_a, task_bt, s_t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    num_tasks, rank, d_in = task_a.shape
+    n = x0_kept.shape[0]
+    grad_out = grad_out.contiguous()
+    d0, d_tasks = grad_out[0], grad_out[1:]
+    d_frozen = grad_out.sum(0)  # P feeds every stream
+    grads: list = [None] * 12
+
+    g_t = torch.bmm(d_tasks, task_bt.transpose(1, 2))  # (T, N, r): gradient w.r.t. s_t * h_t
+    dh_t = g_t * s_t
+    if need[7]:
+        grads[7] = torch.bmm((h_t * s_t).transpose(1, 2), d_tasks)
+    if need[8]:
+        grads[8] = ((g_t * h_t).sum((1, 2)) * ctx.keep_scales[1]).to(ctx.scale_dtypes[1])
+    dh_t_flat = None if ctx.task_input else dh_t.transpose(0, 1).reshape(n, num_tasks * rank)
+    if need[6]:
+        grads[6] = (
+            torch.bmm(dh_t.transpose(1, 2), z)
+            if ctx.task_input
+            else (dh_t_flat.t() @ x0_kept).view(num_tasks, rank, d_in)
+        )
+
+    lora_rows, lora_cols = [], []  # low-rank gradients that reach x0 through drop(x0), keep scale included
+    if h_sh is not None:
+        d_shared = d_frozen if ctx.shared_in_tasks else d0
+        g_sh = d_shared @ shared_b
+        dh_sh = g_sh * s_sh
+        if need[3]:
+            grads[3] = dh_sh.t() @ x0_kept
+        if need[4]:
+            grads[4] = d_shared.t() @ (h_sh * s_sh)
+        if need[5]:
+            grads[5] = ((g_sh * h_sh).sum() * ctx.keep_scales[0]).reshape(1).to(ctx.scale_dtypes[0])
+        lora_rows.append(dh_sh)
+        lora_cols.append(shared_a)
+    if dh_t_flat is not None:
+        lora_rows.append(dh_t_flat)
+        lora_cols.append(task_a.reshape(num_tasks * rank, d_in))
+
+    if need[0]:
+        lora_dx = None
+        if lora_rows:  # one GEMM over the shared and (shared-input) task ranks
+            lora_dx = torch.cat(lora_rows, 1) @ torch.cat(lora_cols, 0)
+            if ctx.mask is not None:
+                lora_dx = ctx.mask.zero_dropped_(lora_dx)
+        if ctx.task_input:
+            grad_x = grad_out.new_empty(1 + num_tasks, n, d_in)
+            if lora_dx is None:
+                torch.mm(d_frozen, weight, out=grad_x[0])
             else:
-                grad_x = d_frozen @ weight if lora_dx is None else torch.addmm(lora_dx, d_frozen, weight)
-            grads[0] = grad_x
-        if need[1]:
-            grads[1] = d_frozen.t() @ x0
-        if need[2] and ctx.has_bias:
-            grads[2] = d_frozen.sum(0)
-        return tuple(grads)
+                torch.addmm(lora_dx, d_frozen, weight, out=grad_x[0])
+            torch.bmm(dh_t, task_a, out=grad_x[1:])
+        else:
+            grad_x = d_frozen @ weight if lora_dx is None else torch.addmm(lora_dx, d_frozen, weight)
+        grads[0] = grad_x
+    if need[1]:
+        grads[1] = d_frozen.t() @ x0
+    if need[2] and ctx.has_bias:
+        grads[2] = d_frozen.sum(0)
+    return tuple(grads)
 
 
 def task_lora_linear(

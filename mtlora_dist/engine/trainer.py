@@ -29,6 +29,7 @@ from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.threads import set_thread_count
 from mtlora_dist.engine.train_state import DataPosition, RNGState
 from mtlora_dist.models import build_model
+from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import join
@@ -222,7 +223,7 @@ def _build_model(cfg: TrainConfig, info: DistInfo):
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     if cfg.model.sync_bn and info.world_size > 1:  # the same SyncBN on CPUs (gloo) and GPUs (NCCL)
         model = convert_sync_batchnorm(model)
-    return model.to(info.device)
+    return compile_model(model.to(info.device), cfg.model.compile)
 
 
 def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):

@@ -8,7 +8,7 @@ from typing import Any
 
 from mtlora_dist.choices import StrEnum
 
-__all__ = ["ModelConfig", "Pyramid", "TrainableConfig"]
+__all__ = ["CompileMode", "ModelConfig", "Pyramid", "TrainableConfig"]
 
 
 class Pyramid(StrEnum):
@@ -18,12 +18,25 @@ class Pyramid(StrEnum):
     timm = "timm"
 
 
+class CompileMode(StrEnum):
+    """``model.compile``: eager, ``torch.compile`` of the whole model, or of each Swin block."""
+
+    none = "none"
+    model = "model"
+    blocks = "blocks"
+
+
 @dataclass
 class ModelConfig:
     """Backbone and decoder settings; fields map onto :class:`MTLoRASwin` and :class:`TaskDecoder`.
 
     ``backbone_kwargs`` go straight to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``,
     ``num_heads``, ``window_size`` for a tiny test model).
+
+    ``compile``: ``none`` (eager, the default: on a CPU compiled steps are not faster, see
+    docs/performance-model.md), ``model`` (``torch.compile`` of the whole forward, one graph) or
+    ``blocks`` (each distinct Swin block, shorter compiles); applied by
+    :func:`mtlora_dist.models.compile.compile_model` after the model moves to its device.
     """
 
     backbone: str = "swin_tiny_patch4_window7_224"
@@ -33,6 +46,7 @@ class ModelConfig:
     pyramid: Pyramid = Pyramid.official
     dynamic_img_size: bool = True
     grad_checkpointing: bool = False
+    compile: CompileMode = CompileMode.none
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     decoder_channels: list[int] = field(default_factory=lambda: [18, 36, 72, 144])
     head_hidden_channels: int = 1080

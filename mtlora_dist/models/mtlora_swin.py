@@ -67,6 +67,7 @@ class MTLoRASwin(nn.Module):
         self.tasks = tuple(tasks)
         self.pyramid = pyramid
         self.grad_checkpointing = grad_checkpointing
+        self.block_forward = self._block_forward  # compile_model(mode="blocks") swaps in a compiled one
         self.adapter_config = adapter or AdapterConfig()
         self.adapted_layers = inject_adapters(self, self.adapter_config, self.tasks)
         self.pruned_parameters = self._drop_dead_branches()
@@ -119,8 +120,8 @@ class MTLoRASwin(nn.Module):
 
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_forward, block, x, use_reentrant=False)
-        return self._block_forward(block, x)
+            return checkpoint(self.block_forward, block, x, use_reentrant=False)
+        return self.block_forward(block, x)
 
     def forward(self, images: Tensor, return_shared: bool = False) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
         """Task features per stage; with ``return_shared`` also the shared stream per stage."""

@@ -6,11 +6,13 @@ fp32 ones to bf16 precision and fp32 parameters get fp32 gradients; outside auto
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from mtlora_dist.adapters import AdapterConfig
-from mtlora_dist.adapters.dropout import DropMask
+from mtlora_dist.adapters.dropout import DropMask, hashed_masks
 from mtlora_dist.adapters.fused import lora_linear
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 from mtlora_dist.models import build_model
@@ -155,3 +157,29 @@ def test_tiny_model_under_autocast_matches_fp32():
     assert max(_rel(grads[n], ref_grads[n]) for n in grads) < 0.15
     flat, ref_flat = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads, ref_grads))
     assert _rel(flat, ref_flat) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["matrix", "lora_only"], ids=["task_lora_linear", "lora_linear"])
+def test_compiled_layer_keeps_the_autocast_rules(mode):
+    """Both fused ops traced whole by ``torch.compile`` (``fullgraph``) under bf16 autocast: bf16 output
+    and fp32 gradients, as eager gives them with the same (hashed) dropout draw."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    layer = MTLoRALinear(D_IN, D_OUT, shared_rank=RANK, tasks=("a", "b"), task_rank=TASK_RANK, mode=mode, dropout=0.2)
+    randomize_lora(layer.train(), std=0.3)
+    layer.weight.requires_grad_(False)
+    x = _param(N, D_IN)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn, hashed in ((compiled, False), (layer, True)):
+        torch.manual_seed(6)
+        with hashed_masks() if hashed else contextlib.nullcontext(), _autocast():
+            out = fn(x)
+        results.append((out, torch.autograd.grad(out.float().square().sum(), [x, *params])))
+    (out, grads), (ref_out, ref_grads) = results
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref_out)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, ref, rtol=BF16_TOL, atol=1e-3)

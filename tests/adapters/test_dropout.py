@@ -11,7 +11,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from mtlora_dist.adapters.dropout import DropMask, LoRADropout, _dropped_positions, _MaskedScale, lora_dropout
+from mtlora_dist.adapters.dropout import (
+    DropMask,
+    LoRADropout,
+    _dropped_positions,
+    _MaskedScale,
+    hashed_masks,
+    lora_dropout,
+)
 from mtlora_dist.adapters.fused import lora_linear, task_lora_linear
 from mtlora_dist.adapters.mtlora_linear import MTLoRALinear
 
@@ -204,3 +211,26 @@ def test_checkpointing_frees_every_mask_and_keeps_the_gradients(tasks):
         assert (g is None) == (ref is None)
         if g is not None:
             torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_hashed_sampler_is_iid_bernoulli_and_replays(p):
+    """The compile-friendly sampler: rate p in every eighth of the tensor, independent neighbours,
+    the same elements on every use of a mask, and ``torch.manual_seed`` replays its seed."""
+    n = 400_000
+    with hashed_masks():
+        torch.manual_seed(8)
+        mask = DropMask((n,), p)
+        torch.manual_seed(8)
+        again = DropMask((n,), p)
+    assert mask.hashed and isinstance(mask.seed, torch.Tensor)
+    dropped = ~mask.keep
+    assert torch.equal(dropped, ~mask.keep) and torch.equal(dropped, ~again.keep)
+    for block in dropped.view(8, -1):
+        assert abs(block.double().mean().item() - p) < 6 * math.sqrt(p * (1 - p) / block.numel())
+    pair = (dropped[1:] & dropped[:-1]).double().mean().item()
+    assert abs(pair - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / n)
+    with hashed_masks():
+        other = DropMask((n,), p)
+    assert not torch.equal(~other.keep, dropped)
+    assert not DropMask((n,), p).hashed  # eager code outside the context keeps the cheaper samplers
