@@ -10,11 +10,12 @@ a new input shape (the evaluation batch) compiles one more graph instead of a dy
 training steps after the first reuse the graph (``tests/models/test_compile.py``).
 
 ``blocks`` compiles the Swin block function once per distinct block (stage width, shifted or not,
-task streams or not): identical blocks of a stage share a graph, so compile time grows with the
-number of stages rather than the depth, and the glue between blocks (patch merging, stream split,
-decoders) stays eager. All blocks run one Python function, whose compiled versions dynamo caches on
-that function's code; the cache limit is raised to the model's block count so no block falls back to
-eager (it is one graph per distinct block, not a recompile: nothing recompiles after the first step).
+task streams or not, drop-path rate) and leaves the glue between blocks (patch merging, stream split,
+decoders) eager. Blocks that differ in none of these share a graph; with drop-path on, timm gives
+every block its own rate, a constant in the graph, so every block gets its own (12 for Swin-T). All
+blocks run one Python function, whose compiled versions dynamo caches on that function's code; the
+cache limit is raised to the model's block count so no block falls back to eager (one graph per
+distinct block, not a recompile: nothing recompiles after the first step).
 """
 
 from __future__ import annotations
