@@ -136,7 +136,8 @@ def test_r64_recipe_keeps_every_other_official_setting(r64):
     optimizer, _ = build_optimizer(model, cfg.optim, GLOBAL_BATCH, 100, 10)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["betas"] == OFFICIAL["betas"] and optimizer.defaults["eps"] == OFFICIAL["eps"]
-    assert deepspeed_config(cfg.deepspeed, 32, 1)["gradient_clipping"] == OFFICIAL["clip_grad"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert deepspeed_config(cfg.deepspeed, 32, 1, trainable)["gradient_clipping"] == OFFICIAL["clip_grad"]
     assert loss_weights(cfg.data.tasks, cfg.loss_weights) == OFFICIAL["loss_weights"]
     assert cfg.epochs == OFFICIAL["epochs"]
 
