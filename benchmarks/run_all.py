@@ -117,6 +117,11 @@ def _zero_section(rows: list, cmd: str) -> str:
         "Stage 0 keeps the full Adam state (8 bytes x trainable) on every rank; stages 1-2 shard it "
         "together with the fp32 master copy (12 bytes x trainable / ranks); under stage 3 in fp32 the "
         "partitioned parameters are the master copy, so only the two moments count (8 bytes / ranks).",
+        "",
+        "Bucket sizes: with DeepSpeed's 5e8-element default, ZeRO-1/2 allocate 1907 MiB of gradient bucket",
+        "buffers per rank for the step whatever the model; sized to the trainable set (the default since",
+        "2026-12-06) they are 4.0 MiB (quickstart) and 7.7 MiB (Swin-T r64). Figures, rule and command:",
+        "[gpu.md](gpu.md#buckets-and-gradient-dtypes).",
     ]
     return "\n".join(lines) + "\n"
 
