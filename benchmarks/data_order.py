@@ -10,15 +10,18 @@ epoch exactly as the loader does (``plan.epoch_order`` + ``plan.rank_batch_posit
 * ``groups/batch``: mean number of storage groups (cities, buildings) in one rank's micro-batch, and
   the same for a uniform shuffle (exact expectation, sampling without replacement), and their ratio;
 * ``shards/worker``: shards one worker reads in the epoch (max over workers), each opened once;
-* ``opens/epoch``: shard opens of all workers together, and that divided by the number of shards,
-  which is the bytes read per epoch relative to the dataset (checksums are verified, so an opened
-  shard is read whole);
+* ``opens/epoch``: shard opens of all workers together;
+* ``bytes x``: bytes read per epoch relative to the dataset (equal-sized samples). With the manifest's
+  per-sample index (every conversion writes it) a worker reads only its samples' byte ranges, one
+  ranged read per run of consecutive samples: ``range reads`` counts those runs (all workers) and
+  ``samples/read`` is their mean length. ``bytes x, no index``: a manifest without the index (or a
+  remote cache being filled) makes every opened shard be read whole, which is opens / shards;
 * ``open (peak)``: most shards whose samples one worker holds at once; ``held (peak)``: most raw
   samples one worker holds (those read and not yet emitted, plus the next shard being read);
 * ``plan ms``: time to plan one worker's epoch (``make_worker_plan`` + ``locate``), median of 3.
 
-The reader is modelled as the streaming code runs it: each needed shard read once, in the order the
-plan first needs it, its needed samples handed on as a whole once verified.
+The reader is modelled as the streaming code runs it: each needed shard opened once, in the order the
+plan first needs it, its needed samples read (ranged) and handed on.
 """
 
 from __future__ import annotations
@@ -111,6 +114,15 @@ def reader_peaks(slots: list[tuple[int, int]]) -> tuple[int, int, int]:
     return len(shards), peak_held, peak_open
 
 
+def range_reads(slots: list[tuple[int, int]]) -> tuple[int, int]:
+    """(ranged reads, samples read) of one worker: a read per run of consecutive needed samples of a shard."""
+    needed: dict[int, set[int]] = {}
+    for shard, idx in slots:
+        needed.setdefault(shard, set()).add(idx)
+    runs = sum(1 for idxs in needed.values() for i in idxs if i - 1 not in idxs)
+    return runs, sum(len(idxs) for idxs in needed.values())
+
+
 def run_case(case: Case, block: int, interleave: int, seed: int = 0, epoch: int = 0) -> dict:
     counts = shard_counts(case)
     order = shard_order(len(counts), seed, epoch, True)
@@ -118,7 +130,7 @@ def run_case(case: Case, block: int, interleave: int, seed: int = 0, epoch: int 
     global_batch = case.micro * case.accumulation * case.ranks
     positions = epoch_order(case.num_samples, global_batch, seed, epoch, True, block, interleave)
     rank_batches = positions.shape[0] * case.accumulation
-    distinct, opens, per_worker, peaks_held, peaks_open = [], 0, 0, 0, 0
+    distinct, opens, per_worker, peaks_held, peaks_open, reads, read_samples = [], 0, 0, 0, 0, 0, 0
     workers = max(1, case.workers)
     for rank in range(case.ranks):
         batches = [rank_batch_positions(positions, case.ranks, rank, case.accumulation, i) for i in range(rank_batches)]
@@ -127,9 +139,12 @@ def run_case(case: Case, block: int, interleave: int, seed: int = 0, epoch: int 
             if not worker_batches(rank_batches, workers, worker):
                 continue  # more workers than batches: this one idles
             mine = np.concatenate([batches[i] for i in worker_batches(rank_batches, workers, worker)])
-            reads, held, open_ = reader_peaks(locate(mine, counts, order))
-            opens += reads
-            per_worker, peaks_held, peaks_open = max(per_worker, reads), max(peaks_held, held), max(peaks_open, open_)
+            slots = locate(mine, counts, order)
+            shards, held, open_ = reader_peaks(slots)
+            opens += shards
+            per_worker, peaks_held, peaks_open = max(per_worker, shards), max(peaks_held, held), max(peaks_open, open_)
+            runs, samples = range_reads(slots)
+            reads, read_samples = reads + runs, read_samples + samples
     times = []
     for _ in range(3):
         tick = time.perf_counter()
@@ -152,7 +167,10 @@ def run_case(case: Case, block: int, interleave: int, seed: int = 0, epoch: int 
         "ratio": round(mean / uniform, 3),
         "shards_per_worker": per_worker,
         "opens_per_epoch": opens,
-        "bytes_vs_dataset": round(opens / len(counts), 2),
+        "bytes_vs_dataset": round(read_samples / case.num_samples, 3),
+        "range_reads_per_epoch": reads,
+        "samples_per_read": round(read_samples / reads, 1),
+        "bytes_vs_dataset_no_index": round(opens / len(counts), 2),
         "open_shards_peak": peaks_open,
         "held_samples_peak": peaks_held,
         "plan_ms": round(1000 * statistics.median(times), 1),
@@ -169,12 +187,13 @@ def main() -> None:
     cases = [c for c in CASES if args.cases is None or c.name in args.cases]
     rows = [run_case(c, b, i) for c in cases for b in args.block for i in args.interleave]
     head = ("case", "block", "interleave", "groups/batch", "uniform", "ratio", "shards/worker", "opens/epoch", "bytes x",
-            "open (peak)", "held (peak)", "unused", "plan ms")  # fmt: skip
+            "range reads", "samples/read", "bytes x, no index", "open (peak)", "held (peak)", "unused", "plan ms")  # fmt: skip
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(str(v) for v in (
             r["name"], r["block"], r["interleave"], r["groups_per_batch"], r["uniform_groups_per_batch"], r["ratio"],
-            r["shards_per_worker"], r["opens_per_epoch"], r["bytes_vs_dataset"], r["open_shards_peak"],
+            r["shards_per_worker"], r["opens_per_epoch"], r["bytes_vs_dataset"], r["range_reads_per_epoch"],
+            r["samples_per_read"], r["bytes_vs_dataset_no_index"], r["open_shards_peak"],
             r["held_samples_peak"], r["unused_per_epoch"], r["plan_ms"],
         )))  # fmt: skip
     if args.json:

@@ -2,7 +2,7 @@
 
     python benchmarks/data_throughput.py [--num-samples 256] [--img-size 448] [--workers 0 1 2] [--json out.json]
         [--sources local s3] [--pin-memory off on] [--device cuda] [--levers] [--cache] [--device-split]
-        [--tasks ...] [--data-size PX] [--skip-sources]
+        [--tasks ...] [--data-size PX] [--skip-sources] [--index]
 
 Makes a synthetic PASCAL-Context set whose images are about ``--img-size`` pixels high (like the
 real ~500x375 images), converts it to shards, starts ``rclone serve s3`` on 127.0.0.1 exactly as the
@@ -21,6 +21,9 @@ worker count with the default pipeline. Reports:
 ``--levers``: today's pipeline and the same with each speed lever switched on in turn (cumulative;
 the last row is the default), in one process, one core (no workers), local shards, configurations
 alternating within each repeat; samples per CPU-second and the ratio to the baseline.
+``--index``: the default pipeline, one core, local shards, reading through the manifest's per-sample
+index (ranged reads of the needed samples) and reading whole shards (the index stripped), alternating
+within each repeat; samples per CPU-second, the ratio, and the bytes each epoch read.
 ``--device-split``: ``augment_device="device"`` with the device being this CPU: decode plus the
 batched torch warp, and the decode alone (the workers' share when the warp runs on a GPU).
 ``--cache``: from the S3 server, epoch 1 and epoch 2 of a two-epoch run with and without the local
@@ -46,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -157,6 +161,7 @@ def run_epoch(
         "epoch_s": round(end - start, 2),
         "samples_per_cpu_s": round(n / cpu, 1),
         "server_cpu_s": round(process_cpu(server_pid) - server0, 2) if server_pid else None,
+        "bytes_read": stats["bytes_read"],
     }
 
 
@@ -183,6 +188,31 @@ def levers(url: str, args: argparse.Namespace) -> list[dict]:
         )
     for row in rows:
         row["vs_baseline"] = round(row["samples_per_cpu_s"] / rows[0]["samples_per_cpu_s"], 2)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def index_compare(url: str, args: argparse.Namespace) -> list[dict]:
+    """The default pipeline from local shards, one core, reading only the needed samples' byte ranges
+    (the manifest's index) and reading whole shards (the same shards, the index stripped: what every
+    conversion before the index gave), alternating within each repeat."""
+    whole = os.path.join(args.work_dir, "whole-shards")
+    shutil.rmtree(whole, ignore_errors=True)
+    shutil.copytree(url, whole)
+    manifest = read_manifest(whole)
+    manifest.shards = [replace(s, offsets=[], digests="") for s in manifest.shards]
+    Path(whole, "manifest.json").write_text(manifest.to_json())
+    configs = [("whole shards (no index, before)", whole), ("ranged reads (index, after)", url)]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for _ in range(args.repeats):
+        for name, folder in configs:
+            runs[name].append(_local_epoch(folder, args))
+    rows = []
+    for name, _ in configs:
+        median = sorted(runs[name], key=lambda r: r["samples_per_cpu_s"])[len(runs[name]) // 2]
+        rows.append({"reading": name, **median, "all_samples_per_cpu_s": [r["samples_per_cpu_s"] for r in runs[name]]})
+    for row in rows:
+        row["vs_before"] = round(row["samples_per_cpu_s"] / rows[0]["samples_per_cpu_s"], 3)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -402,6 +432,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-sources", action="store_true", help="skip the per-source/worker table")
     parser.add_argument(
+        "--index", action="store_true", help="also compare ranged reads (the manifest's index) with whole shards"
+    )
+    parser.add_argument(
         "--device-split",
         action="store_true",
         help="also measure augment_device='device' on the CPU, and its decode-only share",
@@ -413,7 +446,8 @@ def main() -> None:
     root = os.path.join(args.work_dir, f"pascal-{data_size}")
     ensure_synthetic("pascal_context", root, args.num_samples, 0, seed=0, size=data_size)
     local = os.path.join(args.work_dir, f"shards-{data_size}-{args.num_samples}")
-    if not os.path.isfile(os.path.join(local, "manifest.json")):
+    if not os.path.isfile(os.path.join(local, "manifest.json")) or not read_manifest(local).indexed:
+        shutil.rmtree(local, ignore_errors=True)  # absent, or written before the per-sample index
         convert("pascal_context", root, "train", local, shard_size_mb=args.shard_size_mb, workers=os.cpu_count() or 1)
     manifest = read_manifest(local)
 
@@ -427,6 +461,8 @@ def main() -> None:
             results["levers"] = levers(local, args)
         if args.device_split:
             results["device_split"] = device_split(local, args)
+        if args.index:
+            results["index"] = index_compare(local, args)
         if args.cache and "s3" in sources:
             results["cache"] = cache_epochs(*sources["s3"], args)
         results["epochs"] = [] if args.skip_sources else measure(sources, args, device)
@@ -454,6 +490,10 @@ def main() -> None:
         _print_table(["pipeline", "samples/CPU-s (median)", "all runs", "vs baseline", "samples/s"],
                      [[r["pipeline"], r["samples_per_cpu_s"], r["all_samples_per_cpu_s"], f"{r['vs_baseline']}x",
                        r["samples_per_s"]] for r in results["levers"]])  # fmt: skip
+    if "index" in results:
+        _print_table(["reading", "samples/CPU-s (median)", "all runs", "vs before", "bytes read/epoch"],
+                     [[r["reading"], r["samples_per_cpu_s"], r["all_samples_per_cpu_s"], f"{r['vs_before']}x",
+                       r["bytes_read"]] for r in results["index"]])  # fmt: skip
     if "device_split" in results:
         _print_table(["augment_device='device'", "samples/CPU-s (median)", "all runs"],
                      [[r["mode"], r["samples_per_cpu_s"], r["all_samples_per_cpu_s"]] for r in results["device_split"]])  # fmt: skip

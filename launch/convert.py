@@ -4,6 +4,7 @@
         [--shard-size-mb 256] [--tasks semseg normals] [--workers 4] [--part I --num-parts N] [--restart]
     python launch/convert.py my_dataset --root DIR --split train --out DIR   # configs/data/my_dataset.yaml
     python launch/convert.py --merge --out s3://bucket/pascal/train          # merge finished parts
+    python launch/convert.py --index --out s3://bucket/pascal/train          # index an older conversion
 
 DATASET is a built-in dataset, or a data config with a ``format:`` section (a name in configs/data/ or
 a YAML path). Re-running a killed command resumes it; under a SLURM array each task converts its part

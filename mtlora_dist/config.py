@@ -122,7 +122,7 @@ class DataConfig:
     num_workers: int | None = None  # DataLoader workers per loader; null = from the CPUs (docs/data.md)
     on_error: OnError = OnError.skip
     eval_protocol: EvalProtocol = EvalProtocol.original
-    verify_checksums: bool = True  # each shard's sha256 checked while it streams; a mismatch is a corrupt shard
+    verify_checksums: bool = True  # each sample's digest (no index: each shard's sha256) checked as it is read
     augment_device: AugmentDevice = AugmentDevice.worker
     cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
     cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first

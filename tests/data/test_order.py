@@ -4,6 +4,7 @@ shuffle, the same global batches on any number of ranks and workers, and the dro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -137,3 +138,40 @@ def _key_of(url: str, shard: int, index: int) -> str:
     name = read_manifest(url).shards[shard].name
     with open(f"{url}/{name}", "rb") as f:
         return [key for key, _ in iter_tar_samples(f)][index]
+
+
+def _unindexed_copy(url: str, dst: str) -> str:
+    """The shards with a manifest from before the per-sample index: every worker reads whole shards."""
+    shutil.copytree(url, dst)
+    manifest = read_manifest(dst)
+    manifest.shards = [dataclasses.replace(s, offsets=[], digests="") for s in manifest.shards]
+    with open(f"{dst}/manifest.json", "w") as f:
+        f.write(manifest.to_json())
+    return dst
+
+
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(2, 2, 8), (4, 1, 4)])
+def test_an_epoch_reads_each_used_sample_once_not_whole_shards(sorted_shards, tmp_path, world_size, num_workers,
+                                                               batch_size):  # fmt: skip
+    """Bytes read per epoch (all ranks): exactly the used samples' bytes with the index, though every
+    shard is shared by several workers; whole shards, several times over, without it."""
+    url = sorted_shards["url"]
+    shards = read_manifest(url).shards
+    samples_bytes = sum(s.offsets[-1] - s.offsets[0] for s in shards)
+    dataset_bytes = sum(s.bytes for s in shards)
+
+    def epoch_bytes(folder: str) -> tuple[int, int]:
+        total, opened = 0, 0
+        for rank in range(world_size):
+            ldr = loader(folder, rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+            assert len(list(ldr)) == len(ldr)
+            total, opened = total + ldr.stats["bytes_read"], opened + ldr.stats["shards_opened"]
+            ldr.close()
+        return total, opened
+
+    ranged, opens = epoch_bytes(url)
+    assert NUM_TRAIN % (world_size * batch_size) == 0  # every sample used
+    assert ranged == samples_bytes < dataset_bytes
+    assert opens > len(shards)  # shards are shared by workers: each reads only its samples' ranges
+    whole, _ = epoch_bytes(_unindexed_copy(url, str(tmp_path / "unindexed")))
+    assert whole > dataset_bytes and whole % 512 == 0  # whole tars, some read by several workers

@@ -12,6 +12,7 @@ import pytest
 
 from mtlora_dist.data.errors import StorageUnavailableError
 from mtlora_dist.data.ingest.convert import convert
+from mtlora_dist.data.ingest.manifest import read_manifest
 from mtlora_dist.storage.fs import StorageOptions
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, upload, valid_keys
@@ -35,6 +36,9 @@ def test_two_ranks_two_workers_from_s3(pascal_shards, s3_bucket):
         orders.append(keys)
     assert orders[0] != orders[1]
     assert loaders[0].stats["retries"] == 0 and loaders[0].stats["samples_missing"] == 0
+    # ranged reads of the indexed shards: the two epochs fetched every sample's bytes twice, nothing more
+    shards = read_manifest(url).shards
+    assert sum(ldr.stats["bytes_read"] for ldr in loaders) == 2 * sum(s.offsets[-1] - s.offsets[0] for s in shards)
     # the bucket yields exactly what the same shards on disk yield
     local = pascal_loader(pascal_shards["train"], num_workers=2, rank=1, world_size=2, batch_size=3, seed=2)
     remote = pascal_loader(url, num_workers=2, rank=1, world_size=2, batch_size=3, seed=2)

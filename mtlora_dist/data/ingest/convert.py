@@ -1,6 +1,7 @@
 """Convert a dataset on disk into webdataset shards in a folder or an ``s3://`` prefix.
 
-Each shard is written with webdataset's ``TarWriter`` to a local temporary file, checksummed, then
+Each shard is written with webdataset's ``TarWriter`` to a local temporary file, checksummed and indexed
+(``shard_index``: the byte range and digest of each sample, so readers can range-read single samples), then
 uploaded through fsspec (never through webdataset's ``ShardWriter``, whose opener is never closed so
 upload errors vanish); a background thread uploads a shard while the next one is encoded. The manifest
 goes last: a folder without ``manifest.json`` is an unfinished conversion, and a conversion about to
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
+from mtlora_dist.data.errors import ShardError
 from mtlora_dist.data.ingest.convert_parts import (
     PartJournal,
     PartLocation,
@@ -42,7 +43,7 @@ from mtlora_dist.data.ingest.encoding import describe_encodings, encode_sample
 from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
 from mtlora_dist.data.ingest.formats import READERS, get_reader
 from mtlora_dist.data.ingest.labels import CLASS_NAMES
-from mtlora_dist.data.ingest.manifest import ShardInfo
+from mtlora_dist.data.ingest.shard_index import index_manifest, shard_info
 from mtlora_dist.data.ingest.tarshards import TarShardWriter, tar_size
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
@@ -106,14 +107,6 @@ def _samples(context: Context, ids: Sequence[str], workers: int) -> Iterator[tup
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _upload(local_path: str, url: str, storage: StorageOptions | None) -> None:
     fs, remote = url_to_fs(url, storage)
     retry_call(lambda: fs.put_file(local_path, remote), url=url, options=storage)
@@ -143,7 +136,9 @@ class _ShardCommitter:
     def _commit(self, path: str, num_samples: int, missing: dict[str, int]) -> None:
         name, journal = os.path.basename(path), self.journal
         url = join(self.loc.out_url, name)
-        info = ShardInfo(name, num_samples, os.path.getsize(path), _sha256(path))
+        info = shard_info(path, name)  # size, sha256 and the per-sample index readers range-read with
+        if info.num_samples != num_samples:
+            raise ShardError(f"{path}: wrote {num_samples} samples, the tar holds {info.num_samples}")
         _upload(path, url, self.loc.storage)
         journal.shards.append(info)
         journal.next_id += num_samples
@@ -313,7 +308,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="launch/convert.py",
         description=(
             "Convert a dataset on disk into webdataset shards + manifest.json, in parts and resumably "
-            "(docs/data.md, 'Conversion at scale'). Merge mode: launch/convert.py --merge --out URL."
+            "(docs/data.md, 'Conversion at scale'). Merge mode: launch/convert.py --merge --out URL; "
+            "adding the per-sample index to an older conversion: launch/convert.py --index --out URL."
         ),
     )
     parser.add_argument(
@@ -334,6 +330,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart", action="store_true", help="delete this part's journal and shards, start over")
     parser.add_argument(
         "--merge", action="store_true", help="only merge the finished parts' records into manifest.json"
+    )
+    parser.add_argument(
+        "--index",
+        action="store_true",
+        help="only add the per-sample byte index to a manifest.json written without one (reads each shard once)",
     )
     parser.add_argument("--db-info", default=None, help="PASCAL: folder with context_classes.json, nyu_classes.json")
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
@@ -378,6 +379,10 @@ def main(argv: list[str] | None = None, resolve: Resolver | None = None) -> dict
         manifest = merge_parts(args.out, storage)
         print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shard(s) -> {args.out}")
         return manifest
+    if args.index:
+        indexed = index_manifest(args.out, storage)
+        print(f"{indexed.num_samples} samples in {len(indexed.shards)} shard(s) indexed -> {args.out}")
+        return json.loads(indexed.to_json())
     missing = [flag for flag, value in (("DATASET", args.dataset), ("--root", args.root), ("--split", args.split))
                if not value]  # fmt: skip
     if missing:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mtlora_dist.data.ingest.encoding import ENCODING_VERSION
-from mtlora_dist.data.ingest.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from mtlora_dist.data.ingest.manifest import MANIFEST_NAME, Manifest, ShardInfo, dumps_with_shards
 from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
@@ -141,7 +141,7 @@ class PartJournal:
         return self.ids["stop"] - self.ids["start"]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        return dumps_with_shards(asdict(self))
 
     @classmethod
     def from_json(cls, text: str, url: str) -> PartJournal:

@@ -17,18 +17,51 @@ from mtlora_dist.data.ingest.encoding import ENCODING_VERSION
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 
-__all__ = ["MANIFEST_NAME", "FORMAT", "ShardInfo", "Manifest", "manifest_url", "read_manifest", "verify_shards"]
+__all__ = [
+    "MANIFEST_NAME",
+    "FORMAT",
+    "DIGEST_HEX",
+    "ShardInfo",
+    "dumps_with_shards",
+    "Manifest",
+    "manifest_url",
+    "read_manifest",
+    "verify_shards",
+]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mtlora-dist/webdataset"
+DIGEST_HEX = 16  # hex digits of sha256 kept per sample: catches damage, not an adversary (the shard's is whole)
 
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """One shard; ``offsets``/``digests`` are its per-sample index (``shard_index``), empty in manifests
+    written before it existed: sample ``i`` is bytes ``offsets[i]:offsets[i + 1]`` of the tar (its members'
+    headers and padded data), whose sha256 starts with ``digests[i * DIGEST_HEX:(i + 1) * DIGEST_HEX]``."""
+
     name: str  # file name relative to the manifest's folder
     num_samples: int
     bytes: int
     sha256: str
+    offsets: list[int] = field(default_factory=list)
+    digests: str = ""
+
+    @property
+    def indexed(self) -> bool:
+        return bool(self.offsets)
+
+    def sample_digest(self, index: int) -> str:
+        return self.digests[index * DIGEST_HEX : (index + 1) * DIGEST_HEX]
+
+    def index_problem(self) -> str | None:
+        """What is wrong with the index, if anything (a hand-edited or truncated manifest)."""
+        n, offsets = self.num_samples, self.offsets
+        if len(offsets) != n + 1 or len(self.digests) != DIGEST_HEX * n:
+            return f"{len(offsets)} offsets and {len(self.digests) // DIGEST_HEX} digests for {n} samples"
+        if any(b <= a for a, b in zip(offsets, offsets[1:])) or offsets[0] < 0 or offsets[-1] > self.bytes:
+            return f"offsets not increasing within the shard's {self.bytes} bytes"
+        return None
 
 
 @dataclass
@@ -50,6 +83,11 @@ class Manifest:
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.shards)
 
+    @property
+    def indexed(self) -> bool:
+        """Every shard has its per-sample index: readers read just the samples they need."""
+        return all(s.indexed for s in self.shards)
+
     def shard_url(self, index: int) -> str:
         return join(self.base_url, self.shards[index].name)
 
@@ -57,7 +95,7 @@ class Manifest:
         data = asdict(self)
         data.pop("base_url")
         data["num_samples"] = self.num_samples
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        return dumps_with_shards(data)
 
     @classmethod
     def from_json(cls, text: str, base_url: str = "") -> Manifest:
@@ -72,9 +110,24 @@ class Manifest:
         total = data.pop("num_samples", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         manifest = cls(**data, base_url=base_url)
+        for shard in manifest.shards:
+            problem = shard.indexed and shard.index_problem()
+            if problem:
+                raise DataError(
+                    f"{base_url}: the per-sample index of shard {shard.name} is broken ({problem}); rebuild it "
+                    "with launch/convert.py --index --out URL"
+                )
         if total is not None and total != manifest.num_samples:
             raise DataError(f"{base_url}: manifest total {total} != sum of shard counts {manifest.num_samples}")
         return manifest
+
+
+def dumps_with_shards(data: dict[str, Any]) -> str:
+    """JSON of a record holding ``shards`` (a manifest, a conversion journal): indented, but a line per
+    shard, whose index lists a number per sample."""
+    text = json.dumps({**data, "shards": []}, indent=1, sort_keys=True)
+    rows = ",\n  ".join(json.dumps(s, sort_keys=True) for s in data["shards"])
+    return text.replace('"shards": []', f'"shards": [\n  {rows}\n ]', 1) + "\n"
 
 
 def manifest_url(url: str) -> tuple[str, str]:

@@ -356,6 +356,17 @@ def _unused_note(loader: ShardLoader) -> str:
     return note
 
 
+@functools.cache
+def _log_unindexed(url: str) -> None:
+    log.warning(
+        "%s: manifest.json has no per-sample index (converted before it existed), so every worker reads whole "
+        "shards, up to tens of times the dataset per epoch with many workers; add it in place with "
+        "`python launch/convert.py --index --out %s`",
+        url,
+        url,
+    )
+
+
 def usable_decoders(wanted: Decoders) -> Decoders:
     """``wanted`` with PIL for each library that is not installed, saying so once per process."""
     usable = wanted.available()
@@ -430,8 +441,9 @@ def build_loader(
     (:func:`default_num_workers`). ``pin_memory``: pin batches for fast, asynchronous host-to-GPU
     copies; ``None`` means "when CUDA is available" (:func:`should_pin_memory`).
 
-    ``verify_checksums``: check every shard's sha256 against the manifest while it streams (a mismatch
-    is a corrupt shard under ``on_error``). ``augment_device``: ``"worker"`` (workers decode and warp)
+    ``verify_checksums``: check each sample's bytes against the manifest's per-sample digest (a mismatch
+    is a bad sample under ``on_error``); for a manifest without the index, each shard's sha256 while it
+    streams (a mismatch is a corrupt shard). With the index a worker reads only its samples' bytes. ``augment_device``: ``"worker"`` (workers decode and warp)
     or ``"device"`` (workers decode; the warp runs batched on ``device``, default the current CUDA
     device, else the CPU; training only). ``cache_dir``/``cache_max_gb``: a node-local cache of remote
     shards (``storage/shard_cache.py``). The remaining options choose the implementation of each step
@@ -469,6 +481,8 @@ def build_loader(
     if absent:
         raise ValueError(f"{url} has no labels for task(s) {absent}; it stores {manifest.tasks}")
     _check_heads(url, manifest, dataset, tasks)
+    if not manifest.indexed:
+        _log_unindexed(url)
     train = split == "train"
     cfg = StreamConfig(
         manifest=manifest,

@@ -7,13 +7,23 @@ order, decodes, transforms and collates them. Samples before the resume point ar
 bytes, never decoded. With ``augment_on_device`` the worker only decodes (and draws each sample's
 warp); the loader warps the batch on the training device (``transforms.warp_batch``).
 
-Integrity (``verify_checksums``, on by default): every byte of a shard goes through sha256 while it
-streams (no second read; a worker that needs only the start of a shard reads the rest too, without
-parsing it), and the shard's samples are handed on only once the digest and size match the
-manifest, so a shard with flipped bytes fails as a whole, like any corrupt shard. A worker therefore
-holds, as raw bytes, the samples it still needs from the shards it has read, plus one shard being
-read: at most its share of the epoch; smaller ``shuffle_block`` values hold fewer (bounds measured in
-``docs/data.md``, "The training order").
+Reading only what is needed: with the manifest's per-sample index (``ingest/shard_index``; every
+conversion writes one) a worker reads just the byte ranges of the samples it needs, each run of
+consecutive samples in one ranged read (in chunks of ``storage.block_size``), so however many workers
+share a shard, the bytes read per epoch are those of the samples used (``docs/data.md``, "Bounds").
+
+Integrity (``verify_checksums``, on by default): with the index, each sample's bytes are checked
+against its digest before they are parsed, so a flipped byte costs that sample only (counted as
+skipped, like an undecodable one). A manifest without the index (written before it existed; or a
+remote shard being copied into the cache, which stores whole verified shards) falls back to whole
+shards: every byte goes through sha256 while it streams, and the shard's samples are handed on only
+once the digest and size match, so such a shard fails as a whole. That mode also means a worker reads
+whole shards it needs only a part of (up to tens of times the dataset per epoch at high worker counts;
+``launch/convert.py --index`` adds the index to an old conversion).
+
+A worker holds, as raw bytes, the samples it still needs from the shards (or runs) it has read, plus
+the one being read: at most its share of the epoch; smaller ``shuffle_block`` values hold fewer
+(bounds measured in ``docs/data.md``, "The training order").
 
 Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
 (:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
@@ -36,7 +46,9 @@ Failures (``on_error``):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import io
 import logging
 import queue
 import tarfile
@@ -55,7 +67,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
 from mtlora_dist.data.errors import DataError, SampleDecodeError, ShardError, TooManyFailuresError
 from mtlora_dist.data.ingest.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
-from mtlora_dist.data.ingest.manifest import Manifest
+from mtlora_dist.data.ingest.manifest import Manifest, ShardInfo
+from mtlora_dist.data.ingest.shard_index import sample_digest
 from mtlora_dist.data.ingest.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.batch import collate, collate_decoded
 from mtlora_dist.data.stream.plan import WorkerPlan, locate, make_worker_plan, shard_order
@@ -84,6 +97,7 @@ STAT_KEYS = (
     "samples_padded",  # copies placed in batches (evaluation padding, stand-ins for failures)
     "samples_resume_skipped",  # consumed before a resume, skipped undecoded
     "shards_opened",  # shards opened on their storage (cache hits not included)
+    "bytes_read",  # bytes read from the shards' storage (cache hits not included)
     "shards_from_cache",  # shards read from the local shard cache
     "shards_failed",
     "retries",
@@ -137,8 +151,13 @@ class StreamConfig:
 
     @property
     def checks_shards(self) -> bool:
-        """Whole shards are read and verified: asked for, or needed to fill the cache."""
+        """Whole shards are read and verified (when not range-read): asked for, or needed to fill the cache."""
         return self.verify_checksums or self.cache_dir is not None
+
+    @property
+    def range_reads(self) -> bool:
+        """Only the needed samples' bytes are read: the manifest has the index and no remote cache is filled."""
+        return self.manifest.indexed and not (self.cache_dir is not None and is_remote(self.manifest.base_url))
 
 
 class _BadCacheEntry(Exception):
@@ -148,8 +167,10 @@ class _BadCacheEntry(Exception):
 class _Source:
     """A shard's bytes, read once: hashed and counted as they pass, copied into the cache if filling it."""
 
-    def __init__(self, f: IO[bytes], name: str, entry: CacheEntryWriter | None = None) -> None:
-        self.f, self.name, self.entry = f, name, entry
+    def __init__(
+        self, f: IO[bytes], name: str, entry: CacheEntryWriter | None = None, stats: dict[str, int] | None = None
+    ) -> None:
+        self.f, self.name, self.entry, self.stats = f, name, entry, stats
         self.digest = hashlib.sha256()
         self.nbytes = 0
 
@@ -157,6 +178,8 @@ class _Source:
         data = self.f.read(size)
         self.digest.update(data)
         self.nbytes += len(data)
+        if self.stats is not None:
+            self.stats["bytes_read"] += len(data)
         if self.entry is not None:
             self.entry.write(data)
         return data
@@ -178,17 +201,18 @@ class _ShardReader(threading.Thread):
     """Reads the needed samples of a list of shard segments, in order, into a bounded queue.
 
     Delivers exactly one event per needed sample: ``("sample", shard, idx, key, members)`` or
-    ``("missing", shard, idx, reason)``; when shards are verified, the samples of a shard come together
-    as ``("bundle", [sample events])`` once it checked out. Or ``("error", exc)`` and stops. Ends with
-    ``("done",)``.
+    ``("missing", shard, idx, reason)``; when whole shards are verified, the samples of a shard come
+    together as ``("bundle", [sample events])`` once it checked out. Or ``("error", exc)`` and stops.
+    Ends with ``("done",)``.
     """
 
     def __init__(self, cfg: StreamConfig, segments: list[tuple[int, list[int]]]) -> None:
         super().__init__(daemon=True, name="mtlora-shard-reader")
         self.cfg = cfg
         self.segments = segments
-        # verified shards arrive as one ("bundle", events) each: one waits while the next is read
-        self.events: queue.Queue = queue.Queue(maxsize=1 if cfg.checks_shards else max(1, cfg.prefetch_samples))
+        self.ranged = cfg.range_reads
+        bundles = cfg.checks_shards and not self.ranged  # one ("bundle", events) per shard: one waits at most
+        self.events: queue.Queue = queue.Queue(maxsize=1 if bundles else max(1, cfg.prefetch_samples))
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if cfg.cache_dir else None
         self.stopping = threading.Event()
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # fixed keys: read from the other thread
@@ -281,12 +305,14 @@ class _ShardReader(threading.Thread):
             self.stats["shards_opened"] += 1
             entry = self.cache.new_entry(info.sha256) if use_cache else None
             try:
-                yield _Source(f, url, entry)
+                yield _Source(f, url, entry, self.stats)
             finally:
                 if entry is not None:
                     entry.abort()  # no-op once committed
 
     def _stream(self, shard: int, url: str, idxs: list[int], progress: list[int], use_cache: bool) -> None:
+        if self.ranged:
+            return self._read_ranges(shard, url, idxs, progress)
         with self._open(shard, url, use_cache) as source:
             try:
                 held = self._read_samples(shard, url, idxs, progress, source)
@@ -345,6 +371,69 @@ class _ShardReader(threading.Thread):
                 f"{info.sha256[:16]}... (corrupt or replaced content; re-run the conversion or restore the shard)"
             )
         return held
+
+    def _read_ranges(self, shard: int, url: str, idxs: list[int], progress: list[int]) -> None:
+        """Read just the samples ``idxs[progress:]`` of an indexed shard: one ranged read per run of
+        consecutive samples (in chunks), each sample checked against its digest, then parsed alone."""
+        info = self.cfg.manifest.shards[shard]
+        fs, path = url_to_fs(url, self.cfg.storage)
+        with fs.open(path, "rb", block_size=self.cfg.storage.block_size, cache_type="none") as f:
+            self.stats["shards_opened"] += 1
+            for first, last in _runs(idxs[progress[0] :]):
+                for idx, data in self._run_bytes(f, url, info, first, last):
+                    self.stats["samples_read"] += 1
+                    event = self._parse(shard, url, info, idx, data)
+                    progress[0] += 1  # before the put: a retry resumes after this sample
+                    self._put(event)
+
+    def _run_bytes(self, f: IO[bytes], url: str, info: ShardInfo, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+        """``(index, bytes)`` of samples ``first..last``, read from storage in chunks of at most ``block_size``."""
+        offsets, chunk = info.offsets, max(1, self.cfg.storage.block_size)
+        end = offsets[last + 1]
+        f.seek(offsets[first])
+        pos, buf, at = offsets[first], b"", 0
+        for idx in range(first, last + 1):
+            need = offsets[idx + 1] - offsets[idx]
+            while len(buf) - at < need:
+                data = f.read(min(chunk, end - pos))
+                if not data:
+                    raise self._truncated(url, info)
+                self.stats["bytes_read"] += len(data)
+                pos += len(data)
+                buf, at = buf[at:] + data, 0
+            yield idx, buf[at : at + need]
+            at += need
+
+    def _parse(self, shard: int, url: str, info: ShardInfo, idx: int, data: bytes) -> tuple:
+        """The sample event, or a ``missing`` one for bytes that fail their digest or do not parse."""
+        try:
+            if self.cfg.verify_checksums and sample_digest(data) != info.sample_digest(idx):
+                start, stop = info.offsets[idx], info.offsets[idx + 1]
+                raise ShardError(
+                    f"shard {url} does not match its manifest: sample {idx} (bytes {start}..{stop}) has sha256 "
+                    f"{sample_digest(data)}..., the manifest says {info.sample_digest(idx)}... (corrupt or replaced "
+                    "content; re-run the conversion or restore the shard)"
+                )
+            samples = list(iter_tar_samples(io.BytesIO(data), url))
+            if len(samples) != 1:
+                raise ShardError(f"shard {url}: the bytes of sample {idx} hold {len(samples)} samples (stale index)")
+        except _DATA_ERRORS as exc:
+            message = str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: sample {idx}: {exc}"
+            if self.cfg.on_error == "raise":
+                raise ShardError(message) from None
+            self.stats["samples_skipped"] += 1
+            log.warning("skipping a bad sample: %s", message)
+            return ("missing", shard, idx, message)
+        key, members = samples[0]
+        return ("sample", shard, idx, key, members)
+
+    def _truncated(self, url: str, info: ShardInfo) -> ShardError:
+        size = self._size(url)
+        whole = bisect.bisect_right(info.offsets, size) - 1  # samples whose bytes are all there
+        return ShardError(
+            f"shard {url} is truncated: the tar ended after {max(0, whole)} sample(s) but the manifest lists "
+            f"{info.num_samples} (the object is {size} bytes, the manifest says {info.bytes})"
+        )
 
     def _size(self, url: str) -> int:
         fs, path = url_to_fs(url, self.cfg.storage)
@@ -542,6 +631,16 @@ class ShardStream(IterableDataset):
                 yield batch
         finally:
             reader.stop()
+
+
+def _runs(idxs: list[int]) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` of each run of consecutive indices in the sorted ``idxs``."""
+    for start in range(len(idxs)):
+        if start == 0 or idxs[start] != idxs[start - 1] + 1:
+            stop = start
+            while stop + 1 < len(idxs) and idxs[stop + 1] == idxs[stop] + 1:
+                stop += 1
+            yield idxs[start], idxs[stop]
 
 
 def _segments(slots: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
