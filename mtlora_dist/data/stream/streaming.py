@@ -635,12 +635,11 @@ class ShardStream(IterableDataset):
 
 def _runs(idxs: list[int]) -> Iterator[tuple[int, int]]:
     """``(first, last)`` of each run of consecutive indices in the sorted ``idxs``."""
-    for start in range(len(idxs)):
-        if start == 0 or idxs[start] != idxs[start - 1] + 1:
-            stop = start
-            while stop + 1 < len(idxs) and idxs[stop + 1] == idxs[stop] + 1:
-                stop += 1
-            yield idxs[start], idxs[stop]
+    start = 0
+    for i in range(1, len(idxs) + 1):
+        if i == len(idxs) or idxs[i] != idxs[i - 1] + 1:
+            yield idxs[start], idxs[i - 1]
+            start = i
 
 
 def _segments(slots: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
