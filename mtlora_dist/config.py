@@ -351,8 +351,9 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
             )
         field = _credential_field(name, value)
         if field:
+            default = " (a default in ${oc.env:VAR,DEFAULT} is typed on the command line too)" * ("oc.env:" in value)
             raise ConfigError(
-                f"'{field}' is a credential and must not be given on the command line "
+                f"'{field}' is a credential and must not be given on the command line{default} "
                 f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
                 "was shared, rotate it"
             )
@@ -390,8 +391,23 @@ def _secret_in(value: Any, prefix: str) -> str | None:
     return None
 
 
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:,(?P<default>.*))?\}")
+
+
 def _is_literal(value: str) -> bool:
-    return value.strip() not in ("", "null", "None") and not value.strip().startswith("${oc.env:")
+    """True unless ``value`` is empty or only names an environment variable: ``${oc.env:VAR}``, with a
+    default that is itself empty, ``null`` or another such reference. ``${oc.env:UNSET,LITERAL}`` is a
+    literal: its default is the secret, typed on the command line."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1].strip()
+    if value in ("", "null", "None"):
+        return False
+    found = _ENV_REFERENCE.fullmatch(value)
+    if found is None:
+        return True
+    default = found.group("default")
+    return default is not None and _is_literal(default)
 
 
 def _refuse_hydra_settings(overrides: list[str]) -> None:
