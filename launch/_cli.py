@@ -124,6 +124,15 @@ def print_or_prepare(args: argparse.Namespace, cfg, *, needs_data: bool = True) 
     return False
 
 
+def prepare_run_dir(cfg) -> None:
+    """Before training starts (and before torch loads): the run_dir's state agrees with what the command asks
+    (``engine/run_dir.py``: a used run_dir with ``checkpoint.resume=false`` is refused, a saved config.yaml
+    that is not plain YAML too), and a run that will cost hours on a CPU says so."""
+    from mtlora_dist.engine.run_dir import check_run_dir
+
+    check_run_dir(cfg, _rank())
+
+
 @contextlib.contextmanager
 def mismatch_explained(cfg, run_dir: str) -> Iterator[None]:
     """A checkpoint of another configuration: its message, led by the config keys that differ."""

@@ -157,14 +157,72 @@ def test_the_create_bucket_hint_works(tmp_path, s3_server):
     require_buckets({"run_dir": "s3://made-by-hint/run"})
 
 
-# -- item 7: a config.yaml with a python tag --------------------------------------------------------------------
-def test_a_python_tag_in_a_runs_config_is_one_line(tmp_path):
+# -- item 7 (and issue 33 item 16): a config.yaml with a python tag ----------------------------------------------
+@pytest.mark.parametrize("entry", ["eval.py", "export.py", "train.py"])
+def test_a_python_tag_in_a_runs_config_is_one_line_naming_the_runs_file(tmp_path, entry):
+    """eval and export named a deleted temporary copy; a resume overwrote the file without reading it."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     recipe = (REPO / "configs" / "quickstart.yaml").read_text()
-    (run_dir / "config.yaml").write_text(recipe + "seed: !!python/object/apply:os.getcwd []\n")
-    proc = run([script("eval.py"), f"checkpoint={run_dir}"], tmp_path)
-    assert_one_line_exit_2(proc, "config.yaml", "not plain YAML")
+    saved = recipe + "seed: !!python/object/apply:os.getcwd []\n"
+    (run_dir / "config.yaml").write_text(saved)
+    args = {"eval.py": [f"checkpoint={run_dir}"], "export.py": [f"checkpoint={run_dir}", f"out={tmp_path / 'x'}"],
+            "train.py": [*TINY, f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}"]}[entry]  # fmt: skip
+    proc = run([script(entry), *args], tmp_path)
+    assert_one_line_exit_2(proc, f"{run_dir / 'config.yaml'} is not plain YAML", "python/object/apply")
+    assert "mtlora-config-" not in output(proc)
+    assert (run_dir / "config.yaml").read_text() == saved  # the resume left it as it was
+
+
+# -- issue 33 item 17: checkpoint.resume=false on a used run_dir ------------------------------------------------
+def _earlier_run(fs, root: str) -> None:
+    """What a 12-step run leaves: two checkpoints and 12 rows of metrics."""
+    for tag in ("step_00000006", "step_00000012"):
+        fs.pipe(f"{root}/checkpoints/{tag}/COMPLETE.json", b"{}")
+    fs.pipe(f"{root}/metrics.jsonl", "".join(f'{{"step": {s}, "split": "train"}}\n' for s in range(1, 13)).encode())
+    fs.pipe(f"{root}/notes.txt", b"the user's own file")
+
+
+@pytest.mark.integration
+def test_resume_false_on_a_used_run_dir_is_refused_and_overwrite_starts_clean(tmp_path):
+    import fsspec
+
+    run_dir = tmp_path / "run"
+    _earlier_run(fsspec.filesystem("file", auto_mkdir=True), str(run_dir))
+    before = (run_dir / "metrics.jsonl").read_text()
+    common = [script("train.py"), *TINY, f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}",
+              "logging.wandb.enabled=false", "checkpoint.resume=false", "data.synthetic.num_train=8",
+              "data.synthetic.num_val=4"]  # fmt: skip
+    refused = run(common, tmp_path)
+    assert_one_line_exit_2(refused, "checkpoints step_00000006, step_00000012 and 12 rows of metrics.jsonl",
+                           "new run_dir=", "checkpoint.overwrite=true")  # fmt: skip
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+    fresh = run([*common, "checkpoint.overwrite=true"], tmp_path)
+    assert fresh.returncode == 0, output(fresh)[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert _steps(run_dir) == [1, 2]
+    assert (run_dir / "notes.txt").exists()  # only what a run writes is removed
+
+
+def test_resume_false_on_a_used_s3_run_dir_is_refused_and_overwrite_removes_it(s3_bucket):
+    from mtlora_dist.config import ConfigError, load_config
+    from mtlora_dist.engine.run_dir import check_run_dir
+    from mtlora_dist.storage.fs import url_to_fs
+
+    run_dir = f"s3://{s3_bucket}/runs/x"
+    fs, root = url_to_fs(run_dir)
+    _earlier_run(fs, root)
+    cfg = load_config(None, [f"run_dir={run_dir}", "checkpoint.resume=false"])
+    with pytest.raises(ConfigError, match="holds an earlier run .checkpoints step_00000006, step_00000012 and 12"):
+        check_run_dir(cfg)
+    check_run_dir(load_config(None, [f"run_dir={run_dir}"]))  # resuming it is fine
+    with pytest.raises(ConfigError, match="pass it together with checkpoint.resume=false"):
+        check_run_dir(load_config(None, [f"run_dir={run_dir}", "checkpoint.overwrite=true"]))
+    check_run_dir(load_config(None, [f"run_dir={run_dir}", "checkpoint.resume=false", "checkpoint.overwrite=true"]))
+    fs.invalidate_cache()
+    assert fs.find(root) == [f"{root}/notes.txt"]
+    check_run_dir(cfg)  # a fresh run_dir now
 
 
 # -- item 6: model.pretrained that is not a Swin state dict -----------------------------------------------------
