@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,8 +44,15 @@ def assert_one_line_exit_2(proc: subprocess.CompletedProcess, *expected: str) ->
         f"data.storage.secret=${{oc.env:MTLORA_UNSET_VARIABLE,{SECRET}}}",  # issue 33 item 15: a literal default
         f"data.storage={{key: '${{oc.env:MTLORA_UNSET_VARIABLE,{KEY}}}'}}",
     ],
-    ids=["mapping", "mapping-with-plus", "data-url-userinfo", "run-dir-userinfo", "secret-with-slash",
-         "env-default", "env-default-in-mapping"],  # fmt: skip
+    ids=[
+        "mapping",
+        "mapping-with-plus",
+        "data-url-userinfo",
+        "run-dir-userinfo",
+        "slash-in-secret",
+        "env-default",
+        "env-default-in-mapping",
+    ],  # fmt: skip
 )
 def test_credentials_inside_an_override_are_refused_without_echoing_them(tmp_path, override):
     proc = run([script("train.py"), override, "--cfg", "job"], tmp_path)
@@ -183,26 +191,26 @@ def _earlier_run(fs, root: str) -> None:
     fs.pipe(f"{root}/notes.txt", b"the user's own file")
 
 
-@pytest.mark.integration
-def test_resume_false_on_a_used_run_dir_is_refused_and_overwrite_starts_clean(tmp_path):
+def test_resume_false_on_a_used_run_dir_is_refused(tmp_path):
     import fsspec
 
     run_dir = tmp_path / "run"
     _earlier_run(fsspec.filesystem("file", auto_mkdir=True), str(run_dir))
     before = (run_dir / "metrics.jsonl").read_text()
-    common = [script("train.py"), *TINY, f"run_dir={run_dir}", f"data.synthetic.root={tmp_path / 'data'}",
-              "logging.wandb.enabled=false", "checkpoint.resume=false", "data.synthetic.num_train=8",
-              "data.synthetic.num_val=4"]  # fmt: skip
-    refused = run(common, tmp_path)
+    refused = run([script("train.py"), *TINY, f"run_dir={run_dir}", "checkpoint.resume=false"], tmp_path)
     assert_one_line_exit_2(refused, "checkpoints step_00000006, step_00000012 and 12 rows of metrics.jsonl",
                            "new run_dir=", "checkpoint.overwrite=true")  # fmt: skip
     assert (run_dir / "metrics.jsonl").read_text() == before
 
-    fresh = run([*common, "checkpoint.overwrite=true"], tmp_path)
-    assert fresh.returncode == 0, output(fresh)[-3000:]
+
+def test_overwrite_removes_the_earlier_run_before_training(trained):
+    """The trained run below was started with checkpoint.resume=false checkpoint.overwrite=true on a folder
+    holding an earlier 12-step run: only the new run's files are left, and the user's own file."""
+    run_dir, proc = trained
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
     assert _steps(run_dir) == [1, 2]
-    assert (run_dir / "notes.txt").exists()  # only what a run writes is removed
+    assert (run_dir / "notes.txt").exists()
+    assert "removed the earlier run's" in proc.stderr
 
 
 def test_resume_false_on_a_used_s3_run_dir_is_refused_and_overwrite_removes_it(s3_bucket):
@@ -309,3 +317,88 @@ def test_the_closing_wandb_sync_line_covers_every_job_of_the_run(tmp_path):
     line = next(x for x in output(proc).splitlines() if "upload them all with: wandb sync " in x)
     pattern = line.split("wandb sync ", 1)[1].strip()
     assert len(glob.glob(pattern)) == 2 and all(p.startswith(str(run_dir / "wandb")) for p in glob.glob(pattern))
+
+
+# -- issue 33 items 22 and 23: one trained run, then what a user sees around it ----------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-step tiny run (its output too), started over an earlier run with checkpoint.overwrite=true: the run
+    the overwrite, eval, export and summary checks look at."""
+    import fsspec
+
+    root = tmp_path_factory.mktemp("trained")
+    _earlier_run(fsspec.filesystem("file", auto_mkdir=True), str(root / "run"))  # overwritten (item 17)
+    proc = run([script("train.py"), *TINY, f"run_dir={root / 'run'}", f"data.synthetic.root={root / 'data'}",
+                "data.synthetic.num_train=8", "data.synthetic.num_val=8", "logging.wandb.enabled=true",
+                "logging.wandb.mode=offline", "checkpoint.resume=false", "checkpoint.overwrite=true"], root)  # fmt: skip
+    assert proc.returncode == 0, output(proc)[-3000:]
+    return root / "run", proc
+
+
+def test_a_run_says_its_checkpoints_and_ends_with_its_outputs_and_total_time(trained):
+    run_dir, proc = trained
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert f"checkpoint of step 2 written to {run_dir}/checkpoints/step_00000002" in proc.stdout
+    assert "wandb sync " in proc.stdout  # still said, no longer the last line
+    last = lines[-1]
+    assert re.search(r"done: step 2 of 2 in \d+:\d\d:\d\d; outputs: ", last), last
+    for part in (f"{run_dir}/checkpoints/step_00000002", f"{run_dir}/metrics.jsonl", f"{run_dir}/reports/"):
+        assert part in last, last
+
+
+def test_ctrl_c_during_eval_is_one_line_and_exit_130(trained, tmp_path):
+    run_dir, _ = trained
+    log_file = tmp_path / "eval.log"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen([sys.executable, script("eval.py"), f"checkpoint={run_dir}", f"out={tmp_path / 'e'}"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while "synthetic pascal_context data under" not in log_file.read_text():  # inside the evaluation job
+        assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
+    assert proc.wait(timeout=120) == 130, log_file.read_text()[-3000:]
+    text = log_file.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert len(re.findall(r"^stopped: Ctrl-C \(SIGINT\) interrupted eval.py", text, re.MULTILINE)) == 1, text
+
+
+def test_export_prints_its_results_on_stdout(trained, tmp_path):
+    run_dir, _ = trained
+    proc = run([script("export.py"), f"checkpoint={run_dir}", f"out={tmp_path / 'x'}"], tmp_path)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert str(tmp_path / "x") in proc.stdout
+    assert "[" not in proc.stderr, proc.stderr[-3000:]  # no log line of ours on stderr
+
+
+def test_wrong_credentials_in_eval_name_the_checkpoint_url(tmp_path, s3_bucket):
+    proc = run([script("eval.py"), f"checkpoint=s3://{s3_bucket}/runs/x"], tmp_path,
+               env={"AWS_SECRET_ACCESS_KEY": "NotTheSecret9d1"})  # fmt: skip
+    assert_one_line_exit_2(proc, f"checkpoint s3://{s3_bucket}/runs/x", "refused", "AWS_SECRET_ACCESS_KEY")
+    assert "NotTheSecret9d1" not in output(proc)
+
+
+def test_a_missing_pretrained_file_is_refused_with_the_config(tmp_path):
+    proc = run([script("train.py"), *TINY, f"model.pretrained={tmp_path / 'no.pth'}", f"run_dir={tmp_path / 'r'}"],
+               tmp_path)  # fmt: skip
+    assert_one_line_exit_2(proc, f"model.pretrained '{tmp_path / 'no.pth'}' does not exist")
+    assert "torch threads per rank" not in output(proc)  # before training's set-up (torch, the model)
+
+
+def test_a_gpu_recipe_on_a_cpu_says_what_it_will_cost_first(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "launch"))
+    from mtlora_dist.config import load_config
+    from mtlora_dist.engine.console import cpu_cost
+
+    import _cli
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert cpu_cost(load_config(None, [])) is None  # the quickstart: no notice
+    recipe = str(REPO / "configs" / "pascal_swin_t_r64.yaml")
+    cfg = load_config(recipe, ["data=synthetic", f"run_dir={tmp_path / 'r'}"])
+    _cli.prepare_training(cfg)
+    said = capsys.readouterr().out
+    # the measured run it is scaled from (issue 33): 14.6 GB, 30-40 s a step, 7,200 steps, an ETA of 3 days
+    assert re.search(r"about 14.6 GB of memory.* and 35 s an optimizer step; 7200 steps: about 2.9 days", said), said
