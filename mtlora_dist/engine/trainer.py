@@ -15,6 +15,7 @@ import torch
 
 from mtlora_dist import comm
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+from mtlora_dist.checkpoint.format import step_tag
 from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
 from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import Progress, format_eta, setup_logging
@@ -109,6 +110,7 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+        stop.saved(engine.global_steps, checkpointer.store.url(step_tag(engine.global_steps)))
     else:
         logger.start_over()  # rows of an attempt killed before its first complete checkpoint go
     if engine.global_steps >= total_steps:
@@ -150,6 +152,7 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
+    uploading = None  # (step, URL) of the last checkpoint sent to object storage
 
     progress = Progress(total_steps, engine.global_steps, enabled=info.is_main, bar=cfg.logging.progress_bar)
     tick, samples = time.perf_counter(), 0
@@ -174,6 +177,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
                 url = checkpointer.save(step)
                 logger.flush()
                 log.info("checkpoint of step %d %s %s", step, "uploading to" if is_remote(url) else "written to", url)
+                stop.saved(step, url, complete=not is_remote(url))
+                uploading = (step, url) if is_remote(url) else None
             if stopping:
                 preempted = step != job_end
                 log.info(
@@ -186,6 +191,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
                 break
     progress.close()
     checkpointer.wait()  # a background upload to object storage must land before the job ends
+    if uploading:
+        stop.saved(*uploading)  # the upload has landed: the stop's checkpoint is complete
     validation.finish(engine.global_steps)
     logger.close()
     if info.is_main:
