@@ -35,6 +35,7 @@ MOST_USED_KEYS = (
     ("deepspeed.precision", "fp32, bf16, fp16 or auto (bf16 on a GPU that has it, else fp32)"),
     ("deepspeed.gradient_accumulation_steps", "micro-steps per optimizer step"),
     ("checkpoint.every / eval.every", "steps between checkpoints / evaluations (0: only at the end)"),
+    ("checkpoint.resume=false", "start over: refused on a used run_dir unless checkpoint.overwrite=true deletes it"),
     ("logging.wandb.mode", "offline, online or disabled"),
     ("model.pretrained", "path of the backbone's ImageNet weights"),
     ("seed", "initial weights, augmentation and data order"),
@@ -66,7 +67,7 @@ def config_epilog() -> str:
         "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never the command line).",
         (
             "exit status: 0 done, 2 configuration/data/storage/checkpoint problem (one message), "
-            "3 stopped by a signal after a checkpoint."
+            "3 stopped by a signal after a checkpoint, 130 interrupted by Ctrl-C outside training (one line)."
         ),
     ]
     return "\n".join(lines)
