@@ -574,12 +574,20 @@ def run_dir_of(checkpoint: str) -> str:
 def saved_config_text(run_dir: str, storage: StorageOptions | None = None, *, action: str) -> str | None:
     """The text of ``<run_dir>/config.yaml`` (None if there is none), refused by name unless it is plain
     YAML (a python tag is never constructed). ``action`` says what was about to use it."""
+    from mtlora_dist.storage.retry import retry_call
+
     url = join(run_dir, "config.yaml")
     fs, path = url_to_fs(url, storage)
-    if not fs.exists(path):
+
+    def read() -> str | None:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as fh:
+            return fh.read()
+
+    text = retry_call(read, url=url, options=storage)  # an unreachable endpoint: one message naming the URL
+    if text is None:
         return None
-    with fs.open(path, "r") as fh:
-        text = fh.read()
     try:
         yaml.safe_load(text)
     except yaml.YAMLError as err:

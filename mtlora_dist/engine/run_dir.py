@@ -18,6 +18,7 @@ import shutil
 
 from mtlora_dist.config import ConfigError, TrainConfig, saved_config_text
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
+from mtlora_dist.storage.retry import retry_call
 
 __all__ = ["RUN_FILES", "earlier_run", "check_run_dir", "remove_earlier_run"]
 
@@ -35,6 +36,10 @@ def _rows(fs, path: str) -> int:
 def earlier_run(run_dir: str, storage: StorageOptions | None = None) -> str | None:
     """What an earlier run left in ``run_dir`` (``'checkpoints step_00000006, step_00000012 and 12 rows of
     metrics.jsonl'``), or None for a fresh folder."""
+    return retry_call(lambda: _earlier_run(run_dir, storage), url=run_dir, options=storage)
+
+
+def _earlier_run(run_dir: str, storage: StorageOptions | None) -> str | None:
     fs, root = url_to_fs(run_dir, storage)
     fs.invalidate_cache()
     found = []
