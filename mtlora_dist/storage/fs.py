@@ -189,7 +189,10 @@ def redact_userinfo(text: str) -> str:
 
 
 def redact(value: Any) -> Any:
-    """Copy of a (nested) mapping with every credential-like value replaced by ``'***'``."""
+    """Copy of a (nested) mapping with every credential-like value replaced by ``'***'``, and the user-info
+    of any URL in a string masked (``s3://***@bucket``)."""
+    if isinstance(value, str):
+        return redact_userinfo(value)
     if isinstance(value, dict):
         return {
             k: ("***" if isinstance(k, str) and _SECRET_KEYS.search(k) and v not in (None, "") else redact(v))

@@ -133,7 +133,8 @@ def test_local_url_to_fs(url):
     ],
 )
 def test_user_info_runs_to_the_last_at_sign_of_the_url(text, masked):
-    from mtlora_dist.storage.fs import has_userinfo, redact_userinfo
+    from mtlora_dist.storage.fs import has_userinfo, redact, redact_userinfo
 
     assert redact_userinfo(text) == masked
     assert has_userinfo(text) == (masked != text)
+    assert redact({"data": {"train_url": text}}) == {"data": {"train_url": masked}}  # what config.yaml gets
