@@ -58,6 +58,7 @@ __all__ = [
     "SyntheticDataConfig",
     "load_config",
     "run_config",
+    "saved_config_text",
     "run_dir_of",
     "ConfigError",
     "to_yaml",
@@ -190,6 +191,8 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end and on a termination signal
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run_dir
+    # with resume: false, delete an earlier run's files in run_dir first (without it, a used run_dir is refused)
+    overwrite: bool = False
     local_cache: str | None = None  # staging folder for remote run_dirs
 
 
@@ -315,8 +318,9 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
             )
         field = _credential_field(name, value)
         if field:
+            default = " (a default in ${oc.env:VAR,DEFAULT} is typed on the command line too)" * ("oc.env:" in value)
             raise ConfigError(
-                f"'{field}' is a credential and must not be given on the command line "
+                f"'{field}' is a credential and must not be given on the command line{default} "
                 f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
                 "was shared, rotate it"
             )
@@ -354,8 +358,23 @@ def _secret_in(value: Any, prefix: str) -> str | None:
     return None
 
 
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:,(?P<default>.*))?\}")
+
+
 def _is_literal(value: str) -> bool:
-    return value.strip() not in ("", "null", "None") and not value.strip().startswith("${oc.env:")
+    """True unless ``value`` is empty or only names an environment variable: ``${oc.env:VAR}``, with a
+    default that is itself empty, ``null`` or another such reference. ``${oc.env:UNSET,LITERAL}`` is a
+    literal: its default is the secret, typed on the command line."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1].strip()
+    if value in ("", "null", "None"):
+        return False
+    found = _ENV_REFERENCE.fullmatch(value)
+    if found is None:
+        return True
+    default = found.group("default")
+    return default is not None and _is_literal(default)
 
 
 def _refuse_hydra_settings(overrides: list[str]) -> None:
@@ -535,21 +554,59 @@ def run_dir_of(checkpoint: str) -> str:
     return re.sub(r"/checkpoints(/step_\d+)?$", "", str(checkpoint).rstrip("/"))
 
 
+def saved_config_text(run_dir: str, storage: StorageOptions | None = None, *, action: str) -> str | None:
+    """The text of ``<run_dir>/config.yaml`` (None if there is none), refused by name unless it is plain
+    YAML (a python tag is never constructed). ``action`` says what was about to use it."""
+    from mtlora_dist.storage.retry import retry_call
+
+    url = join(run_dir, "config.yaml")
+    fs, path = url_to_fs(url, storage)
+
+    def read() -> str | None:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as fh:
+            return fh.read()
+
+    text = retry_call(read, url=url, options=storage)  # an unreachable endpoint: one message naming the URL
+    if text is None:
+        return None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        why = " ".join(str(err).replace('"<unicode string>", ', "").split())
+        raise ConfigError(
+            f"{url} is not plain YAML ({why}); it was changed after the run wrote it, and {action}: remove the "
+            "tag or restore the file (or pass --config with the run's recipe)"
+        ) from None
+    return text
+
+
 def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """The config for evaluating or exporting ``checkpoint``: the YAML ``config`` if given, else the one the
     run saved (``<run_dir>/config.yaml``), with ``overrides`` applied. A saved config has its credentials
-    masked; they come from the environment (``AWS_*``) again."""
+    masked; they come from the environment (``AWS_*``) again. Messages name the run's file, never the
+    temporary copy that is composed; a missing bucket or refused credentials name the checkpoint's URL."""
+    from mtlora_dist.storage.buckets import require_buckets
+
     if config:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        require_buckets({"checkpoint": checkpoint}, cfg.data.storage)
+        return cfg
+    require_buckets({"checkpoint": checkpoint})
     run_dir = run_dir_of(checkpoint)
-    fs, path = url_to_fs(join(run_dir, "config.yaml"))
-    if not fs.exists(path):
+    text = saved_config_text(run_dir, action="the checkpoint is read with it")
+    if text is None:
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
     with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
         local = os.path.join(tmp, "run_config.yaml")
-        fs.get_file(path, local)
-        migrate_saved_config(local)  # a run saved before the data sections: its keys moved, said in one line
-        cfg = load_config(local, overrides)
+        with open(local, "w") as fh:
+            fh.write(text)
+        try:
+            migrate_saved_config(local)  # a run saved before the data sections: its keys moved, said in one line
+            cfg = load_config(local, overrides)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace(local, join(run_dir, "config.yaml"))) from None
     for key in ("key", "secret"):
         if getattr(cfg.data.storage, key) == _MASKED:
             setattr(cfg.data.storage, key, None)

@@ -15,9 +15,10 @@ import torch
 
 from mtlora_dist import comm
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+from mtlora_dist.checkpoint.format import step_tag
 from mtlora_dist.config import TrainConfig, to_yaml
 from mtlora_dist.data.config import DataWorld
-from mtlora_dist.engine.console import Progress, setup_logging
+from mtlora_dist.engine.console import Progress, format_eta, setup_logging
 from mtlora_dist.engine.data_setup import batch_geometry, data_world, make_loader, prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype, resolve_precision
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
@@ -32,7 +33,7 @@ from mtlora_dist.models import build_model
 from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
 from mtlora_dist.storage.atomic import atomic_write_text
-from mtlora_dist.storage.fs import join
+from mtlora_dist.storage.fs import is_remote, join, url_to_fs
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
@@ -74,6 +75,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
 def _run(
     cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None, world: DataWorld
 ) -> TrainResult:
+    started = time.perf_counter()  # for the closing line's total time
     # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
     cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
@@ -109,6 +111,7 @@ def _run(
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+        stop.saved(engine.global_steps, checkpointer.store.url(step_tag(engine.global_steps)))
     else:
         logger.start_over()  # rows of an attempt killed before its first complete checkpoint go
     if engine.global_steps >= total_steps:
@@ -150,6 +153,7 @@ def _run(
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
+    uploading = None  # (step, URL) of the last checkpoint sent to object storage
 
     progress = Progress(total_steps, engine.global_steps, enabled=info.is_main, bar=cfg.logging.progress_bar)
     tick, samples = time.perf_counter(), 0
@@ -171,8 +175,11 @@ def _run(
             stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
             if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
                 comm.broadcast_buffers(engine.module)  # the checkpoint holds rank 0's BatchNorm statistics
-                checkpointer.save(step)
+                url = checkpointer.save(step)
                 logger.flush()
+                log.info("checkpoint of step %d %s %s", step, "uploading to" if is_remote(url) else "written to", url)
+                stop.saved(step, url, complete=not is_remote(url))
+                uploading = (step, url) if is_remote(url) else None
             if stopping:
                 preempted = step != job_end
                 log.info(
@@ -185,9 +192,27 @@ def _run(
                 break
     progress.close()
     checkpointer.wait()  # a background upload to object storage must land before the job ends
+    if uploading:
+        stop.saved(*uploading)  # the upload has landed: the stop's checkpoint is complete
     validation.finish(engine.global_steps)
     logger.close()
+    if info.is_main:
+        log.info(
+            "%s", _closing_line(cfg, checkpointer, engine.global_steps, total_steps, time.perf_counter() - started)
+        )
     return TrainResult(engine.global_steps, total_steps, preempted, results)
+
+
+def _closing_line(cfg: TrainConfig, checkpointer: Checkpointer, step: int, total: int, elapsed: float) -> str:
+    """The run's last line: where its outputs are and how long it took (after the wandb sync hint)."""
+    newest = checkpointer.latest()
+    outputs = [f"checkpoint {join(cfg.run_dir, 'checkpoints', newest)}" if newest else "no checkpoint"]
+    outputs += [join(cfg.run_dir, name) for name in ("metrics.jsonl", "config.yaml")]
+    fs, reports = url_to_fs(join(cfg.run_dir, "reports"), cfg.data.storage)
+    if fs.exists(reports):
+        outputs.append(join(cfg.run_dir, "reports") + "/ (curves, predictions)")
+    where = f"step {step} of {total} in {format_eta(elapsed)}"
+    return f"{'done' if step >= total else 'stopped'}: {where}; outputs: {', '.join(outputs)}"
 
 
 # --------------------------------------------------------------------------------------------------
