@@ -501,12 +501,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
 
 
 def _check_loss(cfg: TrainConfig) -> None:
-    """The Gramian weightings take per-task gradients outside the engine's backward, where ZeRO-3 has
-    released its partitioned weights (docs/balancing.md)."""
+    """The Gramian weightings take per-task gradients besides the engine's backward; ZeRO-3 fetches a
+    module's partitioned weights for one backward per forward only (docs/balancing.md)."""
     if cfg.loss.balancing in (Balancing.upgrad, Balancing.mgda) and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
-            f"loss.balancing={cfg.loss.balancing} runs at ZeRO stages 0-2, not 3 (the per-task gradients need "
-            "the weights ZeRO-3 releases after the forward); pass deepspeed.zero_stage=2 (MTLoRA's default)"
+            f"loss.balancing={cfg.loss.balancing} runs at ZeRO stages 0-2, not 3 (ZeRO-3 gathers a module's "
+            "weights for one backward per forward; the per-task gradients need more); pass deepspeed.zero_stage=2 (MTLoRA's default)"
         )
 
 
