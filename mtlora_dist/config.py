@@ -206,6 +206,51 @@ class EvalConfig:
     baselines: dict[str, float] | None = None
 
 
+class Balancing(StrEnum):
+    fixed = "fixed"  # the task registry's weights with loss_weights overrides (docs/balancing.md)
+    uncertainty = "uncertainty"  # learned log-variances (Kendall et al. 2018; torchjd.scalarization.UW)
+    dwa = "dwa"  # Dynamic Weight Average (Liu et al. 2019) over windows of optimizer steps
+    upgrad = "upgrad"  # torchjd's UPGrad weighting of the per-task gradients' Gramian
+    mgda = "mgda"  # torchjd's MGDA weighting of the same Gramian (min-norm; scaled to sum to T)
+
+
+@dataclass
+class UncertaintyConfig:
+    init: float = 0.0  # initial log-variance s_t (weights start at w_t * exp(-s_t) / 2)
+    lr: float | None = None  # AdamW lr of the log-variances; null = the engine's lr at each step
+
+
+@dataclass
+class DWAConfig:
+    temperature: float = 2.0  # T of the softmax over the loss ratios (the paper's 2)
+    window: int = 0  # optimizer steps per averaging window; 0 = one epoch
+
+
+@dataclass
+class GramianConfig:
+    # the module whose output is the shared representation z; the Gramian is of dL_t/dz (docs/balancing.md)
+    module: str = "backbone.patch_embed"
+
+
+@dataclass
+class LossConfig:
+    """How the per-task losses become one objective (``loss.balancing``); every method multiplies the
+    fixed weights (task registry + ``loss_weights``) by its own (docs/balancing.md)."""
+
+    balancing: Balancing = Balancing.fixed
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    dwa: DWAConfig = field(default_factory=DWAConfig)
+    gramian: GramianConfig = field(default_factory=GramianConfig)
+
+    def __post_init__(self) -> None:
+        if not self.dwa.temperature > 0:
+            raise ValueError(f"loss.dwa.temperature is {self.dwa.temperature}; pass a positive number (the paper's 2)")
+        if self.dwa.window < 0:
+            raise ValueError(f"loss.dwa.window is {self.dwa.window}; pass 0 (one epoch) or a number of steps")
+        if self.uncertainty.lr is not None and not self.uncertainty.lr > 0:
+            raise ValueError(f"loss.uncertainty.lr is {self.uncertainty.lr}; pass a positive lr or null (the engine's)")
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -214,6 +259,7 @@ class TrainConfig:
     epochs: int = 300
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one invocation; 0 = no limit
     loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the task registry
+    loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
@@ -436,6 +482,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
     _check_optim(cfg.optim)
+    _check_loss(cfg)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
 
@@ -453,6 +500,16 @@ def _refuse_renamed_keys(overrides: list[str]) -> None:
         renamed = renamed_key_error(override.partition("=")[0])
         if renamed:
             raise ConfigError(renamed)
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    """The Gramian weightings take per-task gradients besides the engine's backward; ZeRO-3 fetches a
+    module's partitioned weights for one backward per forward only (docs/balancing.md)."""
+    if cfg.loss.balancing in (Balancing.upgrad, Balancing.mgda) and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            f"loss.balancing={cfg.loss.balancing} runs at ZeRO stages 0-2, not 3 (ZeRO-3 gathers a module's "
+            "weights for one backward per forward; the per-task gradients need more); pass deepspeed.zero_stage=2 (MTLoRA's default)"
+        )
 
 
 def _check_optim(optim: OptimConfig) -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mtlora_dist import comm
-from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+from mtlora_dist.checkpoint import Checkpointer, CheckpointMismatchError, SavePolicy
 from mtlora_dist.checkpoint.format import step_tag
 from mtlora_dist.config import TrainConfig, to_yaml
 from mtlora_dist.data.config import DataWorld
@@ -34,6 +34,7 @@ from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
 from mtlora_dist.storage.atomic import atomic_write_text
 from mtlora_dist.storage.fs import is_remote, join, url_to_fs
+from mtlora_dist.tasks.balancing import Balancer, BalancerMismatchError, build_balancer
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
@@ -109,6 +110,8 @@ def _run(
     checkpointer.register("data", DataPosition(train_loader), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
+    loss_fn = _build_loss(cfg, engine, steps_per_epoch, info)
+    checkpointer.register("loss_balancer", _BalancerPiece(loss_fn.balancer), per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
         stop.saved(engine.global_steps, checkpointer.store.url(step_tag(engine.global_steps)))
@@ -135,7 +138,6 @@ def _run(
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
 
-    loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
     dtype = model_dtype(cfg.deepspeed)
     evaluator = MultiTaskEvaluator(
         cfg.data.tasks, cfg.data.dataset, baselines=cfg.eval.baselines, protocol=cfg.data.eval_protocol
@@ -226,10 +228,47 @@ def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: i
         total, per_task = loss_fn({t: o.float() for t, o in outputs.items()}, batch)
         engine.backward(total)
         engine.step()
-        for name, value in {"loss": total.detach(), **per_task}.items():
+        weights = {f"{_WEIGHT}{t}": w for t, w in loss_fn.weights_used().items()}
+        for name, value in {"loss": total.detach(), **per_task, **weights}.items():
             share = value / accumulation
             sums[name] = sums[name] + share if name in sums else share
+    loss_fn.end_step()  # the balancer's update, on every rank after the optimizer step
     return sums
+
+
+_WEIGHT = "weight/"  # prefix of the task weights among _train_step's values
+
+
+def _build_loss(cfg: TrainConfig, engine, steps_per_epoch: int, info: DistInfo) -> MultiTaskLoss:
+    """The per-task losses and their balancer (``loss.balancing``) over the fixed weights."""
+    weights = loss_weights(cfg.data.tasks, cfg.loss_weights)
+    balancer = build_balancer(
+        cfg.loss,
+        cfg.data.tasks,
+        weights,
+        steps_per_epoch=steps_per_epoch,
+        device=info.device,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
+    balancer.attach(engine)
+    return MultiTaskLoss(cfg.data.tasks, weights, balancer)
+
+
+class _BalancerPiece:
+    """The balancer as a checkpoint piece; a checkpoint of another method is a configuration mismatch."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def state_dict(self) -> dict:
+        return self.balancer.state_dict()
+
+    def load_state_dict(self, state: dict, same_world: bool) -> None:
+        try:
+            self.balancer.load_state_dict(state, same_world)
+        except BalancerMismatchError as err:
+            raise CheckpointMismatchError(str(err)) from None
 
 
 def _host_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -265,7 +304,8 @@ def _log_train(
         "loss": losses["loss"],
         "lr": lr,
         "samples_per_s": rate,
-        "losses": {k: v for k, v in losses.items() if k != "loss"},
+        "losses": {k: v for k, v in losses.items() if k != "loss" and not k.startswith(_WEIGHT)},
+        "loss_weights": {k[len(_WEIGHT) :]: v for k, v in losses.items() if k.startswith(_WEIGHT)},
         "data": data_stats,
     }
     logger.log(record)
