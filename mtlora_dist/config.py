@@ -126,11 +126,6 @@ class DataConfig:
     augment_device: AugmentDevice = AugmentDevice.worker
     cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
     cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
-    # training order (docs/data.md), the same on any number of ranks and workers: slot p of global batch b
-    # reads stream b % shuffle_interleave, in contiguous blocks of shuffle_block samples (0: one block);
-    # larger blocks read fewer shards and hold more samples; workers dividing the interleave share no block
-    shuffle_block: int = 0
-    shuffle_interleave: int = 8
     sample_log: str | None = None  # a local folder: each rank appends every training batch's sample keys
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -226,6 +221,10 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end and on a termination signal
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run_dir
+    # a resume whose world size cannot make the saved global batch (micro-batch x accumulation x ranks) is
+    # refused; true continues with this run's global batch instead (lrs follow optim.lr_scaling; the rest of
+    # the interrupted epoch is read once, in batches of the new size)
+    change_global_batch: bool = False
     local_cache: str | None = None  # staging folder for remote run_dirs
 
 

@@ -27,7 +27,7 @@ from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.threads import set_thread_count
-from mtlora_dist.engine.train_state import DataPosition, RNGState
+from mtlora_dist.engine.train_state import DataPosition, RNGState, fit_saved_global_batch, saved_batch
 from mtlora_dist.models import build_model
 from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
@@ -75,6 +75,8 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
     cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
+    if cfg.checkpoint.resume:  # before the engine: the accumulation that keeps the saved global batch
+        fit_saved_global_batch(cfg, info.world_size, saved_batch(cfg))
 
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, info)
@@ -236,8 +238,6 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
         img_size=tuple(cfg.model.img_size),
         batch_size=data.batch_size if split == "train" else data.eval_batch_size,
         accumulation=cfg.deepspeed.gradient_accumulation_steps if split == "train" else 1,
-        shuffle_block=data.shuffle_block,
-        shuffle_interleave=data.shuffle_interleave,
         sample_log=data.sample_log if split == "train" else None,
         num_workers=data.num_workers,
         seed=cfg.seed,

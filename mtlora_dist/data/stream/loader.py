@@ -8,11 +8,12 @@ Policies (details in ``docs/data.md``):
   may end with a smaller batch (the same size on every rank). A sample that cannot be read while
   skipping errors is replaced by a copy of a good one, also ``valid=False``, so the count never changes.
 * **Exact, elastic resume.** The position is ``(epoch, global batches consumed)``; the training order of
-  an epoch is a pure function of ``(seed, epoch, manifest, global batch, shuffle_block, shuffle_interleave)`` (``plan.py``),
+  an epoch is a pure function of ``(seed, epoch, manifest, global batch)`` (``plan.py``),
   never of the number of ranks, workers or the micro-batch split, so a restored loader yields exactly
-  the batches the interrupted run would have, on any world size with the same global batch. Resuming
-  under another order is refused (``strict=True``) or restarts at the next epoch boundary
-  (``strict=False``). Evaluation loaders order by rank and worker and are not checkpointed.
+  the batches the interrupted run would have, on any world size with the same global batch. A restored
+  position of another global batch continues the same epoch in batches of the new size, reading every
+  sample not yet read exactly once (``plan.epoch_order``'s switches). Resuming under another order
+  (seed, data) is refused (``strict=True``) or restarts at the next epoch boundary (``strict=False``). Evaluation loaders order by rank and worker and are not checkpointed.
 * **Epochs.** ``set_epoch(e)`` moves to epoch ``e`` (keeping the position if ``e`` is already the
   current epoch, so a restored loader resumes mid-epoch under the usual ``for epoch: set_epoch(epoch)``
   loop); iterating again after a finished epoch moves on to the next one by itself.
@@ -35,6 +36,7 @@ Policies (details in ``docs/data.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: a uniform epoch sequence and global batch switches
 MAX_AUTO_WORKERS = 8
 UNUSED_WARN_FRACTION = 0.05  # drop_last leaving more of an epoch out than this is worth a warning
 
@@ -164,9 +166,22 @@ class ShardLoader:
         return dict(self._stats)
 
     def __len__(self) -> int:
+        """Batches of this rank in an epoch trained with one global batch throughout."""
         cfg = self.cfg
         return batches_per_rank(
             cfg.manifest.num_samples, cfg.world_size, cfg.batch_size, cfg.drop_last, cfg.accumulation
+        )
+
+    def _epoch_length(self) -> int:
+        """Batches of this rank in the current epoch (another count in an epoch whose global batch changed)."""
+        return self._epoch_length_of(self._epoch)
+
+    def _epoch_length_of(self, epoch: int) -> int:
+        cfg = self.cfg
+        if cfg.switch_epoch != epoch:
+            return len(self)
+        return batches_per_rank(
+            cfg.manifest.num_samples, cfg.world_size, cfg.batch_size, cfg.drop_last, cfg.accumulation, cfg.switches
         )
 
     @property
@@ -218,7 +233,7 @@ class ShardLoader:
             iterator._shutdown_workers()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._consumed >= len(self):
+        if self._consumed >= self._epoch_length():
             self._epoch, self._consumed = self._epoch + 1, 0
         loader = self._dataloader()
         assert self._stream is not None
@@ -231,9 +246,10 @@ class ShardLoader:
             self._log_keys(batch["__key__"])
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch
-        if self._consumed != len(self):
+        if self._consumed != self._epoch_length():
             raise DataError(
-                f"rank {self.cfg.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}"
+                f"rank {self.cfg.rank} yielded {self._consumed} of {self._epoch_length()} batches in epoch "
+                f"{self._epoch}"
             )
 
     def _log_keys(self, keys: list[str]) -> None:
@@ -264,12 +280,7 @@ class ShardLoader:
         cfg = self.cfg
         common = {"seed": cfg.seed, "num_samples": cfg.manifest.num_samples, "shuffle": int(cfg.shuffle)}
         if cfg.drop_last:
-            return {
-                **common,
-                "global_batch": self.global_batch,
-                "shuffle_block": cfg.shuffle_block,
-                "shuffle_interleave": cfg.shuffle_interleave,
-            }
+            return {**common, "global_batch": self.global_batch}
         return {
             **common,
             "world_size": cfg.world_size,
@@ -291,21 +302,34 @@ class ShardLoader:
             "batches_consumed": self._consumed // self.cfg.accumulation,
             "split": self.cfg.manifest.split,
             "world_size": self.cfg.world_size,  # informative: the order does not depend on it
+            # earlier global batches of this epoch: [[global batch, epoch step where it was left], ...]
+            "switches": [list(x) for x in self.cfg.switches] if self.cfg.switch_epoch == self._epoch else [],
             **self._order(),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Resume at ``state``'s position, on any number of ranks and workers. A different order (seed,
-        global batch, data, ``shuffle_block``, ``shuffle_interleave``): with ``strict`` that is an error, otherwise the loader
-        restarts at the next epoch boundary (with a warning)."""
+        """Resume at ``state``'s position, on any number of ranks and workers. Another global batch
+        continues the same epoch in batches of the new size (each sample not yet read, once). A different
+        order (seed, data): with ``strict`` that is an error, otherwise the loader restarts at the next
+        epoch boundary (with a warning)."""
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if version not in (1, 2, STATE_VERSION):
             raise ValueError(f"unknown data loader state version {version!r} (expected {STATE_VERSION})")
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        if version == 1:  # an older order: nothing of it carries over
-            mismatch = {"order": ("version 1", f"version {STATE_VERSION}")}
+        switches = tuple((int(g), int(s)) for g, s in state.get("switches", []))
+        if version != STATE_VERSION:  # an older order: nothing of it carries over
+            mismatch = {"order": (f"version {version}", f"version {STATE_VERSION}")}
         else:
-            mismatch = {k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v}
+            mismatch = {
+                k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v and k != "global_batch"
+            }
+            saved_batch = int(state["global_batch"]) if self.cfg.drop_last else self.global_batch
+            if not mismatch and saved_batch != self.global_batch and 0 < consumed:
+                switches += ((saved_batch, consumed),)  # the rest of this epoch in batches of the new size
+                log.info(
+                    "global batch %d -> %d at step %d of epoch %d: the rest of the epoch is read once, in batches of %d",
+                    saved_batch, self.global_batch, consumed, epoch, self.global_batch,
+                )  # fmt: skip
         if mismatch:
             what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatch.items())
             if strict and version == STATE_VERSION:
@@ -315,9 +339,13 @@ class ShardLoader:
                 )
             log.warning("data order changed (%s): continuing from the start of the next epoch", what)
             epoch, consumed = (epoch + 1, 0) if consumed else (epoch, 0)
+        if mismatch:
+            switches = ()
+        self.cfg = dataclasses.replace(self.cfg, switches=switches, switch_epoch=epoch if switches else -1)
+        self.close()  # workers started earlier hold the old config
         consumed *= self.cfg.accumulation
-        if not 0 <= consumed <= len(self):
-            raise ValueError(f"saved position {consumed} is outside the epoch's {len(self)} batches")
+        if not 0 <= consumed <= self._epoch_length_of(epoch):
+            raise ValueError(f"saved position {consumed} is outside the epoch's {self._epoch_length_of(epoch)} batches")
         self._epoch, self._consumed = epoch, consumed
 
 
@@ -404,8 +432,6 @@ def build_loader(
     shuffle: bool | None = None,
     shuffle_buffer: int = 128,
     accumulation: int = 1,
-    shuffle_block: int = 0,
-    shuffle_interleave: int = 8,
     sample_log: str | None = None,
     prefetch_samples: int = 16,
     max_consecutive_failures: int = 3,
@@ -429,11 +455,7 @@ def build_loader(
     ``augment``/``shuffle`` override those defaults.
 
     ``accumulation``: gradient accumulation steps; with ``batch_size`` and ``world_size`` it makes the
-    global batch, which (with ``seed`` and ``shuffle_block``) fixes the training order on any number of
-    ranks. ``shuffle_block``/``shuffle_interleave``: slot ``p`` of global batch ``b`` reads from its
-    stream ``b % shuffle_interleave``, whose samples come in contiguous blocks of ``shuffle_block``
-    (``plan.py``, ``docs/data.md``: larger blocks read fewer shards and hold more samples; worker counts
-    dividing ``shuffle_interleave * accumulation`` never read the same block).
+    global batch, which (with ``seed``) fixes the training order on any number of ranks (``plan.py``).
     ``shuffle_buffer``: evaluation with ``shuffle=True`` only. ``sample_log``: a local folder where
     each rank appends the sample keys of every batch it yields (``rank<r>.jsonl``; null: off).
 
@@ -467,11 +489,8 @@ def build_loader(
         num_workers = default_num_workers()
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
-    if accumulation < 1 or shuffle_block < 0 or shuffle_interleave < 1:
-        raise ValueError(
-            "accumulation and shuffle_interleave must be >= 1 and shuffle_block >= 0 (got "
-            f"{accumulation}, {shuffle_interleave}, {shuffle_block})"
-        )
+    if accumulation < 1:
+        raise ValueError(f"accumulation must be >= 1 (got {accumulation})")
     check_tasks(dataset, tasks)
     storage = storage or StorageOptions()
     manifest = read_manifest(url, storage)
@@ -501,8 +520,6 @@ def build_loader(
         storage=storage,
         shuffle_buffer=shuffle_buffer,
         accumulation=accumulation if train else 1,
-        shuffle_block=shuffle_block,
-        shuffle_interleave=shuffle_interleave,
         prefetch_samples=prefetch_samples,
         max_consecutive_failures=max_consecutive_failures,
         verify_checksums=verify_checksums,

@@ -22,8 +22,8 @@ whole shards it needs only a part of (up to tens of times the dataset per epoch 
 ``launch/convert.py --index`` adds the index to an old conversion).
 
 A worker holds, as raw bytes, the samples it still needs from the shards (or runs) it has read, plus
-the one being read: at most its share of the epoch; smaller ``shuffle_block`` values hold fewer
-(bounds measured in ``docs/data.md``, "The training order").
+the one being read: at most its share of the epoch (bounds measured in ``docs/data.md``, "The
+training order").
 
 Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
 (:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
@@ -137,8 +137,9 @@ class StreamConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     shuffle_buffer: int = 128  # evaluation with shuffling only
     accumulation: int = 1  # gradient accumulation: global batch = batch_size * accumulation * world_size
-    shuffle_block: int = 0  # training: visits one slot reads from one contiguous block (plan.py)
-    shuffle_interleave: int = 8  # training: a slot's blocks alternate over this many consecutive steps
+    # training: the global batches epoch ``switch_epoch`` was trained with before this one (plan.epoch_order)
+    switches: tuple[tuple[int, int], ...] = ()
+    switch_epoch: int = -1
     prefetch_samples: int = 16
     max_consecutive_failures: int = 3
     verify_checksums: bool = True
@@ -521,8 +522,7 @@ class ShardStream(IterableDataset):
             shuffle_buffer=cfg.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
             accumulation=cfg.accumulation,
-            block=cfg.shuffle_block,
-            interleave=cfg.shuffle_interleave,
+            switches=cfg.switches if (now_epoch if epoch is None else epoch) == cfg.switch_epoch else (),
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
