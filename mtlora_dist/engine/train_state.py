@@ -109,14 +109,14 @@ class DataPosition:
     (micro-batch x accumulation x ranks) continues mid-epoch exactly; with another global batch
     (``checkpoint.change_global_batch``) the rest of the epoch is read once, in batches of the new size."""
 
-    def __init__(self, loader) -> None:
-        self.loader = loader
+    def __init__(self, loader, change_global_batch: bool = False) -> None:
+        self.loader, self.change_global_batch = loader, change_global_batch
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any], same_world: bool) -> None:
-        self.loader.load_state_dict(state, strict=same_world)
+        self.loader.load_state_dict(state, strict=same_world, new_global_batch=self.change_global_batch)
         if not same_world:
             log.info(
                 "resumed on %d ranks from a checkpoint of %s ranks: data continues at epoch %d, global batch %d",

@@ -105,7 +105,7 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
         storage=cfg.data.storage,
         local_cache=cfg.checkpoint.local_cache,
     )
-    checkpointer.register("data", DataPosition(train_loader), per_rank=True)
+    checkpointer.register("data", DataPosition(train_loader, cfg.checkpoint.change_global_batch), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:

@@ -302,28 +302,30 @@ class ShardLoader:
             "batches_consumed": self._consumed // self.cfg.accumulation,
             "split": self.cfg.manifest.split,
             "world_size": self.cfg.world_size,  # informative: the order does not depend on it
-            # earlier global batches of this epoch: [[global batch, epoch step where it was left], ...]
-            "switches": [list(x) for x in self.cfg.switches] if self.cfg.switch_epoch == self._epoch else [],
+            # earlier global batches of this epoch, "G:step,G:step" (each global batch and the epoch step where
+            # it was left); a string, so the state stays ints and strings
+            "switches": _switches_text(self.cfg.switches) if self.cfg.switch_epoch == self._epoch else "",
             **self._order(),
         }
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Resume at ``state``'s position, on any number of ranks and workers. Another global batch
-        continues the same epoch in batches of the new size (each sample not yet read, once). A different
-        order (seed, data): with ``strict`` that is an error, otherwise the loader restarts at the next
-        epoch boundary (with a warning)."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, new_global_batch: bool = False) -> None:
+        """Resume at ``state``'s position, on any number of ranks and workers. Another global batch, with
+        ``new_global_batch``: the same epoch continues in batches of the new size (each sample not yet
+        read, once). A different order (seed, data; another global batch without ``new_global_batch``):
+        with ``strict`` that is an error, otherwise the loader restarts at the next epoch boundary (with a
+        warning)."""
         version = state.get("version")
         if version not in (1, 2, STATE_VERSION):
             raise ValueError(f"unknown data loader state version {version!r} (expected {STATE_VERSION})")
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        switches = tuple((int(g), int(s)) for g, s in state.get("switches", []))
+        switches = _switches_of(state.get("switches", ""))
         if version != STATE_VERSION:  # an older order: nothing of it carries over
             mismatch = {"order": (f"version {version}", f"version {STATE_VERSION}")}
         else:
-            mismatch = {
-                k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v and k != "global_batch"
-            }
+            mismatch = {k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v}
             saved_batch = int(state["global_batch"]) if self.cfg.drop_last else self.global_batch
+            if new_global_batch and set(mismatch) == {"global_batch"}:
+                mismatch = {}
             if not mismatch and saved_batch != self.global_batch and 0 < consumed:
                 switches += ((saved_batch, consumed),)  # the rest of this epoch in batches of the new size
                 log.info(
@@ -341,12 +343,21 @@ class ShardLoader:
             epoch, consumed = (epoch + 1, 0) if consumed else (epoch, 0)
         if mismatch:
             switches = ()
-        self.cfg = dataclasses.replace(self.cfg, switches=switches, switch_epoch=epoch if switches else -1)
-        self.close()  # workers started earlier hold the old config
+        if (switches, epoch if switches else -1) != (self.cfg.switches, self.cfg.switch_epoch):
+            self.cfg = dataclasses.replace(self.cfg, switches=switches, switch_epoch=epoch if switches else -1)
+            self.close()  # workers started earlier hold the old config
         consumed *= self.cfg.accumulation
         if not 0 <= consumed <= self._epoch_length_of(epoch):
             raise ValueError(f"saved position {consumed} is outside the epoch's {self._epoch_length_of(epoch)} batches")
         self._epoch, self._consumed = epoch, consumed
+
+
+def _switches_text(switches: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{batch}:{step}" for batch, step in switches)
+
+
+def _switches_of(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(b), int(s)) for b, s in (part.split(":") for part in text.split(",") if part))
 
 
 def _default_device() -> torch.device:
