@@ -329,8 +329,8 @@ class ShardLoader:
             if not mismatch and saved_batch != self.global_batch and 0 < consumed:
                 switches += ((saved_batch, consumed),)  # the rest of this epoch in batches of the new size
                 log.info(
-                    "global batch %d -> %d at step %d of epoch %d: the rest of the epoch is read once, in batches of %d",
-                    saved_batch, self.global_batch, consumed, epoch, self.global_batch,
+                    "data: epoch %d goes on from step %d in batches of %d instead of %d, each sample not yet read once",
+                    epoch, consumed, self.global_batch, saved_batch,
                 )  # fmt: skip
         if mismatch:
             what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatch.items())
