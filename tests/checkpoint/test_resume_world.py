@@ -11,7 +11,9 @@ its run_dir cut back to the step-2 checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from test_resume import worker_env  # the CPU rank environment of the checkpoint
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 900  # per job; ~30-60 s on a quiet 2-core machine
 EPOCH = 48  # training samples: 6 global batches of 8 (micro-batch 2 x 4 ranks)
 COMMON = ["model.img_size=[32,32]", "data.batch_size=2", "model.sync_bn=false", "optim.lr_scaling=linear",
           "eval.max_batches=1", "eval.visual_samples=0", "checkpoint.every=2", "checkpoint.keep_last=3",
@@ -40,7 +43,15 @@ def train_job(
            *TINY_RUN, *COMMON, f"data.train_url={shards['train']}", f"data.val_url={shards['val']}", "max_steps=6",
            f"run_dir={run_dir}", f"data.sample_log={log_dir}", *overrides]  # fmt: skip
     env = {**worker_env(), "WANDB_MODE": "offline"}
-    return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: none left behind
+        out, err = proc.communicate()
+        pytest.fail(f"train.py on {ranks} ranks took over {TIMEOUT_S} s:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

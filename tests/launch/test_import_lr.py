@@ -43,13 +43,13 @@ def test_an_import_continued_at_another_batch_size_trains_at_the_recipes_lr(yacs
     data = [f"data.train_url={tmp_path / 'train'}", f"data.val_url={tmp_path / 'val'}", "data.batch_size=2"]
     proc = run_cli(
         "import_official.py", ["--config", QUICKSTART, *RECIPE, *data, f"official={official}", f"run_dir={run_dir}"],
-        tmp_path,
+        tmp_path, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     # the import's engine ran at global batch 2; continue at 4 (8 samples: 2 steps an epoch)
     more = ["data.batch_size=4", "max_steps=2", "eval.max_batches=1", "eval.visual_samples=0"]
-    proc = run_cli("train.py", ["--config", str(run_dir / "config.yaml"), *more], tmp_path)
+    proc = run_cli("train.py", ["--config", str(run_dir / "config.yaml"), *more], tmp_path, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from step 0" in out
