@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.stream.plan import epoch_order, locate, make_worker_plan, shard_order, worker_batches
 
 try:  # the delivery-order reader's schedule (bounded memory); absent on trees without it
@@ -129,9 +130,9 @@ def run_case(case: Case, buffer_mb: float = 256, seed: int = 0, epoch: int = 0) 
     times = []
     for _ in range(3):
         tick = time.perf_counter()
-        plan = make_worker_plan(case.num_samples, world_size=case.ranks, rank=rank, num_workers=workers,
-                                worker=worker, batch_size=case.micro, seed=seed, epoch=epoch, shuffle=True,
-                                drop_last=True, accumulation=case.accumulation)  # fmt: skip
+        geometry = BatchGeometry(case.micro, case.accumulation, case.ranks)
+        plan = make_worker_plan(case.num_samples, geometry, rank=rank, num_workers=workers, worker=worker, seed=seed,
+                                epoch=epoch, shuffle=True, drop_last=True)  # fmt: skip
         slots = locate(plan.positions, counts, order)
         times.append(time.perf_counter() - tick)
     assert len(worker_batches(nb * case.accumulation, workers, worker)) * case.micro == len(slots)
