@@ -173,5 +173,6 @@ def test_four_to_two_to_four_ranks_keep_the_global_batch_and_equal_the_straight_
         assert rows[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9)
     final = load_file(run_dir / "checkpoints" / "step_00000006" / "trainable.safetensors")
     assert final.keys() == straight["final"].keys()
-    for key, value in final.items():
-        torch.testing.assert_close(value, straight["final"][key], rtol=1e-4, atol=1e-6, msg=key)
+    for key, value in final.items():  # weights and Adam moments; BatchNorm's running statistics are rank 0's,
+        if not key.startswith("buffer/"):  # which saw 2 micro-batches a step on 2 ranks: they differ by design
+            torch.testing.assert_close(value, straight["final"][key], rtol=1e-4, atol=1e-6, msg=key)
