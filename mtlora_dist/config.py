@@ -193,6 +193,10 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete checkpoint in run_dir
     # with resume: false, delete an earlier run's files in run_dir first (without it, a used run_dir is refused)
     overwrite: bool = False
+    # a resume whose world size cannot make the saved global batch (micro-batch x accumulation x ranks) is
+    # refused; true continues with this run's global batch instead (lrs follow optim.lr_scaling; the rest of
+    # the interrupted epoch is read once, in batches of the new size)
+    change_global_batch: bool = False
     local_cache: str | None = None  # staging folder for remote run_dirs
 
 

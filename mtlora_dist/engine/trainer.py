@@ -28,7 +28,7 @@ from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.threads import set_thread_count
-from mtlora_dist.engine.train_state import DataPosition, RNGState
+from mtlora_dist.engine.train_state import DataPosition, RNGState, fit_saved_global_batch, saved_batch
 from mtlora_dist.models import build_model
 from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
@@ -80,6 +80,8 @@ def _run(
     # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
     cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
+    if cfg.checkpoint.resume:  # before the engine: the accumulation that keeps the saved global batch
+        fit_saved_global_batch(cfg, info.world_size, saved_batch(cfg))
 
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, info)
@@ -107,7 +109,7 @@ def _run(
         storage=cfg.data.storage,
         local_cache=cfg.checkpoint.local_cache,
     )
-    checkpointer.register("data", DataPosition(train_loader), per_rank=True)
+    checkpointer.register("data", DataPosition(train_loader, cfg.checkpoint.change_global_batch), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
     loss_fn = _build_loss(cfg, engine, steps_per_epoch, info)

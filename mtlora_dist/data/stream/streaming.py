@@ -8,8 +8,8 @@ raw bytes, never decoded. With ``decode.augment_device="device"`` the worker onl
 warp); the loader warps the batch on the training device (``transforms.warp_batch``).
 
 A worker holds, as raw bytes, the samples it still needs from the shards (or runs) it has read, plus
-the one being read: at most its share of the epoch; smaller ``order.shuffle_block`` values hold fewer
-(bounds measured in ``docs/data.md``, "The training order").
+the one being read: at most its share of the epoch (bounds measured in ``docs/data.md``, "The
+training order").
 
 Failures (``on_error``): a sample that does not decode or lacks a task's member is ``"raise"``: an error
 naming the shard and sample; ``"skip"``: counted (``samples_skipped``), logged as a warning, and its
@@ -78,6 +78,9 @@ class StreamConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     decoders: Decoders = field(default_factory=Decoders)  # decode.jpeg/png, with PIL for what is not installed
+    # training: the global batches epoch ``switch_epoch`` was trained with before this one (plan.epoch_order)
+    switches: tuple[tuple[int, int], ...] = ()
+    switch_epoch: int = -1
 
     @property
     def resampling(self) -> Resampling:
@@ -153,8 +156,7 @@ class ShardStream(IterableDataset):
             drop_last=cfg.drop_last,
             shuffle_buffer=cfg.order.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
-            block=cfg.order.shuffle_block,
-            interleave=cfg.order.shuffle_interleave,
+            switches=cfg.switches if (now_epoch if epoch is None else epoch) == cfg.switch_epoch else (),
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
