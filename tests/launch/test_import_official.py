@@ -22,6 +22,7 @@ from mtlora_dist.checkpoint.official import (
     official_key,
     our_key,
     read_official,
+    recipe_differences,
     to_official,
 )
 from mtlora_dist.config import load_config
@@ -62,23 +63,57 @@ def _node(cls, data: dict):
     return node
 
 
-def official_config(cls, shared_rank=8, task_rank=4, tasks=TASKS, scale=4.0):
-    return _node(
-        cls,
-        {
-            "TASKS": list(tasks),
-            "MODEL": {
-                "MTLORA": {
-                    "ENABLED": True,
-                    "R": [shared_rank] * 4,
-                    "R_PER_TASK": {t: [task_rank] for t in tasks},
-                    "SHARED_SCALE": [scale],
-                    "TASK_SCALE": [scale],
-                }
-            },
-            "TRAIN": {"EPOCHS": 300, "WARMUP_EPOCHS": 20},
+def official_config(cls, shared_rank=8, task_rank=4, tasks=TASKS, scale=4.0, mtlora=None, **sections):
+    """The yacs config the official ``main.py`` pickles into its checkpoints, after its ``update_config``
+    normalised the MTLoRA keys (per-stage lists, ``R_PER_TASK`` with ``shared``, ``SCALE_PER_TASK`` filled),
+    for the tiny recipe's model; ``mtlora`` and ``sections`` (``DATA={...}`` etc.) change entries."""
+    stages = lambda value: [value] * 4  # noqa: E731
+    settings = {
+        "ENABLED": True,
+        "BIAS": "none",
+        "R": stages(shared_rank),
+        "SHARED_SCALE": stages(scale),
+        "TASK_SCALE": stages(scale),
+        "DROPOUT": stages(0.0),
+        "TRAINABLE_SCALE_SHARED": False,
+        "TRAINABLE_SCALE_PER_TASK": False,
+        "INTERMEDIATE_SPECIALIZATION": False,
+        "FREEZE_PRETRAINED": True,
+        "SPLIT_QKV": False,
+        "R_PER_TASK": {**{t: stages(task_rank) for t in tasks}, "shared": stages(shared_rank)},
+        "SCALE_PER_TASK": {t: stages(scale) for t in tasks},
+        "SHARED_MODE": "matrix",
+        "QKV_ENABLED": True,
+        "PROJ_ENABLED": True,
+        "FC1_ENABLED": True,
+        "FC2_ENABLED": True,
+        "DOWNSAMPLER_ENABLED": False,
+    }
+    settings.update(mtlora or {})
+    swin = {"PATCH_SIZE": 4, "EMBED_DIM": 24, "DEPTHS": [1, 1, 2, 1], "NUM_HEADS": [1, 2, 2, 4], "WINDOW_SIZE": 2,
+            "MLP_RATIO": 4.0}  # fmt: skip
+    config = {
+        "TASKS": list(tasks),
+        "DATA": {"IMG_SIZE": 64, "BATCH_SIZE": 4},
+        "MODEL": {
+            "TYPE": "swin",
+            "NAME": "tiny",
+            "SWIN": swin,
+            "DECODER_CHANNELS": [8, 16, 16, 32],
+            "MTLORA": settings,
         },
-    )
+        "TRAIN": {
+            "EPOCHS": 300,
+            "WARMUP_EPOCHS": 20,
+            "FREEZE_PATCH_EMBED": False,
+            "FREEZE_LAYER_NORM": False,
+            "FREEZE_RELATIVE_POSITION_BIAS": False,
+            "FREEZE_DOWNSAMPLE_REDUCTION": False,
+        },  # fmt: skip
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return _node(cls, config)
 
 
 def our_model(overrides: list[str] = (), seed: int = 3):
@@ -182,7 +217,10 @@ def test_an_official_checkpoint_imports_evaluates_and_exports_to_the_same_output
     yacs_module, shards, tmp_path, module_prefix
 ):
     model = our_model()
-    official = write_official(tmp_path / "ckpt_epoch_299.pth", model, official_config(yacs_module), module_prefix)
+    ema = {"model_ema": to_official(model)} if module_prefix else {}  # an EMA copy: named, not taken silently
+    official = write_official(
+        tmp_path / "ckpt_epoch_299.pth", model, official_config(yacs_module), module_prefix, **ema
+    )
     run_dir = tmp_path / "run"
     data = [f"data.train_url={shards / 'train'}", f"data.val_url={shards / 'val'}"]
     proc = run_cli(
@@ -191,6 +229,7 @@ def test_an_official_checkpoint_imports_evaluates_and_exports_to_the_same_output
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("under 'model_ema'" in proc.stderr and "weights=model_ema" in proc.stderr) == module_prefix
     assert (run_dir / "checkpoints" / "step_00000000" / "COMPLETE.json").exists()
     assert (run_dir / "pretrained_backbone.safetensors").exists()
 
@@ -236,7 +275,7 @@ def test_a_pickle_with_a_code_payload_is_refused_and_runs_nothing(yacs_module, t
         tmp_path,
     )
     line = refused(proc)
-    assert "refused to read" in line and "open" in line
+    assert "refused to read" in line and "open" in line and "weights_only" not in line
     assert not sentinel.exists() and not (tmp_path / "run").exists()
     with open(path, "rb") as fh:  # the payload is real: an unrestricted unpickler runs it
         torch.load(fh, weights_only=False)
@@ -246,7 +285,8 @@ def test_a_pickle_with_a_code_payload_is_refused_and_runs_nothing(yacs_module, t
 def test_a_checkpoint_of_another_adapter_rank_is_refused_naming_the_keys(yacs_module, tmp_path):
     other = our_model(["adapter.task_rank=2"])
     config = official_config(yacs_module, task_rank=2)
-    config["MODEL"]["MTLORA"].pop("R_PER_TASK")  # as if the config said nothing: the shapes still tell
+    for key in ("R_PER_TASK", "R"):  # as if the config said nothing of ranks: the shapes still tell
+        config["MODEL"]["MTLORA"].pop(key)
     path = write_official(tmp_path / "r2.pth", other, config)
     proc = run_cli(
         "import_official.py",
@@ -266,7 +306,7 @@ def test_a_checkpoint_whose_config_differs_is_refused_listing_the_differences(ya
         tmp_path,
     )
     line = refused(proc)
-    assert "MODEL.MTLORA.SHARED_SCALE" in line and "tasks:" in line
+    assert "MODEL.MTLORA.SHARED_SCALE" in line and "TASKS:" in line
 
 
 def test_read_official_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
@@ -288,3 +328,199 @@ def test_a_backbone_other_than_the_named_pretrained_file_is_refused(yacs_module,
     line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
     assert "differs from model.pretrained" in line and "layers.0.blocks.0.attn.qkv.weight" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- issue 33: every recorded MTLoRA setting compared (item 7), the official task scale (8) ----------------
+def _recipe(overrides: list[str] = ()):
+    cfg = load_config(QUICKSTART, [*OVERRIDES, *overrides])
+    seed_everything(cfg.seed)
+    return cfg, build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe():
+    return _recipe()
+
+
+def test_the_official_config_of_the_same_recipe_has_no_differences(yacs_module, tiny_recipe):
+    cfg, model = tiny_recipe
+    assert recipe_differences(_plain_config(official_config(yacs_module)), cfg, model) == []
+
+
+def _plain_config(node) -> dict:
+    """What ``read_official`` hands on: the pickled CfgNode as plain dicts and lists."""
+    return json.loads(json.dumps(node))
+
+
+@pytest.mark.parametrize(
+    "mtlora,sections,named",
+    [
+        ({"SHARED_MODE": "matrixv2"}, {}, "MODEL.MTLORA.SHARED_MODE: 'matrixv2' in the file, adapter.mode='matrix'"),
+        ({"SHARED_MODE": "add"}, {}, "MODEL.MTLORA.SHARED_MODE: 'addition'"),
+        ({"R": [8, 8, 8, 16], "R_PER_TASK": {t: [4] for t in TASKS}}, {}, "MODEL.MTLORA.R: [8, 8, 8, 16]"),
+        (
+            {"R_PER_TASK": {**{t: [4] for t in TASKS}, "sal": [4, 4, 2, 4], "shared": [8]}},
+            {},
+            "MODEL.MTLORA.R_PER_TASK.sal: [4, 4, 2, 4]",
+        ),
+        (
+            {"SCALE_PER_TASK": {**{t: [4.0] for t in TASKS}, "normals": [1.0]}},
+            {},
+            "MODEL.MTLORA.SCALE_PER_TASK.normals (task scale of normals): [1.0]",
+        ),
+        (
+            {"DROPOUT": [0.05] * 4},
+            {},
+            "MODEL.MTLORA.DROPOUT: [0.05, 0.05, 0.05, 0.05] in the file, adapter.dropout=0.0",
+        ),
+        ({"TRAINABLE_SCALE_SHARED": True}, {}, "MODEL.MTLORA.TRAINABLE_SCALE_SHARED: True"),
+        ({"TRAINABLE_SCALE_PER_TASK": True}, {}, "MODEL.MTLORA.TRAINABLE_SCALE_PER_TASK: True"),
+        ({"QKV_ENABLED": False}, {}, "shared (TA) adapter targets"),
+        ({"INTERMEDIATE_SPECIALIZATION": True}, {}, "task (TS) adapter targets"),
+        ({"DOWNSAMPLER_ENABLED": True}, {}, "DOWNSAMPLER_ENABLED=True"),
+        ({"BIAS": "all"}, {}, "MODEL.MTLORA.BIAS: 'all'"),
+        ({}, {"DATA": {"IMG_SIZE": 96}}, "DATA.IMG_SIZE: 96 in the file, model.img_size=[64, 64]"),
+        ({}, {"MODEL": {"SWIN": {"EMBED_DIM": 96}}}, "MODEL.SWIN.EMBED_DIM: 96 in the file, 24"),
+        ({}, {"MODEL": {"SWIN": {"DEPTHS": [2, 2, 6, 2]}}}, "MODEL.SWIN.DEPTHS: [2, 2, 6, 2]"),
+        ({}, {"MODEL": {"SWIN": {"WINDOW_SIZE": 7}}}, "MODEL.SWIN.WINDOW_SIZE: 7"),
+        ({}, {"MODEL": {"DECODER_CHANNELS": [18, 36, 72, 144]}}, "MODEL.DECODER_CHANNELS: [18, 36, 72, 144]"),
+    ],
+)
+def test_each_recorded_setting_that_differs_is_one_named_difference(yacs_module, tiny_recipe, mtlora, sections, named):
+    cfg, model = tiny_recipe
+    config = _plain_config(official_config(yacs_module, mtlora=mtlora))
+    for section, values in sections.items():  # nested: MODEL.SWIN.* keeps its other keys
+        for key, value in values.items():
+            target = config[section]
+            if isinstance(value, dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
+    found = recipe_differences(config, cfg, model)
+    assert len(found) == 1 and named in found[0], found
+
+
+def test_a_matrixv2_file_is_refused_by_the_cli_naming_the_mode(yacs_module, tmp_path):
+    """Issue 33 item 7: a SHARED_MODE: matrixv2 file imported with exit 0 into a matrix recipe."""
+    path = write_official(
+        tmp_path / "v2.pth", our_model(), official_config(yacs_module, mtlora={"SHARED_MODE": "matrixv2"})
+    )
+    args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}"]
+    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    assert "MODEL.MTLORA.SHARED_MODE: 'matrixv2' in the file, adapter.mode='matrix' here" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_task_scale_is_scale_per_task_defaulting_to_shared_scale(yacs_module):
+    """Item 8: the official model never reads TASK_SCALE; SCALE_PER_TASK (else SHARED_SCALE) decides."""
+    config = _plain_config(official_config(yacs_module, scale=2.0, mtlora={"TASK_SCALE": [4.0] * 4}))
+    config["MODEL"]["MTLORA"]["SCALE_PER_TASK"] = {}  # not filled: the task scale is SHARED_SCALE's
+    cfg, model = _recipe(["adapter.shared_scale=2.0"])
+    assert recipe_differences(config, cfg, model) == []
+    cfg, model = _recipe(["adapter.shared_scale=2.0", "adapter.task_scale=4.0"])
+    found = recipe_differences(config, cfg, model)
+    assert len(found) == len(TASKS) and all("(task scale of" in f and "adapter.task_scale=4.0" in f for f in found)
+
+
+def test_trainable_scales_import_including_the_dead_fc2_scale(yacs_module):
+    """Item 9: TRAINABLE_SCALE_SHARED=True files carry ...fc2.lora_shared_scale on the dead adapter too."""
+    overrides = ["adapter.trainable_scale_shared=true", "adapter.trainable_scale_per_task=true"]
+    model = our_model(overrides)
+    official = to_official(model)
+    dead_scale = "backbone.layers.3.blocks.0.mlp.fc2.lora_shared_scale"
+    assert dead_scale in official and official[dead_scale].shape == (1,)
+    assert "backbone.layers.3.blocks.0.mlp.fc2.lora_task_scale.semseg" in official
+    mapped = from_official(official, model)
+    own = dict(model.named_parameters())
+    scales = [n for n in own if "scale" in n]
+    assert scales and all(torch.equal(mapped[n], own[n]) for n in scales)
+    flags = {"TRAINABLE_SCALE_SHARED": True, "TRAINABLE_SCALE_PER_TASK": True}
+    cfg, built = _recipe(overrides)
+    assert recipe_differences(_plain_config(official_config(yacs_module, mtlora=flags)), cfg, built) == []
+
+
+def test_backbone_out_never_overwrites_a_file(yacs_module, tmp_path):
+    """Item 10: another run's backbone at backbone_out= stays as it was; nothing is written."""
+    path = write_official(tmp_path / "o.pth", our_model(), official_config(yacs_module))
+    other = tmp_path / "other_run_backbone.safetensors"
+    other.write_bytes(b"another run's backbone")
+    args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}", f"backbone_out={other}"]
+    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    assert f"backbone_out {other} already exists" in line
+    assert other.read_bytes() == b"another run's backbone" and not (tmp_path / "run").exists()
+
+
+# -- item 13: messages ---------------------------------------------------------------------------------------
+def test_a_system_call_payload_is_refused_naming_the_global_without_torch_advice(yacs_module, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    for legacy in (False, True):
+        path = tmp_path / f"evil{legacy}.pth"
+        state = {"model": to_official(our_model()), "config": official_config(yacs_module), "epoch": Payload()}
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(OfficialCheckpointError) as err:
+            read_official(str(path))
+        text = str(err.value)
+        assert f"it calls {os.system.__module__}.system" in text and "weights_only" not in text, text
+        assert "\n" not in text
+
+
+def test_a_bare_state_dict_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(to_official(our_model()), path)
+    with pytest.raises(OfficialCheckpointError, match="is a bare state dict") as err:
+        read_official(str(path))
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value), str(err.value)
+
+
+def test_an_ema_copy_is_named_and_can_be_chosen(yacs_module, tmp_path):
+    model = our_model()
+    ema = {k: v + 1 for k, v in to_official(model).items()}
+    path = write_official(tmp_path / "ema.pth", model, official_config(yacs_module), model_ema=ema)
+    default = read_official(str(path))
+    assert default.other_weights == {"model_ema": len(ema)} and default.weights_key == "model"
+    chosen = read_official(str(path), weights="model_ema")
+    assert chosen.other_weights == {"model": len(ema)}
+    assert all(torch.equal(chosen.model[k], ema[k]) for k in ema)
+
+
+# -- item 21: text, truncated and empty files ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("good")
+    state = {"model": to_official(our_model()), "epoch": 3}
+    out = {}
+    for name, zipped in (("zip", True), ("legacy", False)):
+        torch.save(state, root / name, _use_new_zipfile_serialization=zipped)
+        out[name] = (root / name).read_bytes()
+    return out
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda good: b"", "is empty (0 bytes)"),
+        (lambda good: b"hello: this is a yaml file\n" * 40, "is not a torch.save file (text"),
+        (lambda good: good["zip"][: len(good["zip"]) // 2], "is truncated or damaged"),
+        (lambda good: good["legacy"][: len(good["legacy"]) // 2], "is truncated or damaged"),
+        (lambda good: good["legacy"][:40], "is truncated or damaged"),
+        (lambda good: bytes(range(7, 200)), "is not a torch.save file (binary data"),
+    ],
+    ids=["empty", "text", "truncated-zip", "truncated-legacy", "legacy-header-only", "binary"],
+)
+def test_damaged_files_are_refused_with_the_right_reason(good_files, tmp_path, make, reason):
+    path = tmp_path / "ckpt.pth"
+    path.write_bytes(make(good_files))
+    with pytest.raises(OfficialCheckpointError) as err:
+        read_official(str(path))
+    assert reason in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_cli_refuses_a_text_file_in_one_line_with_exit_2(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are notes, not a checkpoint\n")
+    args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}"]
+    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    assert "is not a torch.save file (text" in line and not (tmp_path / "run").exists()
