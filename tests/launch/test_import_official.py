@@ -152,9 +152,28 @@ def write_official(path: Path, model, config, module_prefix: bool = False, **ext
 
 
 def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # a test's own process group
+    env = {k: v for k, v in os.environ.items() if k not in group}
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(REPO / "launch" / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_refusal(args: list[str], capsys, monkeypatch) -> str:
+    """``launch/import_official.py --config QUICKSTART <args>`` run in this process (its refusals come before
+    anything distributed, and a fresh interpreter costs ~20 s here): exit status 2 and one ``error:`` line."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    spec = importlib.util.spec_from_file_location("import_official_cli", REPO / "launch" / "import_official.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--config", QUICKSTART, *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
 
 
 def refused(proc: subprocess.CompletedProcess) -> str:
@@ -400,13 +419,13 @@ def test_each_recorded_setting_that_differs_is_one_named_difference(yacs_module,
     assert len(found) == 1 and named in found[0], found
 
 
-def test_a_matrixv2_file_is_refused_by_the_cli_naming_the_mode(yacs_module, tmp_path):
+def test_a_matrixv2_file_is_refused_by_the_cli_naming_the_mode(yacs_module, tmp_path, capsys, monkeypatch):
     """Issue 33 item 7: a SHARED_MODE: matrixv2 file imported with exit 0 into a matrix recipe."""
     path = write_official(
         tmp_path / "v2.pth", our_model(), official_config(yacs_module, mtlora={"SHARED_MODE": "matrixv2"})
     )
     args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}"]
-    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    line = cli_refusal(args, capsys, monkeypatch)
     assert "MODEL.MTLORA.SHARED_MODE: 'matrixv2' in the file, adapter.mode='matrix' here" in line
     assert not (tmp_path / "run").exists()
 
@@ -439,13 +458,13 @@ def test_trainable_scales_import_including_the_dead_fc2_scale(yacs_module):
     assert recipe_differences(_plain_config(official_config(yacs_module, mtlora=flags)), cfg, built) == []
 
 
-def test_backbone_out_never_overwrites_a_file(yacs_module, tmp_path):
+def test_backbone_out_never_overwrites_a_file(yacs_module, tmp_path, capsys, monkeypatch):
     """Item 10: another run's backbone at backbone_out= stays as it was; nothing is written."""
     path = write_official(tmp_path / "o.pth", our_model(), official_config(yacs_module))
     other = tmp_path / "other_run_backbone.safetensors"
     other.write_bytes(b"another run's backbone")
     args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}", f"backbone_out={other}"]
-    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    line = cli_refusal(args, capsys, monkeypatch)
     assert f"backbone_out {other} already exists" in line
     assert other.read_bytes() == b"another run's backbone" and not (tmp_path / "run").exists()
 
@@ -524,3 +543,152 @@ def test_the_cli_refuses_a_text_file_in_one_line_with_exit_2(tmp_path):
     args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}"]
     line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
     assert "is not a torch.save file (text" in line and not (tmp_path / "run").exists()
+
+
+# -- item 12: continuing with the official optimizer state ---------------------------------------------------
+# the official schedule of the test: 4 epochs of 3 optimizer steps, 1 of them warmup, at a global batch of 4;
+# the file is saved after epoch 1 (6 steps), as the official save_checkpoint does at an epoch's end
+CONTINUE = ["epochs=4", "max_steps=0", "optim.warmup_epochs=1", "optim.lr_timing=lagged", "optim.no_decay=[*.bias]",
+            "optim.weight_decay=0.05", "optim.lr_scaling=linear", "deepspeed=zero0"]  # fmt: skip
+PER_EPOCH, EPOCHS_DONE = 3, 2
+DEAD = ("backbone.layers.3.blocks.0.mlp.fc2.lora_shared_A", "backbone.layers.3.blocks.0.mlp.fc2.lora_shared_B")
+
+
+def official_groups(named: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """The official trainable set (mark_only_lora_as_trainable on the backbone, decoders all trainable) split
+    by the official set_weight_decay, in the official model's parameter order."""
+    words = ("lora_", "patch_embed", "norm", "downsample.reduction", "relative_position_bias_table")
+    trainable = [k for k in named if not k.startswith("backbone.") or any(w in k for w in words)]
+    decay = [k for k in trainable if not (named[k].dim() == 1 or k.endswith(".bias"))]
+    return decay, [k for k in trainable if k not in decay]
+
+
+def official_optimizer(params: dict[str, torch.nn.Parameter], cfg, lr_scale: float) -> torch.optim.AdamW:
+    decay, no_decay = official_groups(params)
+    groups = [{"params": [params[k] for k in decay]}, {"params": [params[k] for k in no_decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, eps=cfg.optim.eps, betas=tuple(cfg.optim.betas),
+                             lr=cfg.optim.base_lr * lr_scale, weight_decay=cfg.optim.weight_decay)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def official_run(tmp_path_factory):
+    """An official training run's checkpoint after 2 of 4 epochs: weights in the official order, its AdamW
+    state_dict over the official groups and timm's CosineLRScheduler stepped as ``train_one_epoch`` does."""
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    root = tmp_path_factory.mktemp("official-run")
+    cfg = load_config(QUICKSTART, [*OVERRIDES, *CONTINUE])
+    model = our_model()
+    state = to_official(model)
+    own = dict(model.named_parameters())
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in state.items() if our_key(k) in own or k in DEAD}
+    scale = cfg.data.batch_size / 512  # the official linear scaling (one GPU, batch 4)
+    optimizer = official_optimizer(params, cfg, scale)
+    total, warmup = 4 * PER_EPOCH, PER_EPOCH
+    scheduler = CosineLRScheduler(optimizer, t_initial=total - warmup, cycle_mul=1.0, lr_min=cfg.optim.min_lr * scale,
+                                  warmup_lr_init=cfg.optim.warmup_lr * scale, warmup_t=warmup, cycle_limit=1,
+                                  t_in_epochs=False, warmup_prefix=True)  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    for epoch in range(EPOCHS_DONE):
+        for idx in range(PER_EPOCH):
+            for key, p in params.items():
+                p.grad = None if key in DEAD else torch.randn(p.shape, generator=g) * 0.1
+            torch.nn.utils.clip_grad_norm_(trained, 5.0)
+            optimizer.step()
+            scheduler.step_update(epoch * PER_EPOCH + idx)
+    weights = {k: params[k].detach().clone() if k in params else v for k, v in state.items()}
+    return root, cfg, weights, optimizer.state_dict(), scheduler.state_dict()
+
+
+def _official_file(path: Path, official_run, yacs_module, optimizer=None) -> Path:
+    _, _, weights, opt_state, sched_state = official_run
+    config = official_config(yacs_module, TRAIN={"EPOCHS": 4, "WARMUP_EPOCHS": 1})
+    state = {"model": weights, "optimizer": optimizer or opt_state, "lr_scheduler": sched_state,
+             "max_accuracy": 0.0, "epoch": EPOCHS_DONE - 1, "config": config}  # fmt: skip
+    torch.save(state, path)
+    return path
+
+
+def test_continuing_takes_the_official_next_step_in_float64(yacs_module, official_run, single_rank_group, tmp_path):
+    """The imported run, resumed as training resumes, takes the step the official code takes next on the same
+    batch: AdamW moments and step count mapped by parameter, the lr at the schedule position (float64)."""
+    from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+    from mtlora_dist.engine.deepspeed_setup import initialize_engine
+    from mtlora_dist.engine.fingerprint import run_fingerprint
+    from mtlora_dist.models.precision import align_buffers
+
+    _, cfg, weights, opt_state, _ = official_run
+    path = _official_file(tmp_path / "ckpt_epoch_1.pth", official_run, yacs_module)
+    run_dir = tmp_path / "run"
+    args = [*OVERRIDES, *CONTINUE, f"official={path}", f"run_dir={run_dir}", "optimizer=official"]
+    proc = run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "continuing the official run at step 6 (epoch 2, 3 steps per epoch; Adam step 6)" in proc.stderr
+
+    run = load_config(str(run_dir / "config.yaml"))  # resumed as launch/train.py does
+    seed_everything(run.seed)
+    model = build_model(run.model, run.adapter, run.trainable, run.data.tasks, run.data.dataset)
+    engine = initialize_engine(model, run.optim, run.deepspeed, run.data.batch_size, 1, 4 * PER_EPOCH, PER_EPOCH)
+    checkpointer = Checkpointer(str(run_dir), engine, policy=SavePolicy(0, 2), fingerprint=run_fingerprint(run))
+    assert checkpointer.resume() == EPOCHS_DONE * PER_EPOCH and engine.global_steps == EPOCHS_DONE * PER_EPOCH
+    align_buffers(engine.module.double(), torch.float64)  # the same Parameters, now float64 (BN stats fp32)
+    inner = engine.optimizer
+    for entry in inner.state.values():
+        entry.update({k: v.double() for k, v in entry.items() if k != "step"})
+
+    reference = our_model()  # the official code's side: its file's weights, its optimizer state_dict
+    reference.load_state_dict(from_official(weights, reference), strict=False)
+    align_buffers(reference.double(), torch.float64).train()
+    own = dict(reference.named_parameters())
+    params = {k: own[our_key(k)] if our_key(k) in own else torch.nn.Parameter(weights[k].double()) for k in weights
+              if our_key(k) in own or k in DEAD}  # fmt: skip
+    optimizer = official_optimizer(params, cfg, 1.0)
+    optimizer.load_state_dict(opt_state)  # torch casts the moments to the parameters' float64
+    assert [g["lr"] for g in inner.param_groups] == pytest.approx([g["lr"] for g in optimizer.param_groups], rel=1e-12)
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    ours = engine(images)
+    engine.enable_backward_allreduce = False  # one rank: DeepSpeed's all-reduce (fp32/bf16/fp16 only) is a no-op
+    engine.backward(sum((w + 1) * out.pow(2).mean() for w, out in enumerate(ours.values())))
+    engine.step()
+    theirs = reference(images)
+    sum((w + 1) * out.pow(2).mean() for w, out in enumerate(theirs.values())).backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+    optimizer.step()
+
+    worst, moved = 0.0, 0
+    for name, old in before.items():
+        mine, ref = engine.module.get_parameter(name), own[name]
+        assert mine.dtype == ref.dtype == torch.float64
+        worst = max(worst, ((mine - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item())
+        moved += int(not torch.equal(mine, old))
+    # 3.3e-11 measured: DeepSpeed sums the clipping norm in fp32; a moment on the wrong parameter is ~1e-3
+    assert moved == len(before) and worst < 1e-10, (moved, len(before), worst)
+
+
+def test_optimizer_state_that_does_not_map_exactly_is_refused_with_the_reason(
+    yacs_module, official_run, tmp_path, capsys, monkeypatch
+):
+    from mtlora_dist.checkpoint.official import official_optimizer_state
+
+    _, cfg, _, opt_state, _ = official_run
+    model = our_model()
+    good = read_official(str(_official_file(tmp_path / "good.pth", official_run, yacs_module)))
+    assert official_optimizer_state(good, model).step == EPOCHS_DONE * PER_EPOCH
+    moved = {**opt_state, "param_groups": [dict(g) for g in opt_state["param_groups"]]}
+    first, second = moved["param_groups"]
+    moved["param_groups"] = [{**first, "params": first["params"][:-1]}, {**second, "params": [first["params"][-1], *second["params"]]}]  # fmt: skip
+    bad = read_official(str(_official_file(tmp_path / "bad.pth", official_run, yacs_module, moved)))
+    with pytest.raises(OfficialCheckpointError, match=r"parameter groups hold \[\d+, \d+\] parameters"):
+        official_optimizer_state(bad, model)
+    shuffled = {**opt_state, "state": {i: opt_state["state"][(i + 1) % len(opt_state["state"])]
+                                       for i in opt_state["state"]}}  # fmt: skip
+    bad = read_official(str(_official_file(tmp_path / "shuffled.pth", official_run, yacs_module, shuffled)))
+    with pytest.raises(OfficialCheckpointError, match="its order is not the official model's"):
+        official_optimizer_state(bad, model)
+    args = [*OVERRIDES, *CONTINUE[:3], "optim.lr_timing=aligned", f"official={tmp_path / 'good.pth'}",
+            f"run_dir={tmp_path / 'run'}", "optimizer=official"]  # fmt: skip
+    line = cli_refusal(args, capsys, monkeypatch)
+    assert "cannot continue with the official optimizer state" in line and "lr_timing" in line
