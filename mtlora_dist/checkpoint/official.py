@@ -223,18 +223,9 @@ def _adapted_linears(model: nn.Module) -> set[str]:
 
 # Child modules in the official registration order, where it differs from ours: MTLoRALinear registers
 # ``linear`` and the task dicts after its own shared parameters, PatchMerging ``reduction`` before ``norm``,
-# MultiTaskSwin ``downsampler`` before ``decoders``.
-_CHILD_RANK = {
-    "linear": 0,
-    "lora_tasks_A": 1,
-    "lora_tasks_B": 2,
-    "lora_task_scale": 3,
-    "lora_norm": 4,
-    "reduction": 0,
-    "norm": 1,
-    "backbone": 0,
-    "downsampler": 1,
-}
+# MultiTaskSwin ``downsampler`` before ``decoders``. Keyed by (parent's last name or "", child).
+_LORA_CHILDREN = {"linear": 0, "lora_tasks_A": 1, "lora_tasks_B": 2, "lora_task_scale": 3, "lora_norm": 4}
+_CHILD_RANK = {("", "backbone"): 0, ("", "downsampler"): 1, ("downsample", "reduction"): 0, ("downsample", "norm"): 1}
 
 
 def _official_order(state: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, torch.Tensor]:
@@ -247,22 +238,22 @@ def _official_order(state: dict[str, torch.Tensor], tasks: list[str]) -> dict[st
         for part in key.split("."):
             node = node.setdefault(part, {})
 
-    def rank(name: str, node: dict) -> tuple:
-        leaf = not node
-        position = min(first[k] for k in _keys(name, node)) if not leaf else first[name]
-        task = tasks.index(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1] in tasks else -1
-        return (not leaf, task, _CHILD_RANK.get(name.rsplit(".", 1)[-1], 9), position)
-
-    def _keys(prefix: str, node: dict) -> list[str]:
-        if not node:
-            return [prefix]
-        return [k for child, sub in node.items() for k in _keys(f"{prefix}.{child}", sub)]
+    def keys(prefix: str, node: dict) -> list[str]:
+        return [prefix] if not node else [k for c, sub in node.items() for k in keys(f"{prefix}.{c}", sub)]
 
     def walk(prefix: str, node: dict) -> list[str]:
-        names = [(f"{prefix}.{child}" if prefix else child, sub) for child, sub in node.items()]
+        parent, lora = prefix.rpartition(".")[2], any(c.startswith("lora_") for c in node)  # an MTLoRALinear
+
+        def rank(child: str) -> tuple:
+            name, sub = f"{prefix}.{child}" if prefix else child, node[child]
+            order = _LORA_CHILDREN[child] if lora and child in _LORA_CHILDREN else _CHILD_RANK.get((parent, child), 9)
+            task = tasks.index(child) if child in tasks else -1
+            return (bool(sub), task, order, min(first[k] for k in keys(name, sub)))
+
         out: list[str] = []
-        for name, sub in sorted(names, key=lambda item: rank(*item)):
-            out.extend(walk(name, sub) if sub else [name])
+        for child in sorted(node, key=rank):
+            name = f"{prefix}.{child}" if prefix else child
+            out.extend(walk(name, node[child]) if node[child] else [name])
         return out
 
     return {k: state[k] for k in walk("", tree)}

@@ -207,6 +207,24 @@ def test_an_official_state_maps_back_onto_the_model_exactly():
     assert all(torch.equal(v, own[k]) for k, v in mapped.items())
 
 
+def test_the_official_layout_lists_keys_in_the_official_registration_order():
+    """The official optimizer state is indexed by the official model's parameter order: ``to_official`` writes
+    it (MTLoRALinear: shared A, B, then linear, then task dicts in TASKS order; PatchMerging: reduction before
+    norm; MultiTaskSwin: backbone, downsampler, decoders)."""
+    keys = list(to_official(our_model()))
+    at = {k: i for i, k in enumerate(keys)}
+    proj = "backbone.layers.0.blocks.0.attn.proj."
+    names = ["lora_shared_A", "lora_shared_B", "linear.weight", "linear.bias"]
+    names += [f"lora_tasks_A.{t}" for t in TASKS] + [f"lora_tasks_B.{t}" for t in TASKS]
+    assert [at[proj + n] for n in names] == sorted(at[proj + n] for n in names)
+    merge = "backbone.layers.0.downsample."
+    assert at[merge + "reduction.weight"] < at[merge + "norm.weight"] < at["backbone.layers.1.blocks.0.norm1.weight"]
+    assert at["backbone.patch_embed.proj.weight"] < at["backbone.patch_embed.norm.weight"]
+    heads = [k for k in keys if not k.startswith("backbone.")]
+    assert all(k.startswith("downsampler.") for k in heads[: 4 * len(TASKS)])
+    assert [k.split(".")[1] for k in heads[: 4 * len(TASKS) : 4]] == TASKS
+
+
 def test_leftover_and_changed_keys_are_named():
     model = our_model()
     official = to_official(model)
@@ -549,7 +567,7 @@ def test_the_cli_refuses_a_text_file_in_one_line_with_exit_2(tmp_path):
 # the official schedule of the test: 4 epochs of 3 optimizer steps, 1 of them warmup, at a global batch of 4;
 # the file is saved after epoch 1 (6 steps), as the official save_checkpoint does at an epoch's end
 CONTINUE = ["epochs=4", "max_steps=0", "optim.warmup_epochs=1", "optim.lr_timing=lagged", "optim.no_decay=[*.bias]",
-            "optim.weight_decay=0.05", "optim.lr_scaling=linear", "deepspeed=zero0"]  # fmt: skip
+            "optim.weight_decay=0.05", "optim.lr_scaling=linear"]  # fmt: skip
 PER_EPOCH, EPOCHS_DONE = 3, 2
 DEAD = ("backbone.layers.3.blocks.0.mlp.fc2.lora_shared_A", "backbone.layers.3.blocks.0.mlp.fc2.lora_shared_B")
 
@@ -627,6 +645,7 @@ def test_continuing_takes_the_official_next_step_in_float64(yacs_module, officia
     assert "continuing the official run at step 6 (epoch 2, 3 steps per epoch; Adam step 6)" in proc.stderr
 
     run = load_config(str(run_dir / "config.yaml"))  # resumed as launch/train.py does
+    run.deepspeed.zero_stage = 0  # written by ZeRO-2 (the recipe's); read on ZeRO-0, whose torch AdamW takes float64
     seed_everything(run.seed)
     model = build_model(run.model, run.adapter, run.trainable, run.data.tasks, run.data.dataset)
     engine = initialize_engine(model, run.optim, run.deepspeed, run.data.batch_size, 1, 4 * PER_EPOCH, PER_EPOCH)
