@@ -192,10 +192,7 @@ def _write(
     assert not result.unexpected_keys, result.unexpected_keys  # from_official maps onto this model's keys
     total, per_epoch = (state.total_steps, state.steps_per_epoch) if state else (1, 1)
     engine = initialize_engine(model.to(device), cfg.optim, cfg.deepspeed, cfg.data.batch_size, 1, total, per_epoch)
-    step = 0
-    if state is not None:
-        step = _continue_official(engine, state)
-    checkpointer = Checkpointer(
+    checkpointer = Checkpointer(  # first: it prepares the optimizer state that ZeRO-1/2 link lazily
         cfg.run_dir,
         engine,
         policy=SavePolicy(0, cfg.checkpoint.keep_last),
@@ -203,6 +200,7 @@ def _write(
         storage=cfg.data.storage,
         local_cache=cfg.checkpoint.local_cache,
     )
+    step = _continue_official(engine, state) if state is not None else 0
     atomic_write_text(join(cfg.run_dir, "config.yaml"), to_yaml(cfg), cfg.data.storage)
     url = checkpointer.save(step)
     checkpointer.wait()
