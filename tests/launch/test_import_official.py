@@ -5,6 +5,7 @@ are refused with exit status 2 and one line, and nothing from them runs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -663,7 +664,7 @@ def test_continuing_takes_the_official_next_step_in_float64(yacs_module, officia
     params = {k: own[our_key(k)] if our_key(k) in own else torch.nn.Parameter(weights[k].double()) for k in weights
               if our_key(k) in own or k in DEAD}  # fmt: skip
     optimizer = official_optimizer(params, cfg, 1.0)
-    optimizer.load_state_dict(opt_state)  # torch casts the moments to the parameters' float64
+    optimizer.load_state_dict(copy.deepcopy(opt_state))  # moments cast to float64; the step counts stay shared
     assert [g["lr"] for g in inner.param_groups] == pytest.approx([g["lr"] for g in optimizer.param_groups], rel=1e-12)
 
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -702,12 +703,12 @@ def test_optimizer_state_that_does_not_map_exactly_is_refused_with_the_reason(
     bad = read_official(str(_official_file(tmp_path / "bad.pth", official_run, yacs_module, moved)))
     with pytest.raises(OfficialCheckpointError, match=r"parameter groups hold \[\d+, \d+\] parameters"):
         official_optimizer_state(bad, model)
-    shuffled = {**opt_state, "state": {i: opt_state["state"][(i + 1) % len(opt_state["state"])]
-                                       for i in opt_state["state"]}}  # fmt: skip
+    held = sorted(opt_state["state"])  # each parameter's state moved to the next one's index
+    shuffled = {**opt_state, "state": {i: opt_state["state"][held[(j + 1) % len(held)]] for j, i in enumerate(held)}}
     bad = read_official(str(_official_file(tmp_path / "shuffled.pth", official_run, yacs_module, shuffled)))
     with pytest.raises(OfficialCheckpointError, match="its order is not the official model's"):
         official_optimizer_state(bad, model)
-    args = [*OVERRIDES, *CONTINUE[:3], "optim.lr_timing=aligned", f"official={tmp_path / 'good.pth'}",
+    args = [*OVERRIDES, *CONTINUE, "optim.lr_timing=aligned", f"official={tmp_path / 'good.pth'}",
             f"run_dir={tmp_path / 'run'}", "optimizer=official"]  # fmt: skip
     line = cli_refusal(args, capsys, monkeypatch)
     assert "cannot continue with the official optimizer state" in line and "lr_timing" in line
