@@ -556,11 +556,11 @@ def test_damaged_files_are_refused_with_the_right_reason(good_files, tmp_path, m
     assert reason in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-def test_the_cli_refuses_a_text_file_in_one_line_with_exit_2(tmp_path):
+def test_the_cli_refuses_a_text_file_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
     path = tmp_path / "notes.pth"
     path.write_text("these are notes, not a checkpoint\n")
     args = [*OVERRIDES, f"official={path}", f"run_dir={tmp_path / 'run'}"]
-    line = refused(run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path))
+    line = cli_refusal(args, capsys, monkeypatch)
     assert "is not a torch.save file (text" in line and not (tmp_path / "run").exists()
 
 
