@@ -1,13 +1,13 @@
 """Step time, peak memory, optimizer-state and parameter bytes per rank for ZeRO stages 0-3 on CPU ranks.
 
     python benchmarks/zero_stages.py [--config configs/pascal_swin_t_r64.yaml] [--size 224] [--batch 2]
-        [--steps 5] [--stages 0 1 2 3] [--ranks 2] [--json out.json] [key=value ...]
+        [--steps 5] [--stages 0 1 2 3] [--ranks 2] [--json out.json] [-- key=value ...]
 
     # full fine-tuning of Swin-B at ZeRO 1-3 on 2 and 4 ranks (docs/performance-model.md)
-    python benchmarks/zero_stages.py --config configs/pascal_swin_b.yaml --size 64 --batch 1 --steps 2 \
-        --stages 1 2 3 --ranks 2 4 method=full_ft model.backbone_kwargs.window_size=2
+    python benchmarks/zero_stages.py --config configs/pascal_swin_b.yaml --size 64 --batch 1 --steps 1 \\
+        --stages 1 2 3 --ranks 2 4 --json zero_swin_b.json -- method=full_ft
 
-Each stage runs in its own ``deepspeed --num_accelerators 2`` job (gloo) with the real model and
+Each stage and world size runs in its own ``deepspeed --num_accelerators <ranks>`` job (gloo) with the real model and
 ``initialize_engine`` of the trainer, on random inputs and the real multi-task loss. Optimizer-state
 bytes are the tensors this rank's optimizer holds (Adam moments and, under ZeRO, the fp32 master
 partition), compared with the ZeRO ideal of 12 bytes x trainable / ranks (4 master + 8 Adam). Parameter

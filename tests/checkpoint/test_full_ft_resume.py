@@ -24,8 +24,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 TIMEOUT_S = 420
-# 32 px, ZeRO-3, a checkpoint every 2 steps (all kept), 48 synthetic samples: 6 global batches of 8
-FULL_FT = [*TINY_RUN, "model.img_size=[32,32]", "method=full_ft", "deepspeed=zero3", f"max_steps={STEPS}",
+# 32 px, ZeRO-3, a checkpoint every 2 steps (all kept), 48 synthetic samples: 6 global batches of 8. The heads'
+# BatchNorm normalises over each rank's micro-batch (no SyncBatchNorm), so one rank accumulating two micro-batches
+# sees the statistics two ranks saw (SyncBatchNorm over 2 ranks and over 1 rank's micro-batch differ by design).
+FULL_FT = [*TINY_RUN, "model.img_size=[32,32]", "model.sync_bn=false", "method=full_ft", "deepspeed=zero3", f"max_steps={STEPS}",
            "checkpoint.every=2", "checkpoint.keep_last=10", "data.synthetic.num_train=48", "data.synthetic.num_val=4",
            "eval.max_batches=1", "eval.visual_samples=0", "logging.wandb.enabled=false"]  # fmt: skip
 
@@ -111,6 +113,10 @@ def test_killed_full_ft_run_resumes_and_moves_between_2_1_2_ranks(straight):
     finish(start(2, run_dir, cwd, []))
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    for step in (5, 6):  # another world size sums gradients in another order
+    # step 5 starts from the step-4 weights on the same samples; from step 6 on, another world size has summed
+    # the gradients in another order (float rounding)
+    worst = max(abs(v / straight["losses"][s][k] - 1) for s in (5, 6) for k, v in losses[s].items())
+    print(f"elastic 2 -> 1 -> 2: largest relative loss difference at steps 5-6: {worst:.1e}")
+    for step, tolerance in ((5, 1e-6), (6, 1e-4)):
         for key, value in losses[step].items():
-            assert value == pytest.approx(straight["losses"][step][key], rel=1e-5, abs=1e-6), (step, key)
+            assert value == pytest.approx(straight["losses"][step][key], rel=tolerance), (step, key)
