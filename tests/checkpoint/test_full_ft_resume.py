@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
-TIMEOUT_S = 420
+TIMEOUT_S = 900  # per job; a loaded 2-core machine needs minutes to start one
 # 32 px, ZeRO-3, a checkpoint every 2 steps (all kept), 48 synthetic samples: 6 global batches of 8. The heads'
 # BatchNorm normalises over each rank's micro-batch (no SyncBatchNorm), so one rank accumulating two micro-batches
 # sees the statistics two ranks saw (SyncBatchNorm over 2 ranks and over 1 rank's micro-batch differ by design).
