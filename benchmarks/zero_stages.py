@@ -110,7 +110,7 @@ def worker(args) -> None:
         f"deepspeed.zero_stage={args.stage}",
     ]
     if args.size <= 64:  # the tiny windows the tests use at 64 px
-        overrides.append("model.backbone_kwargs.window_size=2")
+        overrides.append("++model.backbone_kwargs.window_size=2")  # ++: Swin-B/L recipes name no backbone_kwargs
     cfg = load_config(args.config, [*overrides, *args.override])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
