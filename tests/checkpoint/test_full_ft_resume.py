@@ -113,10 +113,11 @@ def test_killed_full_ft_run_resumes_and_moves_between_2_1_2_ranks(straight):
     finish(start(2, run_dir, cwd, []))
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    # step 5 starts from the step-4 weights on the same samples; from step 6 on, another world size has summed
-    # the gradients in another order (float rounding)
-    worst = max(abs(v / straight["losses"][s][k] - 1) for s in (5, 6) for k, v in losses[s].items())
-    print(f"elastic 2 -> 1 -> 2: largest relative loss difference at steps 5-6: {worst:.1e}")
-    for step, tolerance in ((5, 1e-6), (6, 1e-4)):
-        for key, value in losses[step].items():
-            assert value == pytest.approx(straight["losses"][step][key], rel=tolerance), (step, key)
+    # Step 6 runs on 2 ranks from the weights the 1-rank step 5 made: equal to the uninterrupted run's step 6
+    # means the 1-rank step trained as the 2 ranks did (measured: bit-identical). Step 5's logged loss is not
+    # compared: a step logs the logging rank's own micro-batches (rank 0's half of the global batch on 2
+    # ranks, both halves' mean on 1 rank).
+    worst = max(abs(v / straight["losses"][6][k] - 1) for k, v in losses[6].items())
+    print(f"elastic 2 -> 1 -> 2: largest relative difference of step 6's losses: {worst:.1e}")
+    for key, value in losses[6].items():
+        assert value == pytest.approx(straight["losses"][6][key], rel=1e-5), key
