@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM job per point (submitit) and exit")
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--slurm-time", type=int, default=None, help="minutes per job (default 60)")
-    parser.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per point (one node)")
+    parser.add_argument("--ranks", type=int, default=1, help="training processes per point (torchrun, one node)")
+    parser.add_argument(
+        "--slurm-gpus", type=int, default=None, help="GPUs per point (one node; default --ranks on GPU partitions)"
+    )
     parser.add_argument("--wait", action="store_true", help="with --slurm: wait for every job, then report")
     parser.add_argument("--no-report", action="store_true", help="skip the comparison report at the end")
     parser.add_argument("--paper", action="store_true", help="overlay the paper's published points on the plot")
@@ -92,14 +95,20 @@ def main(argv: list[str] | None = None) -> None:
             load_config(spec.config_path(), list(point.overrides))
         except ConfigError as err:
             raise ConfigError(f"sweep point {point.name}: {err}") from None
-    run = SweepRun(spec, sweep_dir, points)
+    run = SweepRun(spec, sweep_dir, points, ranks=args.ranks)
 
     if args.list:
         for point in points:
             print(f"{'done ' if is_done(run.run_dir(point)) else 'to do'}  {point.name}")
         return
     if args.slurm:
-        params = {"timeout_min": 60, "nodes": 1, "tasks_per_node": 1, "slurm_signal_delay_s": 120}
+        params = {
+            "timeout_min": 60,
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "slurm_signal_delay_s": 120,
+            "slurm_max_num_timeout": 20,
+        }
         params.update(spec.slurm)
         if args.slurm_partition:
             params["slurm_partition"] = args.slurm_partition

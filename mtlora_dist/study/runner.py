@@ -101,13 +101,17 @@ class SweepRun:
     spec: SweepSpec
     sweep_dir: str
     points: list[Point]
+    ranks: int = 1  # training processes per point (torchrun on one node when > 1)
 
     def run_dir(self, point: Point) -> str:
         return os.path.join(self.sweep_dir, point.name)
 
     def command(self, point: Point) -> list[str]:
         config = self.spec.config_path()
-        args = [sys.executable, TRAIN] + (["--config", config] if config else [])
+        launcher = [sys.executable]
+        if self.ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.ranks}"]
+        args = launcher + [TRAIN] + (["--config", config] if config else [])
         return args + list(point.overrides) + [f"run_dir={self.run_dir(point)}"]
 
     def job(self, point: Point) -> PointJob:
@@ -120,6 +124,24 @@ class SweepRun:
 
         atomic_write_text(os.path.join(self.sweep_dir, SPEC_FILE), spec_yaml(self.spec))
 
+    def prepare_data(self) -> None:
+        """Generated data that several points share is made once, here, before any point starts: points
+        running at once (SLURM) would otherwise each generate it into the same folder."""
+        import torch
+
+        from mtlora_dist.config import load_config
+        from mtlora_dist.engine.data_setup import prepare_data
+        from mtlora_dist.engine.distributed import DistInfo
+
+        seen = set()
+        for point in self.pending():
+            data = load_config(self.spec.config_path(), list(point.overrides)).data
+            key = (data.dataset, data.synthetic)
+            if data.train_url or not data.synthetic.enabled or repr(key) in seen:
+                continue
+            seen.add(repr(key))
+            prepare_data(data, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
     def pending(self) -> list[Point]:
         return [p for p in self.points if not is_done(self.run_dir(p))]
 
@@ -127,6 +149,7 @@ class SweepRun:
         """Every pending point, one after another. Returns 0, or 3 when a signal stopped a point (its
         checkpoint is written; rerun the same command), or 1 when some point failed (the others ran)."""
         self.save_spec()
+        self.prepare_data()
         failed = []
         todo = self.pending()
         say(f"sweep {self.sweep_dir}: {len(self.points)} point(s), {len(self.points) - len(todo)} already done")
@@ -156,6 +179,7 @@ class SweepRun:
         import submitit
 
         self.save_spec()
+        self.prepare_data()
         executor = submitit.AutoExecutor(folder=os.path.join(self.sweep_dir, ".submitit", "%j"), cluster="slurm")
         executor.update_parameters(**executor_params)
         live = _live_jobs(self.sweep_dir)
