@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
 from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
-from mtlora_dist.models.config import ModelConfig, TrainableConfig
+from mtlora_dist.models.config import MethodConfig, ModelConfig, TrainableConfig, check_method
 from mtlora_dist.storage.fs import StorageOptions, has_userinfo, is_secret_key, join, redact, url_to_fs
 
 __all__ = [
@@ -250,6 +250,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # set by the method= group (docs/methods.md)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
@@ -448,6 +449,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_choices(cfg)
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
+    try:
+        check_method(cfg.method, cfg.data.tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_optim(cfg.optim)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
