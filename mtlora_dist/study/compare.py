@@ -116,9 +116,11 @@ def _pm(mean: float, std: float, signed: bool = False) -> str:
 
 
 def label_of(run_dir: str) -> str:
-    """A run's method label: its folder name less the ``seed-`` part (``method-lora__seed-1`` -> ``method-lora``)."""
+    """A run's method label: its folder name less the ``seed-`` part and a leading ``method-``
+    (``method-lora__seed-1`` -> ``lora``)."""
     name = run_dir.rstrip("/").rsplit("/", 1)[-1]
-    return _SEED.sub("", name).strip("_") or "default"  # a sweep over seeds only: the recipe itself
+    label = _SEED.sub("", name).strip("_") or "default"  # a sweep over seeds only: the recipe itself
+    return label.removeprefix("method-")  # method-lora__... reads lora__...
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

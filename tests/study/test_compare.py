@@ -34,8 +34,8 @@ def run(label, seed, metrics, trainable, tasks=None, baselines=None, step_s=0.5,
 
 
 def test_labels_drop_only_the_seed():
-    assert label_of("runs/sweeps/demo/method-lora__seed-1") == "method-lora"
-    assert label_of("s3://b/x/seed-3__method-bitfit/") == "method-bitfit"
+    assert label_of("runs/sweeps/demo/method-lora__seed-1") == "lora"
+    assert label_of("s3://b/x/seed-3__adapter-mtlora_r16/") == "adapter-mtlora_r16"
     assert label_of("runs/plain") == "plain"
     assert label_of("runs/sweep/seed-0") == "default"
 
