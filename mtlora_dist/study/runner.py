@@ -180,8 +180,13 @@ class SweepRun:
 
         self.save_spec()
         self.prepare_data()
-        executor = submitit.AutoExecutor(folder=os.path.join(self.sweep_dir, ".submitit", "%j"), cluster="slurm")
-        executor.update_parameters(**executor_params)
+        params = dict(executor_params)
+        executor = submitit.AutoExecutor(
+            folder=os.path.join(self.sweep_dir, ".submitit", "%j"),
+            cluster="slurm",
+            slurm_max_num_timeout=params.pop("slurm_max_num_timeout", 20),  # requeues per point
+        )
+        executor.update_parameters(**params)
         live = _live_jobs(self.sweep_dir)
         jobs = []
         for point in self.pending():

@@ -35,7 +35,7 @@ TINY = [
 ]
 # the data_root fixture's shards (tests/slurm/conftest.py): the same settings, so no point generates them again
 SYNTHETIC = ["data.synthetic.num_train=48", "data.synthetic.num_val=8", "data.synthetic.shard_size_mb=0.2"]
-TIMEOUT = 300
+TIMEOUT = 900  # a bound for a loaded machine; on a quiet one the whole test takes about a minute
 
 
 def sweep(cluster, sweep_dir: Path, data_root: Path, *extra: str) -> subprocess.CompletedProcess:
