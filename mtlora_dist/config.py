@@ -435,7 +435,7 @@ def _refuse_hydra_settings(overrides: list[str]) -> None:
             raise ConfigError(
                 f"'{key}' is a Hydra application setting; these entry points compose the config "
                 "with Hydra but are not Hydra apps: the output folder is run_dir=..., and a sweep "
-                "is one command per point (a shell loop or a SLURM array, docs/slurm.md)"
+                "is launch/sweep.py (docs/study.md)"
             )
 
 
