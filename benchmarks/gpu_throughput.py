@@ -20,14 +20,17 @@ are reported beside it. ``--compile`` is skipped with a message where ``torch.co
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-import statistics
-import sys
 import time
 
-import torch
+PROCESS_T0 = time.time()  # before the heavy imports: a partial result says how far into the run it was written
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +146,8 @@ def main() -> None:
         engine.backward(total)
         engine.step()
 
+    if args.compile and not compile_skipped:  # killed while compiling, the session still learns for how long
+        emit({"unfinished": "the first (compiling) step", "started_s": time.time() - PROCESS_T0}, args.json)
     compile_start = time.perf_counter()
     step()  # warm-up: optimizer state, kernels, compilation
     sync(info.device)
