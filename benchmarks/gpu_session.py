@@ -126,6 +126,8 @@ def _throughput_figures(r: dict) -> dict:
         "images_per_s",
         "peak_memory_gib",
         "mfu",
+        "mfu_3x_forward",
+        "backward_over_forward",
         "hfu",
         "mfu_vs_matmul",
         "nominal_peak_tflops",
