@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import DTYPES, cast_like_engine, emit, random_targets, sync  # noqa: E402
-from peak_flops import nominal_peak  # noqa: E402
+from peak_flops import nominal_peak, utilisation  # noqa: E402
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
@@ -201,9 +201,7 @@ def main() -> None:
         "nominal_peak_tflops": peak_rate / 1e12 if peak_rate else None,
         "measured_matmul_tflops": rate / 1e12,
         "forward_tflop_per_step": forward_flops / 1e12,
-        "backward_over_forward": (model_flops - forward_flops) / forward_flops,
-        "mfu": model_flops / step_s / peak_rate if peak_rate else None,
-        "mfu_3x_forward": convention_flops / step_s / peak_rate if peak_rate else None,
+        **utilisation(forward_flops, model_flops, step_s, peak_rate),
         "mfu_vs_matmul": model_flops / step_s / rate,
         "mfu_3x_forward_vs_matmul": convention_flops / step_s / rate,
         "hardware_tflop_per_step": hardware_flops / 1e12,
