@@ -33,7 +33,7 @@ def test_smoke_session_records_every_step(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1500,  # the smoke budget
+        timeout=1800,  # the smoke budget
     )
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
