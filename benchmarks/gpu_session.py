@@ -90,6 +90,7 @@ class Context:
     smoke: bool
     cuda: bool
     work: Path  # scratch files of the steps (not brought back)
+    timeout_scale: float = 1.0  # every step's timeout times this (smoke runs on a shared CPU)
 
     def result_path(self, step: str) -> Path:
         return self.work / f"{step}.json"
@@ -563,7 +564,7 @@ def run_step(step: Step, ctx: Context, time_left: float) -> tuple[dict, str]:
     out = ctx.result_path(step.name)
     out.unlink(missing_ok=True)
     cmd = [sys.executable, *step.args(ctx), "--json", str(out)]
-    limit = None if step.timeout_s is None else step.timeout_s * (SMOKE_TIMEOUT_SCALE if ctx.smoke else 1)
+    limit = None if step.timeout_s is None else step.timeout_s * ctx.timeout_scale
     timeout = time_left if limit is None else min(limit, time_left)
     log_path = ctx.work / f"{step.name}.log"
     start = time.perf_counter()
@@ -613,6 +614,12 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE", "") not in ("", "0"))
     parser.add_argument("--plan", choices=("main", "extra", "all"), default="main")
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=None,
+        help=f"multiply every step's timeout ({SMOKE_TIMEOUT_SCALE} for --smoke, else 1): a loaded CPU needs more",
+    )
     parser.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], default=None)
     parser.add_argument(
         "--rerun-failed",
@@ -653,6 +660,7 @@ def main() -> None:
         smoke=args.smoke,
         cuda=torch.cuda.is_available() and not args.smoke,
         work=Path(tempfile.mkdtemp(prefix="mtlora-gpu-session-")),
+        timeout_scale=args.timeout_scale or (SMOKE_TIMEOUT_SCALE if args.smoke else 1.0),
     )
     steps = [s for s in STEPS if s.name in args.only] if args.only else plan_steps(args.plan, ctx.cuda)
     out.mkdir(parents=True, exist_ok=True)
