@@ -509,15 +509,39 @@ def child_env(ctx: Context) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc): torchrun starts its ranks in sessions of their own,
+    so killing the step's process group alone leaves them running, orphaned."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_process(cmd: list[str], timeout_s: float, log_path: Path, env: dict[str, str]) -> int | None:
-    """Run ``cmd`` in its own process group with output to ``log_path``; None when it timed out (the
-    whole group, launcher children included, is killed then)."""
+    """Run ``cmd`` in its own process group with output to ``log_path``; None when it timed out (then
+    the group and every descendant, launcher children and their ranks included, are killed)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            tree = _descendants(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
             return None
 

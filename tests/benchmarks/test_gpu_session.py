@@ -77,7 +77,8 @@ def test_a_step_that_writes_its_result_passes_with_its_figures(tmp_path):
 def test_a_hanging_step_costs_only_the_time_left_and_its_children_die(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, "MIN_STEP_S", 1)
     code = (
-        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True);"  # as torchrun starts ranks: out of the group
         "open(sys.argv[2] + '.pid', 'w').write(str(p.pid)); time.sleep(60)"
     )
     start = time.perf_counter()
