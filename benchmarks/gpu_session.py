@@ -262,6 +262,7 @@ def _run_figures(r: dict) -> dict:
         "steps",
         "loss_first5",
         "loss_last5",
+        "loss_slope_bound",
         "loss_falling",
         "eval_steps",
         "checkpoint",
