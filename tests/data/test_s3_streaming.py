@@ -143,7 +143,9 @@ def test_server_back_within_the_retries_loses_nothing(tiny_shards, private_s3):
         pytest.skip("moto keeps objects in memory: a restarted server is empty")
     storage = storage_for(private_s3, read_retries=6, retry_delay_s=0.2)
     url = upload(tiny_shards, "s3://data/tiny", storage)
-    loader = pascal_loader(url, storage=storage, num_workers=1, prefetch_samples=1, prefetch_factor=1, shuffle_buffer=2)
+    loader = pascal_loader(
+        url, storage=storage, num_workers=1, prefetch_samples=1, prefetch_batches=1, shuffle_buffer=2
+    )
     it = iter(loader)
     batches = [next(it)]
     private_s3.stop()  # the worker keeps reading ahead meanwhile, and fails

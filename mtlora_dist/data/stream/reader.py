@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
+from mtlora_dist.data.config import ReadConfig
 from mtlora_dist.data.errors import ShardError
 from mtlora_dist.data.shards.manifest import Manifest, ShardInfo
 from mtlora_dist.data.shards.shard_index import sample_digest
@@ -67,7 +68,7 @@ _DATA_ERRORS = (tarfile.TarError, ShardError, EOFError, zlib.error)
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    """What the byte reader needs; plain data, so it pickles into workers."""
+    """What the byte reader needs (``data.read`` resolved, :meth:`of`); plain data, so it pickles into workers."""
 
     manifest: Manifest
     on_error: str
@@ -77,6 +78,22 @@ class ReaderConfig:
     verify_checksums: bool = True
     cache_dir: str | None = None
     cache_max_bytes: int = 0
+    buffer_bytes: int = 256 * 2**20  # data.read.buffer_mb: bytes the reader may hold ahead of delivery
+
+    @classmethod
+    def of(cls, manifest: Manifest, read: ReadConfig, storage: StorageOptions) -> ReaderConfig:
+        """The reader's settings from the ``data.read`` section."""
+        return cls(
+            manifest=manifest,
+            on_error=str(read.on_error),
+            storage=storage,
+            prefetch_samples=read.prefetch_samples,
+            max_consecutive_failures=read.max_consecutive_failures,
+            verify_checksums=read.verify_checksums,
+            cache_dir=read.cache_dir,
+            cache_max_bytes=read.cache_max_bytes,
+            buffer_bytes=read.buffer_bytes,
+        )
 
     @property
     def checks_shards(self) -> bool:
