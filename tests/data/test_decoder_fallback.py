@@ -23,7 +23,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests!r} + "/.."]  # datatest_utils, and the factories it uses
     from datatest_utils import pascal_loader
 
     loader = pascal_loader({url!r}, **{args!r})
