@@ -60,9 +60,10 @@ class LatencyProxy:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
@@ -103,13 +104,16 @@ class LatencyProxy:
                 await up_writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # stop(): end quietly
+            back.cancel()
+            return
         finally:
             up_writer.close()
-            try:
-                await asyncio.wait_for(back, 30)
-            except (asyncio.TimeoutError, ConnectionError):
-                back.cancel()
-            writer.close()
+        try:
+            await asyncio.wait_for(back, 30)
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            back.cancel()
+        writer.close()
 
     async def _responses(
         self, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: asyncio.Queue[Request]
@@ -127,7 +131,7 @@ class LatencyProxy:
                 has_body = request.method != "HEAD" and request.status not in (204, 304)
                 request.body_bytes = await _relay_body(up_reader, writer, headers, has_body)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
