@@ -59,9 +59,9 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from mtlora_dist.data import build_loader  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
-from mtlora_dist.data.ingest.manifest import read_manifest  # noqa: E402
-from mtlora_dist.data.ingest.tarshards import iter_tar_samples  # noqa: E402
-from mtlora_dist.data.stream.streaming import StreamConfig, _ShardReader  # noqa: E402
+from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.shards.tarshards import iter_tar_samples  # noqa: E402
+from mtlora_dist.data.stream.reader import ReaderConfig, ShardReader  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
 from mtlora_dist.synthetic.datasets import ensure_synthetic  # noqa: E402
 
@@ -253,25 +253,10 @@ def device_split(url: str, args: argparse.Namespace) -> list[dict]:
 def read_shards(url: str, storage: StorageOptions, cache_dir: str | None) -> None:
     """Read every shard as the loader does (verified, split into samples, cached if asked), no decoding."""
     manifest = read_manifest(url, storage)
-    cfg = StreamConfig(
-        manifest=manifest,
-        tasks=tuple(TASKS),
-        img_size=(1, 1),
-        batch_size=1,
-        world_size=1,
-        rank=0,
-        num_workers=0,
-        seed=0,
-        shuffle=False,
-        augment=False,
-        drop_last=False,
-        protocol="original",
-        on_error="raise",
-        storage=storage,
-        cache_dir=cache_dir,
-        cache_max_bytes=1 << 40,
+    cfg = ReaderConfig(
+        manifest=manifest, on_error="raise", storage=storage, cache_dir=cache_dir, cache_max_bytes=1 << 40
     )
-    reader = _ShardReader(cfg, [(i, list(range(s.num_samples))) for i, s in enumerate(manifest.shards)])
+    reader = ShardReader(cfg, [(i, list(range(s.num_samples))) for i, s in enumerate(manifest.shards)])
     reader.start()
     while (event := reader.events.get())[0] != "done":
         if event[0] == "error":

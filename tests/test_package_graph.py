@@ -13,6 +13,8 @@
 
 So a change to the training loop cannot break data loading, and evaluation or export never depend on
 ``engine/trainer.py``. Modules directly in the package (``comm.py``, ``config.py``) count as packages.
+Inside a package, modules import each other without circles (lazy imports included): a module that
+registers itself somewhere imports the registry, never the reverse.
 """
 
 from __future__ import annotations
@@ -56,6 +58,53 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from pkg import module`` names the module)."""
+    paths = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def _import_cycles(package: Path) -> list[list[str]]:
+    """Every circle of imports between modules (strongly connected components of more than one)."""
+    graph, order, low, stack, cycles = _module_graph(package), {}, {}, [], []
+
+    def visit(v: str) -> None:  # Tarjan
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            component = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return cycles
+
+
 def _upward_imports() -> list[str]:
     bad = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -88,6 +137,20 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "storage" / "x.py").write_text("def f():\n    from mtlora_dist.engine.trainer import train\n")
     monkeypatch.setitem(globals(), "PACKAGE", fake)
     assert _upward_imports() == ["mtlora_dist/storage/x.py:2: storage (level 0) imports engine (level 5)"]
+
+
+def test_no_import_cycle_between_modules():
+    assert _import_cycles(PACKAGE) == []
+
+
+def test_the_check_sees_an_import_cycle(tmp_path):
+    """The checker itself: a registry that imports the module registering into it is a circle."""
+    fake = tmp_path / "mtlora_dist"
+    (fake / "data").mkdir(parents=True)
+    (fake / "data" / "__init__.py").write_text("")
+    (fake / "data" / "registry.py").write_text("REG = {}\nfrom mtlora_dist.data import plugin  # registers\n")
+    (fake / "data" / "plugin.py").write_text("from mtlora_dist.data.registry import REG\n")
+    assert _import_cycles(fake) == [["mtlora_dist.data.plugin", "mtlora_dist.data.registry"]]
 
 
 @pytest.mark.parametrize("module", ["mtlora_dist.engine.restore", "mtlora_dist.engine.evaluate"])

@@ -1,11 +1,13 @@
-"""Data, as two pipelines:
+"""Data, as two pipelines around one shard format:
 
-* ``ingest``: sources to shards -- dataset readers, declared dataset formats, label helpers, the shard
-  encoding and manifest, and the conversion (``launch/convert.py``);
-* ``stream``: shards to batches -- the epoch plan, the per-worker shard stream, augmentation,
-  collation and the loader the trainer iterates.
+* ``ingest``: sources to shards -- dataset readers, declared dataset formats, label helpers and the
+  conversion (``launch/convert.py``);
+* ``shards``: the shard format both pipelines share -- member encoding, tar primitives, the manifest
+  and its per-sample index;
+* ``stream``: shards to batches -- the epoch plan, the per-worker byte reader and sample stream,
+  augmentation, collation and the loader the trainer iterates.
 
-``errors`` is shared by both. Synthetic datasets live outside the training path, in
+``errors`` is shared by all three. Synthetic datasets live outside the training path, in
 :mod:`mtlora_dist.synthetic`. The trainer needs :func:`build_loader` and :func:`normalize_image`; see
 ``docs/data.md``. The dataset format schema (:class:`DatasetFormat`) is imported eagerly (torch-free:
 configs are checked before torch loads); the rest on first use (PEP 562).

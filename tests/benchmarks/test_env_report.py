@@ -39,7 +39,7 @@ def _env_report(tmp_path: Path, hidden: tuple[str, ...]) -> tuple[subprocess.Com
 
 def test_the_scan_finds_the_imports_inside_functions_and_skips_our_own_modules():
     modules = imported_modules()
-    assert "mtlora_dist/data/ingest/encoding.py" in modules["simplejpeg"]  # imported inside a function
+    assert "mtlora_dist/data/shards/encoding.py" in modules["simplejpeg"]  # imported inside a function
     assert {"torch", "timm", "deepspeed", "webdataset", "hydra", "omegaconf"} <= set(modules)
     assert not {"mtlora_dist", "common", "os", "json", "__future__"} & set(modules)
 

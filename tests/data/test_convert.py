@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from mtlora_dist.data.ingest.convert import convert
-from mtlora_dist.data.ingest.manifest import read_manifest, verify_shards
+from mtlora_dist.data.shards.manifest import read_manifest, verify_shards
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs
 
 from datatest_utils import PASCAL, PASCAL_TASKS, SHARD_MB

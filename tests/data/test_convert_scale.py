@@ -23,7 +23,7 @@ from PIL import Image
 from mtlora_dist.data.ingest.convert import convert, main, part_from_env
 from mtlora_dist.data.ingest.convert_parts import ConversionMismatchError, PartLocation, merge_parts, part_bounds
 from mtlora_dist.data.ingest.formats import get_reader
-from mtlora_dist.data.ingest.manifest import read_manifest, verify_shards
+from mtlora_dist.data.shards.manifest import read_manifest, verify_shards
 
 from datatest_utils import PASCAL, PASCAL_TASKS, SHARD_MB, epoch_batches, pascal_loader, valid_keys
 

@@ -13,7 +13,7 @@ import textwrap
 
 import torch
 
-from mtlora_dist.data.ingest.encoding import Decoders, installed
+from mtlora_dist.data.shards.encoding import Decoders, installed
 
 from datatest_utils import pascal_loader
 

@@ -11,10 +11,10 @@ import pytest
 import webdataset as wds
 
 from mtlora_dist.data.errors import SampleDecodeError
-from mtlora_dist.data.ingest.encoding import Decoders, check_png, decode_sample, encode_sample, member_suffix
 from mtlora_dist.data.ingest.formats import get_reader
-from mtlora_dist.data.ingest.manifest import read_manifest
-from mtlora_dist.data.ingest.tarshards import TarShardWriter, iter_tar_samples
+from mtlora_dist.data.shards.encoding import Decoders, check_png, decode_sample, encode_sample, member_suffix
+from mtlora_dist.data.shards.manifest import read_manifest
+from mtlora_dist.data.shards.tarshards import TarShardWriter, iter_tar_samples
 
 from datatest_utils import NYUD_TASKS, PASCAL_TASKS
 
@@ -198,7 +198,7 @@ def test_npy_reader_round_trips_and_turns_any_header_corruption_into_a_decode_er
     import numpy as _np
 
     from mtlora_dist.data.errors import SampleDecodeError
-    from mtlora_dist.data.ingest.encoding import read_npy
+    from mtlora_dist.data.shards.encoding import read_npy
 
     for array in (_np.zeros((4, 5, 3), _np.float16), _np.arange(12, dtype=_np.float32).reshape(3, 4)):
         buf = _io.BytesIO()

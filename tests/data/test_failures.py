@@ -16,9 +16,9 @@ import tarfile
 import pytest
 
 from mtlora_dist.data.errors import DataError, TooManyFailuresError
-from mtlora_dist.data.ingest.manifest import read_manifest
-from mtlora_dist.data.ingest.shard_index import shard_info
-from mtlora_dist.data.ingest.tarshards import TarShardWriter, iter_tar_samples
+from mtlora_dist.data.shards.manifest import read_manifest
+from mtlora_dist.data.shards.shard_index import shard_info
+from mtlora_dist.data.shards.tarshards import TarShardWriter, iter_tar_samples
 
 from datatest_utils import PASCAL, keys_of, pascal_loader, valid_keys
 

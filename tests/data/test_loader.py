@@ -9,7 +9,7 @@ import torch
 
 from mtlora_dist.data import build_loader, normalize_image
 from mtlora_dist.data.ingest.convert import convert
-from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.shards.manifest import read_manifest
 
 from datatest_utils import (
     NYUD,

@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from mtlora_dist.config import data_config
-from mtlora_dist.data.ingest.manifest import read_manifest
-from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.shards.manifest import read_manifest
+from mtlora_dist.data.shards.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree
 

@@ -12,7 +12,7 @@ import pytest
 
 from mtlora_dist.data.errors import StorageUnavailableError
 from mtlora_dist.data.ingest.convert import convert
-from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.storage.fs import StorageOptions
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, upload, valid_keys

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.storage.shard_cache import ShardCache
 
 from datatest_utils import PASCAL, assert_batches_equal, keys_of, pascal_loader, state_after, upload

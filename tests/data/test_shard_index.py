@@ -14,9 +14,9 @@ import pytest
 
 from mtlora_dist.data.errors import ShardError
 from mtlora_dist.data.ingest.convert import main as convert_main
-from mtlora_dist.data.ingest.manifest import read_manifest
-from mtlora_dist.data.ingest.shard_index import sample_digest
-from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.shards.manifest import read_manifest
+from mtlora_dist.data.shards.shard_index import sample_digest
+from mtlora_dist.data.shards.tarshards import iter_tar_samples
 
 from datatest_utils import pascal_loader, upload
 

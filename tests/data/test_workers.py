@@ -13,8 +13,8 @@ import torch
 
 import mtlora_dist.data.stream.loader as loader_mod
 from mtlora_dist.config import ConfigError, DataConfig, load_config
-from mtlora_dist.data.ingest.manifest import read_manifest
-from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.shards.manifest import read_manifest
+from mtlora_dist.data.shards.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.loader import default_num_workers, should_pin_memory
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 

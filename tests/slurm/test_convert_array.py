@@ -62,7 +62,7 @@ def outputs(workdir: Path, name: str) -> str:
 def test_array_job_converts_parts_and_merges(slurm_cluster, raw_pascal, tmp_path):
     from mtlora_dist.data import build_loader
     from mtlora_dist.data.ingest.formats import get_reader
-    from mtlora_dist.data.ingest.manifest import read_manifest, verify_shards
+    from mtlora_dist.data.shards.manifest import read_manifest, verify_shards
 
     out = tmp_path / "shards"
     args = [

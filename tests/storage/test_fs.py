@@ -74,7 +74,7 @@ def _first_keys(url):
 
 def test_webdataset_reads_s3_urls_in_workers(s3_bucket, tmp_path):
     import mtlora_dist.storage.wds  # noqa: F401  (registers the s3 scheme)
-    from mtlora_dist.data.ingest.tarshards import TarShardWriter
+    from mtlora_dist.data.shards.tarshards import TarShardWriter
 
     fs, _ = url_to_fs(f"s3://{s3_bucket}")
     urls = []

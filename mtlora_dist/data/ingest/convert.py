@@ -39,12 +39,12 @@ from mtlora_dist.data.ingest.convert_parts import (
     merge_parts,
     part_bounds,
 )
-from mtlora_dist.data.ingest.encoding import describe_encodings, encode_sample
 from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
 from mtlora_dist.data.ingest.formats import READERS, get_reader
 from mtlora_dist.data.ingest.labels import CLASS_NAMES
-from mtlora_dist.data.ingest.shard_index import index_manifest, shard_info
-from mtlora_dist.data.ingest.tarshards import TarShardWriter, tar_size
+from mtlora_dist.data.shards.encoding import describe_encodings, encode_sample
+from mtlora_dist.data.shards.shard_index import index_manifest, shard_info
+from mtlora_dist.data.shards.tarshards import TarShardWriter, tar_size
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 from mtlora_dist.tasks.registry import get_dataset

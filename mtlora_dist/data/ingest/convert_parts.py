@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mtlora_dist.data.ingest.encoding import ENCODING_VERSION
-from mtlora_dist.data.ingest.manifest import MANIFEST_NAME, Manifest, ShardInfo, dumps_with_shards
+from mtlora_dist.data.shards.encoding import ENCODING_VERSION
+from mtlora_dist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, dumps_with_shards
 from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, is_remote, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call

@@ -46,8 +46,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtlora_dist.data.errors import DataError
-from mtlora_dist.data.ingest.encoding import Decoders
-from mtlora_dist.data.ingest.manifest import Manifest, read_manifest
+from mtlora_dist.data.shards.encoding import Decoders
+from mtlora_dist.data.shards.manifest import Manifest, read_manifest
 from mtlora_dist.data.stream.batch import LABELED
 from mtlora_dist.data.stream.plan import batches_per_rank
 from mtlora_dist.data.stream.streaming import ShardStream, StreamConfig, stat_keys

@@ -1,7 +1,9 @@
 """Readers for datasets as laid out on disk; each returns canonical samples (see ``base``).
 
 Built in: PASCAL-Context and NYUD-v2 (``READERS``). Any other dataset is declared in a data config
-(``data.format``) and read by :class:`~mtlora_dist.data.ingest.formats.declared.DeclaredReader`.
+(``data.format``) and read by :class:`~mtlora_dist.data.ingest.formats.declared.DeclaredReader`; label
+decoders for storage that needs more than a kind's default (``cityscapes``: disparity + camera -> depth)
+register themselves in ``decoders.DECODERS`` when this package imports them.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from mtlora_dist.data.ingest.format_spec import DatasetFormat
-from mtlora_dist.data.ingest.formats import nyud, pascal_context
+from mtlora_dist.data.ingest.formats import cityscapes, nyud, pascal_context
 from mtlora_dist.data.ingest.formats.base import LayoutReader
 from mtlora_dist.data.ingest.formats.declared import DeclaredReader
 
 __all__ = ["READERS", "DeclaredReader", "LayoutReader", "get_reader"]
 
 READERS = {"pascal_context": pascal_context.make_reader, "nyud": nyud.make_reader}
+BUILTIN_DECODER_MODULES = (cityscapes,)  # imported for the label decoders they register (decoders.DECODERS)
 
 
 def get_reader(

@@ -4,7 +4,9 @@ One entry per label kind decodes the common storage of that kind, driven by its
 :class:`~mtlora_dist.data.ingest.format_spec.LabelFormat` (class ids with an id map and an ignore value, a
 thresholded mask, an RGB-encoded or ``.npy`` direction, a scaled scalar with an invalid value). A
 dataset whose storage needs more (Cityscapes disparity needs the camera of each image) adds a named
-entry with :func:`register_decoder` and names it in its data config's ``decoder:``.
+entry with :func:`register_decoder` and names it in its data config's ``decoder:``. Such modules import
+this one, never the reverse: the package (``formats/__init__.py``) imports the built-in ones
+(``cityscapes``), so their entries are registered whenever a decoder can be looked up.
 
 A decoder gets the sample (:class:`DeclaredSample`: root, fields, image size) and the label's format
 and returns the canonical array: class ids uint8 (255 = ignore), mask uint8 {0, 1} (255 = ignore),
@@ -155,6 +157,3 @@ def decode_label(sample: DeclaredSample, label: LabelFormat) -> np.ndarray:
     except KeyError:
         raise ValueError(f"unknown label decoder '{name}'; registered decoders: {sorted(DECODERS)}") from None
     return decoder(sample, label)
-
-
-from mtlora_dist.data.ingest.formats import cityscapes  # noqa: E402,F401 (registers its decoders)

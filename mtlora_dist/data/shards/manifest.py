@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mtlora_dist.data.errors import DataError
-from mtlora_dist.data.ingest.encoding import ENCODING_VERSION
+from mtlora_dist.data.shards.encoding import ENCODING_VERSION
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
 

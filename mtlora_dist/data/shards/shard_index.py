@@ -19,7 +19,7 @@ from dataclasses import replace
 from webdataset.tariterators import base_plus_ext
 
 from mtlora_dist.data.errors import ShardError
-from mtlora_dist.data.ingest.manifest import DIGEST_HEX, Manifest, ShardInfo, read_manifest
+from mtlora_dist.data.shards.manifest import DIGEST_HEX, Manifest, ShardInfo, read_manifest
 from mtlora_dist.storage.atomic import atomic_write
 from mtlora_dist.storage.fs import StorageOptions, join, url_to_fs
 from mtlora_dist.storage.retry import retry_call
