@@ -36,7 +36,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "benchmark
 
 from mtlora_dist.data import build_loader  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
-from mtlora_dist.data.ingest.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
 from mtlora_dist.synthetic.datasets import ensure_synthetic  # noqa: E402
 

@@ -34,7 +34,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 
 from mtlora_dist.config import data_config  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
-from mtlora_dist.data.ingest.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree  # noqa: E402
 
 from common import emit  # noqa: E402

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from mtlora_dist.data.ingest.manifest import read_manifest
+from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 
 from datatest_utils import PASCAL, keys_of, pascal_loader, valid_keys

@@ -228,6 +228,8 @@ class ShardLoader:
         for batch in batches:
             for key, value in batch.pop("__stats__").items():
                 self._stats[key] += value
+            if batch.get("__failing__"):  # the counters of a worker that fails next: its error follows
+                continue
             self._log_keys(batch["__key__"])
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch
@@ -421,6 +423,8 @@ def build_loader(
     resampler: str = "opencv",
     normals_resampling: str = "bilinear",
     reduced_decode: bool = True,
+    read_buffer_mb: float = 256,
+    read_concurrency: int = 8,
 ) -> ShardLoader:
     """A :class:`ShardLoader` over the shards at ``url`` (a folder or ``s3://`` prefix with ``manifest.json``).
 
@@ -449,6 +453,9 @@ def build_loader(
     shards (``storage/shard_cache.py``). The remaining options choose the implementation of each step
     (the defaults are the fastest measured; ``"pil"``/``"pil"``/``"torch"``/``"bicubic"``/``False`` is
     the baseline pipeline, see ``docs/performance-data.md``).
+
+    ``read_buffer_mb``: the most bytes a worker reads ahead of delivery (indexed manifests; whole-shard
+    reading holds more, ``docs/data.md``); ``read_concurrency``: ranged requests in flight per worker.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got '{split}'")
@@ -460,6 +467,10 @@ def build_loader(
         raise ValueError(f"augment_device must be 'worker' or 'device', got '{augment_device}'")
     if cache_dir is not None and cache_max_gb <= 0:
         raise ValueError(f"cache_max_gb must be > 0 with a cache_dir, got {cache_max_gb}")
+    if read_buffer_mb <= 0 or read_concurrency < 1:
+        raise ValueError(
+            f"read_buffer_mb must be > 0 and read_concurrency must be >= 1 (got {read_buffer_mb}, {read_concurrency})"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     auto_workers = num_workers is None
@@ -512,6 +523,8 @@ def build_loader(
         augment_on_device=augment_device == "device",
         cache_dir=cache_dir,
         cache_max_bytes=int(cache_max_gb * 2**30) if cache_dir else 0,
+        read_buffer_bytes=int(read_buffer_mb * 2**20),
+        read_concurrency=read_concurrency,
     )
     pin = should_pin_memory(pin_memory)
     loader = ShardLoader(

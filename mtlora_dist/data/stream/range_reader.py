@@ -25,15 +25,15 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from mtlora_dist.data.errors import ShardError
-from mtlora_dist.data.ingest.shard_index import sample_digest
-from mtlora_dist.data.ingest.tarshards import iter_tar_samples
+from mtlora_dist.data.shards.shard_index import sample_digest
+from mtlora_dist.data.shards.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.read_schedule import Read, SampleRange, schedule_reads
 from mtlora_dist.storage.fs import url_to_fs
 from mtlora_dist.storage.retry import RetryBudget, StorageUnavailableError, is_transient
 
 if TYPE_CHECKING:
-    from mtlora_dist.data.ingest.manifest import ShardInfo
-    from mtlora_dist.data.stream.streaming import StreamConfig
+    from mtlora_dist.data.shards.manifest import ShardInfo
+    from mtlora_dist.data.stream.reader import ReaderConfig
 
 __all__ = ["RangeReader"]
 
@@ -54,7 +54,7 @@ class RangeReader:
     plus ``read_requests``; ``peak_held`` the most bytes fetched or in flight ahead of delivery.
     """
 
-    def __init__(self, cfg: StreamConfig, slots: list[tuple[int, int]], stats: dict[str, int]) -> None:
+    def __init__(self, cfg: ReaderConfig, slots: list[tuple[int, int]], stats: dict[str, int]) -> None:
         self.cfg, self.slots, self.stats = cfg, slots, stats
         shards = cfg.manifest.shards
         ranges = [SampleRange(s, i, shards[s].offsets[i], shards[s].offsets[i + 1]) for s, i in slots]
