@@ -14,6 +14,11 @@ Reported: peak RSS per run and its growth from the small to the large set.
 ``--whole-shards`` also runs both sets with the per-sample index stripped from the manifest (what
 conversions before the index wrote): the reader then reads whole shards and holds every sample until
 its turn, so memory grows with the dataset -- the reference the bound replaces.
+
+``--schedule`` instead evaluates the read schedule (``stream/read_schedule.schedule_reads``, pure) of
+one worker's epoch at dataset shapes no test machine holds, for several ``--buffers``: the peak bytes
+held ahead of delivery, requests per sample, and what reading each needed shard once in storage order
+(the reader before the bound) would hold.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 from mtlora_dist.config import data_config  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
 from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
+from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order  # noqa: E402
+from mtlora_dist.data.stream.read_schedule import SampleRange, schedule_reads  # noqa: E402
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree  # noqa: E402
 
 from common import emit  # noqa: E402
@@ -101,6 +108,63 @@ def train_peak_rss(url: str, val_url: str, samples: int, args: argparse.Namespac
     }
 
 
+# (name, samples, samples per shard, ranks, workers, micro-batch, MB per sample)
+SHAPES = [
+    ("Cityscapes 2,975 (8.5 MB: depth float32 at 1024x2048)", 2975, 100, 8, 4, 4, 8.5),
+    ("Taskonomy 400,000 (1.3 MB), 1,000 per shard", 400_000, 1000, 64, 8, 16, 1.3),
+    ("ImageNet 1.28M (0.11 MB), 1,281 per shard", 1_281_167, 1281, 256, 8, 128, 0.11),
+]
+
+
+def storage_order_peak(ranges: list[SampleRange]) -> int:
+    """Peak bytes held by the reader before the bound: each needed shard read once, in the order first
+    needed, its samples kept until their turn."""
+    first: dict[int, int] = {}
+    for e, r in enumerate(ranges):
+        first.setdefault(r.shard, e)
+    add = [0] * (len(ranges) + 1)
+    for r in ranges:
+        add[first[r.shard]] += r.size
+    held = peak = 0
+    for d, r in enumerate(ranges):
+        held += add[d]
+        peak = max(peak, held)
+        held -= r.size
+    return peak
+
+
+def schedule_rows(buffers_mb: list[float]) -> list[dict]:
+    """Worker 0 of rank 0, epoch 0, at each shape: the schedule's peak and requests per buffer."""
+    rows = []
+    for name, n, per_shard, world, workers, micro, sample_mb in SHAPES:
+        counts = [per_shard] * (n // per_shard) + ([n % per_shard] if n % per_shard else [])
+        size = int(sample_mb * 2**20)
+        plan = make_worker_plan(
+            n, world_size=world, rank=0, num_workers=workers, worker=0, batch_size=micro, seed=0, epoch=0,
+            shuffle=True, drop_last=True,
+        )  # fmt: skip
+        slots = locate(plan.positions, counts, shard_order(len(counts), 0, 0, True))
+        ranges = [SampleRange(s, i, i * size, (i + 1) * size) for s, i in slots]
+        unbounded = storage_order_peak(ranges) / 2**20
+        for mb in buffers_mb:
+            sched = schedule_reads(ranges, int(mb * 2**20))
+            rows.append({
+                "shape": name, "ranks x workers, micro": f"{world} x {workers}, {micro}", "samples/worker": len(ranges),
+                "buffer_MB": mb, "peak_held_MB": round(sched.peak_held_bytes / 2**20, 1),
+                "requests_per_sample": round(sched.requests_per_sample, 3),
+                "bytes_x": round(sched.bytes / (size * len(ranges)), 3),
+                "storage_order_peak_MB": round(unbounded, 1),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| shape | ranks x workers, micro | samples/worker | buffer MB | peak held MB | requests/sample | bytes x "
+          "| held before (storage order) MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['ranks x workers, micro']} | {r['samples/worker']} | {r['buffer_MB']:g} | "
+              f"{r['peak_held_MB']} | {r['requests_per_sample']} | {r['bytes_x']} | {r['storage_order_peak_MB']} |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-samples", type=int, default=200)
@@ -110,8 +174,13 @@ def main() -> None:
     parser.add_argument("--buffer-mb", type=float, default=32)
     parser.add_argument("--whole-shards", action="store_true", help="also run with the index stripped")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mtlora-data-memory"))
+    parser.add_argument("--schedule", action="store_true", help="evaluate the read schedule at scale instead")
+    parser.add_argument("--buffers", type=float, nargs="+", default=[32, 256, 1024], help="MB, with --schedule")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.schedule:
+        emit({"schedule": schedule_rows(args.buffers)}, args.json)
+        return
 
     work = os.path.join(args.work_dir, f"{args.base_samples}-{args.size[0]}x{args.size[1]}")
     os.makedirs(work, exist_ok=True)

@@ -126,6 +126,10 @@ class DataConfig:
     augment_device: AugmentDevice = AugmentDevice.worker
     cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
     cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
+    # the most MiB of samples a DataLoader worker reads ahead of delivery (indexed shards; docs/data.md,
+    # "Bounds"): 8 ranks x 8 workers x 256 MiB = 16 GiB per node; larger reads coalesce more neighbours
+    read_buffer_mb: float = 256
+    read_concurrency: int = 8  # ranged requests in flight per worker: hides object-storage latency
     # training order (docs/data.md), the same on any number of ranks and workers: slot p of global batch b
     # reads stream b % shuffle_interleave, in contiguous blocks of shuffle_block samples (0: one block);
     # larger blocks read fewer shards and hold more samples; workers dividing the interleave share no block

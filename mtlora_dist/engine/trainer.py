@@ -250,6 +250,8 @@ def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
         device=info.device,
         cache_dir=data.cache_dir,
         cache_max_gb=data.cache_max_gb,
+        read_buffer_mb=data.read_buffer_mb,
+        read_concurrency=data.read_concurrency,
         augment_device=data.augment_device if split == "train" else AugmentDevice.worker,
     )
 
