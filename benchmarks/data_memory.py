@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -101,9 +102,11 @@ def train_peak_rss(url: str, val_url: str, samples: int, args: argparse.Namespac
     if proc.returncode != 0:
         with open(run_dir + ".log") as f:
             raise SystemExit(f"train.py failed ({proc.returncode}):\n{f.read()[-3000:]}")
+    held = re.findall(r'"read_held_peak": (\d+)', open(os.path.join(run_dir, "metrics.jsonl")).read())
     return {
         "steps": steps,
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "read_held_peak_mb": round(int(held[-1]) / 2**20, 1) if held else None,  # the loader's own count
         "wall_s": round(time.perf_counter() - start, 1),
     }
 
@@ -202,13 +205,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\none rank, no workers, data.read_buffer_mb={args.buffer_mb}, tiny model at 64 px, one epoch")
-    print("| reading | set | samples | shards MB | steps | peak RSS MB | growth MB | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| reading | set | samples | shards MB | steps | peak RSS MB | growth MB | read_held_peak MB | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         growth = round(r["peak_rss_mb"] - rows[i - 1]["peak_rss_mb"], 1) if i % 2 else ""
         r["growth_mb"] = growth
         print(f"| {r['reading']} | {r['set']} | {r['samples']} | {r['shard_MB']} | {r['steps']} | {r['peak_rss_mb']} "
-              f"| {growth} | {r['wall_s']} |")  # fmt: skip
+              f"| {growth} | {r['read_held_peak_mb']} | {r['wall_s']} |")  # fmt: skip
     setup = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), **vars(args)}
     emit({"rows": rows, "setup": setup}, args.json)
 
