@@ -35,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "benchmarks")]
 
 from mtlora_dist.data import build_loader  # noqa: E402
+from mtlora_dist.data.config import BatchGeometry, DataConfig, DataWorld, ReadConfig  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
 from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs  # noqa: E402
@@ -69,11 +70,16 @@ def served(local: str):
 def epoch(proxy: LatencyProxy, args: argparse.Namespace, used_bytes: int) -> dict:
     """One training epoch through ``proxy``: rate, and what the server received during it."""
     storage = StorageOptions(endpoint_url=proxy.endpoint, key=KEY, secret=SECRET)
-    loader = build_loader(
-        "s3://bench/pascal", dataset="pascal_context", tasks=TASKS, split="train", img_size=(args.img_size,) * 2,
-        batch_size=args.batch_size, num_workers=args.workers, storage=storage, seed=0,
-        read_buffer_mb=args.buffer_mb, read_concurrency=args.concurrency,
-    )  # fmt: skip
+    data = DataConfig(
+        dataset="pascal_context",
+        tasks=list(TASKS),
+        batch_size=args.batch_size,
+        storage=storage,
+        read=ReadConfig(buffer_mb=args.buffer_mb, concurrency=args.concurrency),
+    )
+    world = DataWorld(num_workers=args.workers)
+    geometry = BatchGeometry(args.batch_size)
+    loader = build_loader("s3://bench/pascal", "train", data, world, geometry, img_size=(args.img_size,) * 2, seed=0)
     assert loader.unused_per_epoch == 0, "choose --num-samples as a multiple of --batch-size"
     proxy.reset()  # the manifest's requests are not the epoch's
     start, first, n, n_first = time.perf_counter(), None, 0, 0

@@ -7,7 +7,7 @@ Makes a sorted Cityscapes-like set (``synthetic.layouts.make_cityscapes_tree``: 
 other, as the converter stores real Cityscapes) of ``--base-samples`` samples (~29 MB of shards at the
 defaults) and the same set ``--scale`` times over (each city copied under new names, ~230 MB), converts
 both, and runs ``launch/train.py`` for exactly one epoch on each: one rank, ``data.num_workers=0`` (the
-reader runs in the training process), the tiny quickstart model at 64 px, ``data.read_buffer_mb``
+reader runs in the training process), the tiny quickstart model at 64 px, ``data.read.buffer_mb``
 ``--buffer-mb``. Each run is its own process; its peak RSS is ``ru_maxrss`` from ``wait4``.
 Reported: peak RSS per run and its growth from the small to the large set.
 
@@ -89,7 +89,7 @@ def train_peak_rss(url: str, val_url: str, samples: int, args: argparse.Namespac
     cmd = [
         sys.executable, os.path.join(REPO, "launch", "train.py"), "--config", os.path.join(REPO, "configs", "quickstart.yaml"),
         *TINY, f"data.train_url={url}", f"data.val_url={val_url}", f"data.batch_size={args.batch_size}",
-        f"data.read_buffer_mb={args.buffer_mb}", f"max_steps={steps}", f"run_dir={run_dir}",
+        f"data.read.buffer_mb={args.buffer_mb}", f"max_steps={steps}", f"run_dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -204,7 +204,7 @@ def main() -> None:
             row.update(train_peak_rss(url, val_url, samples, args, os.path.join(work, f"run-{name}-{whole}")))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\none rank, no workers, data.read_buffer_mb={args.buffer_mb}, tiny model at 64 px, one epoch")
+    print(f"\none rank, no workers, data.read.buffer_mb={args.buffer_mb}, tiny model at 64 px, one epoch")
     print("| reading | set | samples | shards MB | steps | peak RSS MB | growth MB | read_held_peak MB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):

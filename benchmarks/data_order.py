@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.stream.plan import (
     epoch_order,
     locate,
@@ -148,9 +149,10 @@ def run_case(case: Case, block: int, interleave: int, seed: int = 0, epoch: int 
     times = []
     for _ in range(3):
         tick = time.perf_counter()
-        plan = make_worker_plan(case.num_samples, world_size=case.ranks, rank=case.ranks - 1, num_workers=workers,
-                                worker=workers - 1, batch_size=case.micro, seed=seed, epoch=epoch, shuffle=True,
-                                drop_last=True, accumulation=case.accumulation, block=block, interleave=interleave)  # fmt: skip
+        geometry = BatchGeometry(case.micro, case.accumulation, case.ranks)
+        plan = make_worker_plan(case.num_samples, geometry, rank=case.ranks - 1, num_workers=workers,
+                                worker=workers - 1, seed=seed, epoch=epoch, shuffle=True, drop_last=True,
+                                block=block, interleave=interleave)  # fmt: skip
         locate(plan.positions, counts, order)
         times.append(time.perf_counter() - tick)
     uniform = uniform_groups(case, case.micro)

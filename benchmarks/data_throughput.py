@@ -58,6 +58,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from mtlora_dist.data import build_loader  # noqa: E402
+from mtlora_dist.data.config import (  # noqa: E402
+    BatchGeometry,
+    DataConfig,
+    DataWorld,
+    DecodeConfig,
+    ReadConfig,
+)
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
 from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.data.shards.tarshards import iter_tar_samples  # noqa: E402
@@ -71,22 +78,23 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from common import sync  # noqa: E402
 
 TASKS = ["semseg", "human_parts", "sal", "normals"]  # the paper's four PASCAL-Context tasks
+READ_KEYS = {"verify_checksums", "cache_dir", "cache_max_gb", "on_error", "prefetch_samples", "buffer_mb"}
 
 # Today's pipeline before issue 15: no checksum, PIL decoders, torch grid_sample, bicubic normals.
 BASELINE = {
     "verify_checksums": False,
-    "jpeg_decoder": "pil",
-    "png_decoder": "pil",
+    "jpeg": "pil",
+    "png": "pil",
     "resampler": "torch",
     "normals_resampling": "bicubic",
     "reduced_decode": False,
 }
-# Levers switched on one after the other; the last row is build_loader's default.
+# Levers (data.read / data.decode keys) switched on one after the other; the last row is the config's default.
 LEVERS = [
     ("baseline (before)", {}),
     ("+ sha256 verified while streaming", {"verify_checksums": True}),
-    ("+ simplejpeg (libjpeg-turbo)", {"jpeg_decoder": "simplejpeg"}),
-    ("+ pyspng (libspng)", {"png_decoder": "pyspng"}),
+    ("+ simplejpeg (libjpeg-turbo)", {"jpeg": "simplejpeg"}),
+    ("+ pyspng (libspng)", {"png": "pyspng"}),
     ("+ OpenCV warp", {"resampler": "opencv"}),
     ("+ bilinear normals", {"normals_resampling": "bilinear"}),
     ("+ reduced-size JPEG decode (= default, after)", {"reduced_decode": True}),
@@ -114,6 +122,22 @@ def to_device(batch: dict, device: torch.device | None) -> None:
             value.to(device, non_blocking=True)
 
 
+def train_loader(url: str, storage: StorageOptions, workers: int, img: int, batch: int, tasks=TASKS, **options):
+    """The training loader of one process; ``options`` are ``data.read`` and ``data.decode`` keys."""
+    read = {k: v for k, v in options.items() if k in READ_KEYS}
+    decode = {k: v for k, v in options.items() if k not in READ_KEYS}
+    data = DataConfig(
+        dataset="pascal_context",
+        tasks=list(tasks),
+        batch_size=batch,
+        storage=storage,
+        read=ReadConfig(**read),
+        decode=DecodeConfig(**decode),
+    )
+    world = DataWorld(num_workers=workers)
+    return build_loader(url, "train", data, world, BatchGeometry(batch), img_size=(img, img), seed=0)
+
+
 def run_epoch(
     url: str,
     storage: StorageOptions,
@@ -127,19 +151,8 @@ def run_epoch(
     tasks=TASKS,
     **options,
 ) -> dict:
-    loader = build_loader(
-        url,
-        dataset="pascal_context",
-        tasks=tasks,
-        split="train",
-        img_size=(img, img),
-        batch_size=batch,
-        num_workers=workers,
-        storage=storage,
-        seed=0,
-        pin_memory=pin_memory,
-        **options,
-    )
+    loader = train_loader(url, storage, workers, img, batch, tasks, **options)
+    loader.pin_memory = pin_memory  # measured both ways, whatever the device
     cpu0, server0 = cpu_seconds(), process_cpu(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     first = None
@@ -271,18 +284,7 @@ def cache_epochs(url: str, storage: StorageOptions, server_pid: int, args: argpa
             cache_dir = tempfile.mkdtemp(prefix="bench-cache-") if cached else None
             loader = None
             if what == "pipeline":
-                loader = build_loader(
-                    url,
-                    dataset="pascal_context",
-                    tasks=args.tasks,
-                    split="train",
-                    img_size=(args.img_size, args.img_size),
-                    batch_size=args.batch_size,
-                    num_workers=0,
-                    storage=storage,
-                    seed=0,
-                    cache_dir=cache_dir,
-                )
+                loader = train_loader(url, storage, 0, args.img_size, args.batch_size, args.tasks, cache_dir=cache_dir)
             for epoch in (1, 2):
                 cpu0, server0, start = cpu_seconds(), process_cpu(server_pid), time.perf_counter()
                 if loader is not None:

@@ -103,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mtlora_dist.config import load_config
+    from mtlora_dist.data.config import BatchGeometry
     from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
     from mtlora_dist.engine.distributed import init_distributed
     from mtlora_dist.models.compile import compile_model
@@ -134,7 +135,9 @@ def main() -> None:
     model = _build(cfg, args.grad_checkpointing).to(info.device)
     if args.compile and not compile_skipped:
         model = compile_model(model, "model")  # what model.compile=model gives a training run
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, args.batch, 1, 10_000)
+    engine = initialize_engine(
+        model, cfg.optim, cfg.deepspeed, BatchGeometry(args.batch, cfg.deepspeed.gradient_accumulation_steps), 10_000
+    )
     loss_fn = MultiTaskLoss(cfg.data.tasks)
 
     def step() -> None:

@@ -80,6 +80,7 @@ def worker(args) -> None:
     import torch
 
     from mtlora_dist.config import load_config
+    from mtlora_dist.data.config import BatchGeometry
     from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype
     from mtlora_dist.engine.distributed import init_distributed
     from mtlora_dist.models import build_model
@@ -98,7 +99,13 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, args.batch, info.world_size, 1000)
+    engine = initialize_engine(
+        model,
+        cfg.optim,
+        cfg.deepspeed,
+        BatchGeometry(args.batch, cfg.deepspeed.gradient_accumulation_steps, info.world_size),
+        1000,
+    )
     loss_fn = MultiTaskLoss(cfg.data.tasks)
     images = torch.randn(args.batch, 3, args.size, args.size, dtype=model_dtype(cfg.deepspeed))
     targets = random_targets(cfg.data.tasks, args.batch, args.size)

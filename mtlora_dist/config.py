@@ -29,12 +29,33 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtlora_dist.adapters.config import AdapterConfig
 from mtlora_dist.choices import StrEnum
-from mtlora_dist.data.ingest.format_spec import DatasetFormat, register_format
+from mtlora_dist.data.config import (
+    AugmentDevice,
+    DataConfig,
+    DecodeConfig,
+    EvalProtocol,
+    OnError,
+    OrderConfig,
+    ReadConfig,
+    SyntheticDataConfig,
+    migrate_saved_config,
+    renamed_key_error,
+)
+from mtlora_dist.data.ingest.format_spec import register_format
 from mtlora_dist.models.config import ModelConfig, TrainableConfig
 from mtlora_dist.storage.fs import StorageOptions, has_userinfo, is_secret_key, join, redact, url_to_fs
 
 __all__ = [
     "TrainConfig",
+    "AugmentDevice",
+    "DataConfig",
+    "DecodeConfig",
+    "EvalProtocol",
+    "OnError",
+    "OrderConfig",
+    "ReadConfig",
+    "StorageOptions",
+    "SyntheticDataConfig",
     "load_config",
     "run_config",
     "run_dir_of",
@@ -48,7 +69,6 @@ __all__ = [
     "refuse_secret_overrides",
 ]
 
-DEFAULT_TASKS = ["semseg", "human_parts", "sal", "normals"]
 PACKAGE_CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))
 SECRET_ENV_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment instead (or pass "
@@ -58,21 +78,6 @@ SECRET_ENV_HINT = (
 
 class ConfigError(ValueError):
     """A configuration problem, with the key and the fix in the message."""
-
-
-# skip: a corrupt sample or shard is counted and skipped; raise: it stops the run. (The functional form
-# because ``raise`` is a keyword; OmegaConf takes a choice by its member name.)
-OnError = StrEnum("OnError", {"skip": "skip", "raise": "raise"})
-
-
-class AugmentDevice(StrEnum):
-    worker = "worker"  # DataLoader workers decode and augment
-    device = "device"  # workers decode; flip/rotation/scale/resize run batched on the training device
-
-
-class EvalProtocol(StrEnum):
-    original = "original"  # labels at their own size (the paper's numbers)
-    official = "official"  # labels resized to the input, as the official code evaluates
 
 
 class LrScaling(StrEnum):
@@ -96,51 +101,6 @@ class WandbMode(StrEnum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
-
-
-@dataclass
-class SyntheticDataConfig:
-    """Synthetic PASCAL-Context/NYUD-layout data made on first use, when ``enabled`` (``data=synthetic``,
-    the quickstart's data) and no ``train_url``/``val_url`` is given."""
-
-    enabled: bool = False
-    root: str = "data/synthetic"
-    num_train: int = 96
-    num_val: int = 32
-    seed: int = 0
-    shard_size_mb: float = 1.0
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "pascal_context"
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    train_url: str | None = None  # webdataset shards (folder or s3:// prefix with manifest.json)
-    val_url: str | None = None
-    batch_size: int = 8  # per rank, per micro-step
-    eval_batch_size: int = 8
-    num_workers: int | None = None  # DataLoader workers per loader; null = from the CPUs (docs/data.md)
-    on_error: OnError = OnError.skip
-    eval_protocol: EvalProtocol = EvalProtocol.original
-    verify_checksums: bool = True  # each sample's digest (no index: each shard's sha256) checked as it is read
-    augment_device: AugmentDevice = AugmentDevice.worker
-    cache_dir: str | None = None  # node-local cache of s3:// shards for later epochs; null = off
-    cache_max_gb: float = 50.0  # size cap of cache_dir; least recently used shards are evicted first
-    # the most MiB of samples a DataLoader worker reads ahead of delivery (indexed shards; docs/data.md,
-    # "Bounds"): 8 ranks x 8 workers x 256 MiB = 16 GiB per node; larger reads coalesce more neighbours
-    read_buffer_mb: float = 256
-    read_concurrency: int = 8  # ranged requests in flight per worker: hides object-storage latency
-    # training order (docs/data.md), the same on any number of ranks and workers: slot p of global batch b
-    # reads stream b % shuffle_interleave, in contiguous blocks of shuffle_block samples (0: one block);
-    # larger blocks read fewer shards and hold more samples; workers dividing the interleave share no block
-    shuffle_block: int = 0
-    shuffle_interleave: int = 8
-    sample_log: str | None = None  # a local folder: each rank appends every training batch's sample keys
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    # a dataset of your own: file patterns and label kinds (data/ingest/format_spec.py, docs/data.md); null for
-    # the built-in pascal_context and nyud
-    format: DatasetFormat | None = None
 
 
 @dataclass
@@ -429,6 +389,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
             f"(available: {sorted(group_options([PACKAGE_CONFIGS]).get('', []))})"
         )
     _refuse_hydra_settings(overrides)
+    _refuse_renamed_keys(overrides)
     config_dir = os.path.dirname(path)
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
@@ -441,13 +402,16 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
         dirs = [config_dir, PACKAGE_CONFIGS]
-        raise ConfigError(explain(err, overrides, dirs, schema=TrainConfig, group_options=group_options)) from None
+        message = explain(err, overrides, dirs, schema=TrainConfig, group_options=group_options)
+        _refuse_renamed_key_in(message, path)
+        raise ConfigError(message) from None
     except yaml.YAMLError as err:  # e.g. a !!python/object tag: plain YAML only, nothing is constructed
         raise ConfigError(
             f"{path} (or a config it includes) is not plain YAML: {' '.join(str(err).split())}; remove the tag "
             "or fix the syntax"
         ) from None
     except ValueError as err:  # a dataclass's own check (e.g. AdapterConfig.mode)
+        _refuse_renamed_key_in(str(err), path)
         raise ConfigError(f"invalid configuration: {err}") from None
     _check_choices(cfg)
     _check_dataset(cfg.data)
@@ -455,6 +419,21 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_optim(cfg.optim)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
+
+
+def _refuse_renamed_key_in(message: str, path: str) -> None:
+    """A config file written before the data sections: name the key's new place."""
+    found = re.search(r"unknown config key '(data\.\w+)'", message)
+    renamed = renamed_key_error(found.group(1)) if found else None
+    if renamed:
+        raise ConfigError(f"{path}: {renamed}") from None
+
+
+def _refuse_renamed_keys(overrides: list[str]) -> None:
+    for override in overrides:
+        renamed = renamed_key_error(override.partition("=")[0])
+        if renamed:
+            raise ConfigError(renamed)
 
 
 def _check_optim(optim: OptimConfig) -> None:
@@ -569,6 +548,7 @@ def run_config(checkpoint: str, config: str | None = None, overrides: list[str] 
     with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
         local = os.path.join(tmp, "run_config.yaml")
         fs.get_file(path, local)
+        migrate_saved_config(local)  # a run saved before the data sections: its keys moved, said in one line
         cfg = load_config(local, overrides)
     for key in ("key", "secret"):
         if getattr(cfg.data.storage, key) == _MASKED:

@@ -75,3 +75,57 @@ def task_lora_positional(task_input: bool, shared_in_tasks: bool, mask=None):
                                 task_input=task_input, shared_in_tasks=shared_in_tasks, mask=mask)  # fmt: skip
 
     return run
+
+
+# build_loader's inputs by name: which object or section of the data config each test keyword fills
+_LOADER_KEYS = {
+    "order": {"shuffle_block", "shuffle_interleave", "shuffle_buffer", "sample_log"},
+    "read": {"verify_checksums", "cache_dir", "cache_max_gb", "on_error", "max_consecutive_failures",
+             "prefetch_samples", "buffer_mb", "concurrency"},
+    "decode": {"jpeg", "png", "resampler", "normals_resampling", "reduced_decode", "augment_device"},
+    "data": {"dataset", "tasks", "storage", "eval_protocol", "prefetch_batches"},
+    "world": {"rank", "world_size", "num_workers", "device"},
+    "geometry": {"batch_size", "accumulation"},
+    "call": {"img_size", "seed", "shuffle", "augment"},
+}  # fmt: skip
+
+
+def make_loader(url: str, split: str = "train", **kw):
+    """``build_loader`` for a test: keywords name the setting (``batch_size``, ``num_workers``,
+    ``on_error``, ``shuffle_block``, ...) and land in the data config's section, the DataWorld or the
+    BatchGeometry they belong to (``_LOADER_KEYS``); ``num_workers=None`` is sized by the CPU budget.
+    ``batch_size`` is the micro-batch of a training loader and ``data.eval_batch_size`` of a val loader."""
+    from mtlora_dist.cpus import cpu_budget
+    from mtlora_dist.data.config import (
+        BatchGeometry,
+        DataConfig,
+        DataWorld,
+        DecodeConfig,
+        OrderConfig,
+        ReadConfig,
+    )  # fmt: skip
+    from mtlora_dist.data.stream.loader import build_loader
+
+    where = {key: group for group, keys in _LOADER_KEYS.items() for key in keys}
+    unknown = sorted(set(kw) - set(where))
+    if unknown:
+        raise TypeError(f"make_loader: unknown keyword(s) {unknown}")
+    parts: dict[str, dict] = {group: {} for group in _LOADER_KEYS}
+    for key, value in kw.items():
+        parts[where[key]][key] = value
+    batch = parts["geometry"].get("batch_size", 2)
+    data = DataConfig(
+        **parts["data"],
+        batch_size=batch,
+        eval_batch_size=batch,
+        order=OrderConfig(**parts["order"]),
+        read=ReadConfig(**parts["read"]),
+        decode=DecodeConfig(**parts["decode"]),
+    )
+    world_kw = {"num_workers": 0, **parts["world"]}
+    if world_kw["num_workers"] is None:
+        world_kw["num_workers"] = cpu_budget(None).workers
+    world = DataWorld(**world_kw)
+    geometry = BatchGeometry(batch, parts["geometry"].get("accumulation", 1), world.world_size)
+    call = {"img_size": (48, 64), **parts["call"]}
+    return build_loader(url, split, data, world, geometry, **call)

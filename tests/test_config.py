@@ -15,7 +15,7 @@ from mtlora_dist.config import ConfigError, Precision, load_config, to_yaml
 @pytest.mark.parametrize(
     "key, bad, valid",
     [
-        ("data.on_error", "ignore", "[skip, raise]"),
+        ("data.read.on_error", "ignore", "[skip, raise]"),
         ("data.eval_protocol", "paper", "[original, official]"),
         ("optim.lr_scaling", "sqrt", "[linear, none]"),
         ("deepspeed.precision", "fp8", "[fp32, bf16, fp16, auto]"),
@@ -32,11 +32,11 @@ def test_a_wrong_choice_is_refused_when_composed_with_the_valid_values(key, bad,
 
 
 def test_choices_compare_and_print_as_their_strings():
-    cfg = load_config(None, ["deepspeed.precision=bf16", "adapter.mode=add", "data.on_error=raise"])
+    cfg = load_config(None, ["deepspeed.precision=bf16", "adapter.mode=add", "data.read.on_error=raise"])
     assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.precision is Precision.bf16
     assert f"{cfg.deepspeed.precision}" == "bf16" and json.dumps(cfg.deepspeed.precision) == '"bf16"'
     assert cfg.adapter.mode is AdapterMode.addition  # the official code's alias
-    assert cfg.data.on_error == "raise"
+    assert cfg.data.read.on_error == "raise"
     text = to_yaml(cfg)
     assert "precision: bf16" in text and "mode: addition" in text and "on_error: raise" in text
 

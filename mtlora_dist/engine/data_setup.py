@@ -1,6 +1,11 @@
-"""Where the training data comes from: configured shards, or synthetic data made on first use when the
-config asks for it (``data=synthetic``, the quickstart's data) and names no shards. A recipe without shards
-is refused, never silently trained on generated data."""
+"""Where the training data comes from, and the loaders over it.
+
+Shards are the configured ones, or synthetic data made on first use when the config asks for it
+(``data=synthetic``, the quickstart's data) and names no shards; a recipe without shards is refused,
+never silently trained on generated data. Every loader of a job (training, evaluation, the prediction
+grid, ``launch/eval.py``) is made by :func:`make_loader` from the run config, so they all honour the
+same ``data`` settings.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import logging
 import os
 
 from mtlora_dist import comm
-from mtlora_dist.config import DataConfig, check_data
+from mtlora_dist.config import DataConfig, TrainConfig, check_data
+from mtlora_dist.data.config import BatchGeometry, DataWorld
+from mtlora_dist.data.stream.loader import ShardLoader, build_loader
 from mtlora_dist.engine.distributed import DistInfo
 
-__all__ = ["prepare_data"]
+__all__ = ["batch_geometry", "data_world", "make_loader", "prepare_data"]
 
 log = logging.getLogger("mtlora_dist")
 
@@ -32,3 +39,20 @@ def prepare_data(data: DataConfig, info: DistInfo) -> tuple[str, str]:
     comm.barrier()
     urls = synthetic_shards(data.dataset, syn.root, **settings, make=False)
     return urls["train"], urls["val"]
+
+
+def data_world(info: DistInfo, num_workers: int) -> DataWorld:
+    """This rank's place for the loaders; ``num_workers`` resolved by the CPU budget
+    (``engine.threads.set_thread_count``)."""
+    return DataWorld(rank=info.rank, world_size=info.world_size, num_workers=num_workers, device=info.device)
+
+
+def batch_geometry(cfg: TrainConfig, world_size: int) -> BatchGeometry:
+    """The run's training batch layout: ``data.batch_size`` per rank, ``deepspeed.gradient_accumulation_steps``."""
+    return BatchGeometry(cfg.data.batch_size, cfg.deepspeed.gradient_accumulation_steps, world_size)
+
+
+def make_loader(cfg: TrainConfig, url: str, split: str, world: DataWorld, geometry: BatchGeometry) -> ShardLoader:
+    """The loader of ``split`` (``train`` or ``val``) over ``url`` for this run: the model's input size,
+    the run's seed and its whole ``data`` config."""
+    return build_loader(url, split, cfg.data, world, geometry, img_size=cfg.model.img_size, seed=cfg.seed)

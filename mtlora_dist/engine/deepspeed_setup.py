@@ -11,6 +11,7 @@ from packaging.version import Version
 from torch import nn
 
 from mtlora_dist.config import DeepSpeedSettings, OptimConfig
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.engine.optim import build_optimizer
 from mtlora_dist.models.precision import align_buffers
 
@@ -66,7 +67,7 @@ def bucket_elements(parameters: int, override: int = 0) -> int:
 
 
 def deepspeed_config(
-    settings: DeepSpeedSettings, micro_batch: int, world_size: int, trainable: int, parameters: int | None = None
+    settings: DeepSpeedSettings, geometry: BatchGeometry, trainable: int, parameters: int | None = None
 ) -> dict[str, Any]:
     """The DeepSpeed JSON for our settings, buckets sized to ``trainable`` (ZeRO-3's parameter prefetch to
     ``parameters``, all of them: it gathers the frozen backbone too); ``settings.extra`` is merged on top."""
@@ -80,9 +81,9 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     precision = resolve_precision(settings.precision)
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
-        "train_batch_size": micro_batch * settings.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": geometry.micro_batch,
+        "gradient_accumulation_steps": geometry.accumulation,
+        "train_batch_size": geometry.global_batch,
         "gradient_clipping": settings.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -118,22 +119,22 @@ def initialize_engine(
     model: nn.Module,
     optim: OptimConfig,
     settings: DeepSpeedSettings,
-    micro_batch: int,
-    world_size: int,
+    geometry: BatchGeometry,
     total_steps: int,
     steps_per_epoch: int = 0,
 ):
     """``deepspeed.initialize`` with AdamW over trainable parameter groups and a warmup-cosine schedule
-    that DeepSpeed steps (and checkpoints) with the optimizer. ``steps_per_epoch`` (optimizer steps)
-    turns ``optim.warmup_epochs`` into steps; 0 means the whole run is one epoch."""
+    that DeepSpeed steps (and checkpoints) with the optimizer. ``geometry`` gives the micro-batch, the
+    accumulation and the global batch (DeepSpeed's ``train_batch_size`` and the lr scaling) in one place.
+    ``steps_per_epoch`` (optimizer steps) turns ``optim.warmup_epochs`` into steps; 0 means the whole run is one epoch."""
     import deepspeed
 
     check_deepspeed_version(deepspeed.__version__)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = sum(p.numel() for p in model.parameters())
-    config = deepspeed_config(settings, micro_batch, world_size, trainable, parameters)
+    config = deepspeed_config(settings, geometry, trainable, parameters)
     optimizer, scheduler = build_optimizer(
-        model, optim, config["train_batch_size"], total_steps, steps_per_epoch or total_steps
+        model, optim, geometry.global_batch, total_steps, steps_per_epoch or total_steps
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     align_buffers(engine.module, model_dtype(settings))  # DeepSpeed releases differ in casting buffers

@@ -25,6 +25,7 @@ from mtlora_dist.checkpoint.official import (
 )
 from mtlora_dist.checkpoint.storage import CheckpointStore
 from mtlora_dist.config import ConfigError, TrainConfig, to_yaml
+from mtlora_dist.engine.data_setup import batch_geometry
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, resolve_precision
 from mtlora_dist.engine.distributed import init_distributed
 from mtlora_dist.engine.fingerprint import run_fingerprint
@@ -116,7 +117,9 @@ def _write(cfg: TrainConfig, mapped: dict[str, torch.Tensor], backbone_out: str 
     model = _build(cfg)
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # from_official maps onto this model's keys
-    engine = initialize_engine(model.to(device), cfg.optim, cfg.deepspeed, cfg.data.batch_size, 1, 1)
+    engine = initialize_engine(
+        model.to(device), cfg.optim, cfg.deepspeed, batch_geometry(cfg, world_size=1), total_steps=1
+    )
     checkpointer = Checkpointer(
         cfg.run_dir,
         engine,

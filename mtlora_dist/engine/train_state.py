@@ -33,7 +33,7 @@ class DataPosition:
                 comm.world_size(),
                 state.get("world_size", "another number of"),
                 self.loader.epoch,
-                self.loader.batches_consumed // max(1, self.loader.cfg.accumulation),
+                self.loader.batches_consumed // max(1, self.loader.geometry.accumulation),
             )
 
 

@@ -15,10 +15,10 @@ import torch
 
 from mtlora_dist import comm
 from mtlora_dist.checkpoint import Checkpointer, SavePolicy
-from mtlora_dist.config import AugmentDevice, TrainConfig, to_yaml
-from mtlora_dist.data.stream.loader import build_loader
+from mtlora_dist.config import TrainConfig, to_yaml
+from mtlora_dist.data.config import DataWorld
 from mtlora_dist.engine.console import Progress, setup_logging
-from mtlora_dist.engine.data_setup import prepare_data
+from mtlora_dist.engine.data_setup import batch_geometry, data_world, make_loader, prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype, resolve_precision
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
 from mtlora_dist.engine.evaluate import ReportsFactory, Validation, to_device
@@ -63,15 +63,17 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
     )
     stop = TerminationFlag(announce=info.is_main)  # early: a stop during set-up is handled at the first step
     setup_logging(info.rank)
-    set_thread_count(cfg.data.num_workers, announce=info.is_main)
+    budget = set_thread_count(cfg.data.num_workers, announce=info.is_main)
     comm.barrier()
     with comm.peer_loss_as_error():
-        result = _run(cfg, info, stop, reports)
+        result = _run(cfg, info, stop, reports, data_world(info, budget.workers))
     comm.shutdown()
     return result
 
 
-def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None) -> TrainResult:
+def _run(
+    cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None, world: DataWorld
+) -> TrainResult:
     # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
     cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
@@ -79,13 +81,12 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, info)
     seed_everything(cfg.seed + info.rank)  # then per-rank dropout and drop-path
-    train_loader = _loader(cfg, info, train_url, "train")
-    val_loader = _loader(cfg, info, val_url, "val")
-    steps_per_epoch = max(1, len(train_loader) // cfg.deepspeed.gradient_accumulation_steps)
+    geometry = batch_geometry(cfg, info.world_size)  # the one global batch: engine, plan and loader read it
+    train_loader = make_loader(cfg, train_url, "train", world, geometry)
+    val_loader = make_loader(cfg, val_url, "val", world, geometry)
+    steps_per_epoch = max(1, len(train_loader) // geometry.accumulation)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    engine = initialize_engine(
-        model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, total_steps, steps_per_epoch
-    )
+    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, geometry, total_steps, steps_per_epoch)
 
     logger = RunLogger(
         cfg.run_dir,
@@ -155,9 +156,9 @@ def _run(cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: Repor
     job_end = engine.global_steps + cfg.steps_per_job if cfg.steps_per_job else total_steps
     with progress.routing_logs():
         while engine.global_steps < min(total_steps, job_end):
-            losses = _train_step(engine, batches, loss_fn, info, dtype, cfg.deepspeed.gradient_accumulation_steps)
+            losses = _train_step(engine, batches, loss_fn, info, dtype, geometry.accumulation)
             step = engine.global_steps
-            samples += cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps * info.world_size
+            samples += geometry.global_batch
             progress.advance()
             if step % cfg.logging.log_every == 0 or step == total_steps:
                 rate = samples / (time.perf_counter() - tick)
@@ -224,36 +225,6 @@ def _build_model(cfg: TrainConfig, info: DistInfo):
     if cfg.model.sync_bn and info.world_size > 1:  # the same SyncBN on CPUs (gloo) and GPUs (NCCL)
         model = convert_sync_batchnorm(model)
     return compile_model(model.to(info.device), cfg.model.compile)
-
-
-def _loader(cfg: TrainConfig, info: DistInfo, url: str, split: str):
-    data = cfg.data
-    return build_loader(
-        url,
-        dataset=data.dataset,
-        tasks=list(data.tasks),
-        split=split,
-        img_size=tuple(cfg.model.img_size),
-        batch_size=data.batch_size if split == "train" else data.eval_batch_size,
-        accumulation=cfg.deepspeed.gradient_accumulation_steps if split == "train" else 1,
-        shuffle_block=data.shuffle_block,
-        shuffle_interleave=data.shuffle_interleave,
-        sample_log=data.sample_log if split == "train" else None,
-        num_workers=data.num_workers,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        storage=data.storage,
-        on_error=data.on_error,
-        protocol=data.eval_protocol,
-        verify_checksums=data.verify_checksums,
-        device=info.device,
-        cache_dir=data.cache_dir,
-        cache_max_gb=data.cache_max_gb,
-        read_buffer_mb=data.read_buffer_mb,
-        read_concurrency=data.read_concurrency,
-        augment_device=data.augment_device if split == "train" else AugmentDevice.worker,
-    )
 
 
 def _log_train(

@@ -2,7 +2,7 @@
 
 Runs under plain ``python`` (one process), the deepspeed launcher, torchrun or srun: every rank rebuilds the
 model from the checkpoint (no DeepSpeed engine, no optimizer state), evaluates its share of the split
-(``build_loader(..., rank, world_size)``), and the metric states are all-reduced by the evaluator. With
+(``engine.data_setup.make_loader``: the run's whole ``data`` config, read settings included), and the metric states are all-reduced by the evaluator. With
 the training run's ``eval_batch_size``, protocol and number of ranks the numbers are the training run's
 evaluation at that step, bit for bit; another number of ranks changes only the float summation order.
 """
@@ -15,13 +15,13 @@ from typing import Any
 
 from mtlora_dist import comm
 from mtlora_dist.config import TrainConfig
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.console import setup_logging
-from mtlora_dist.engine.data_setup import prepare_data
+from mtlora_dist.engine.data_setup import batch_geometry, data_world, make_loader, prepare_data
 from mtlora_dist.engine.deepspeed_setup import model_dtype
 from mtlora_dist.engine.distributed import init_distributed
 from mtlora_dist.engine.evaluate import evaluate
 from mtlora_dist.engine.restore import CheckpointRef, resolve_checkpoint, restore_model
+from mtlora_dist.engine.threads import set_thread_count
 from mtlora_dist.reports.curves import save_curves
 from mtlora_dist.reports.predictions import PredictionReport
 from mtlora_dist.reports.tables import write_results
@@ -62,21 +62,8 @@ def evaluate_checkpoint(
     model = restore_model(cfg, ref, storage, dtype=dtype).to(info.device)
 
     data = cfg.data
-    loader = build_loader(
-        urls[split],
-        dataset=data.dataset,
-        tasks=list(data.tasks),
-        split="val",
-        img_size=tuple(cfg.model.img_size),
-        batch_size=data.eval_batch_size,
-        num_workers=data.num_workers,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        storage=storage,
-        on_error=data.on_error,
-        protocol=data.eval_protocol,
-    )
+    world = data_world(info, set_thread_count(data.num_workers, announce=info.is_main).workers)
+    loader = make_loader(cfg, urls[split], "val", world, batch_geometry(cfg, info.world_size))
     evaluator = MultiTaskEvaluator(data.tasks, data.dataset, baselines=cfg.eval.baselines, protocol=data.eval_protocol)
     results = evaluate(model, loader, evaluator, info.device, dtype, cfg.eval.max_batches)
     report = {

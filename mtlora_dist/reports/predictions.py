@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,13 +19,15 @@ from PIL import Image
 from torch import Tensor
 
 from mtlora_dist import comm
-from mtlora_dist.data.stream.loader import build_loader
+from mtlora_dist.config import EvalProtocol, TrainConfig
+from mtlora_dist.data.config import BatchGeometry, DataWorld
+from mtlora_dist.engine.data_setup import make_loader
 from mtlora_dist.engine.evaluate import to_device
 from mtlora_dist.export.predict import decode
 from mtlora_dist.reports.colorize import colorize, label_map
 from mtlora_dist.reports.files import save_png
 from mtlora_dist.reports.grid import GridLayout, compose_grid, panel_size
-from mtlora_dist.storage.fs import StorageOptions, join
+from mtlora_dist.storage.fs import join
 from mtlora_dist.tasks.registry import get_task
 
 __all__ = ["PredictionReport"]
@@ -33,35 +36,21 @@ __all__ = ["PredictionReport"]
 class PredictionReport:
     """Draws ``<out_dir>/predictions_step_XXXXXXXX.png`` for a model (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        dataset: str,
-        tasks: list[str],
-        img_size: list[int],
-        num_samples: int,
-        storage: StorageOptions | None = None,
-    ) -> None:
-        self.url, self.dataset, self.tasks = url, dataset, list(tasks)
-        self.img_size = (int(img_size[0]), int(img_size[1]))
-        self.num_samples = num_samples
-        self.storage = storage
+    def __init__(self, cfg: TrainConfig, url: str) -> None:
+        self.url, self.num_samples = url, cfg.eval.visual_samples
+        # the run's config, its evaluation loader set to one batch of these images, labels at the input size
+        data = replace(cfg.data, eval_batch_size=self.num_samples, eval_protocol=EvalProtocol.official)
+        self.cfg = replace(cfg, data=data)
+        self.tasks, self.storage = list(data.tasks), data.storage
+        self.img_size = (int(cfg.model.img_size[0]), int(cfg.model.img_size[1]))
         self._samples: dict | None = None
 
     @classmethod
-    def from_config(cls, cfg, url: str) -> PredictionReport | None:
+    def from_config(cls, cfg: TrainConfig, url: str) -> PredictionReport | None:
         """From a ``TrainConfig``; ``None`` when ``eval.visual_samples`` is 0."""
         if cfg.eval.visual_samples <= 0:
             return None
-        return cls(
-            url,
-            dataset=cfg.data.dataset,
-            tasks=list(cfg.data.tasks),
-            img_size=cfg.model.img_size,
-            num_samples=cfg.eval.visual_samples,
-            storage=cfg.data.storage,
-        )
+        return cls(cfg, url)
 
     def samples(self) -> dict:
         """The fixed images and labels (a batch, on the CPU), read on first use."""
@@ -78,18 +67,9 @@ class PredictionReport:
         return self._samples
 
     def _loader(self):
-        """A one-batch loader of the first ``num_samples`` validation images (always the same ones)."""
-        return build_loader(
-            self.url,
-            dataset=self.dataset,
-            tasks=self.tasks,
-            split="val",
-            img_size=self.img_size,
-            batch_size=self.num_samples,
-            num_workers=0,
-            storage=self.storage,
-            protocol="official",
-        )
+        """A one-batch loader of the first ``num_samples`` validation images (always the same ones), read
+        with the run's data settings, in this process alone."""
+        return make_loader(self.cfg, self.url, "val", DataWorld(), BatchGeometry(self.cfg.data.batch_size))
 
     @torch.no_grad()
     def predict(self, model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -352,7 +352,7 @@ def train_job(ranks: int, run_dir: Path, log_dir: Path, shards: dict, overrides:
     cmd = [*launcher, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
            *TINY_RUN, "model.img_size=[32,32]", f"data.train_url={shards['train']}", f"data.val_url={shards['val']}",
            "max_steps=6", "checkpoint.every=100", "eval.every=0", f"run_dir={run_dir}",
-           f"data.sample_log={log_dir}", *overrides]  # fmt: skip
+           f"data.order.sample_log={log_dir}", *overrides]  # fmt: skip
     env = {**worker_env(), "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from mtlora_dist.data import build_loader
 from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.storage.fs import StorageOptions, url_to_fs
+
+from factories import make_loader
 
 PASCAL = {"num_train": 24, "num_val": 10, "seed": 3, "size": 80}  # the session datasets (conftest.py)
 NYUD = {"num_train": 12, "num_val": 6, "seed": 4, "size": 72}
@@ -19,10 +20,10 @@ PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
 NYUD_TASKS = ["semseg", "depth", "normals", "edge"]
 
 
-def pascal_loader(url: str, **kw: Any):
-    args = {"dataset": "pascal_context", "tasks": PASCAL_TASKS, "split": "train", "img_size": (48, 64), "batch_size": 2}
-    args.update(kw)
-    return build_loader(url, **args)
+def pascal_loader(url: str, split: str = "train", **kw: Any):
+    """A loader over PASCAL-Context shards; keywords as :func:`factories.make_loader`."""
+    args = {"dataset": "pascal_context", "tasks": PASCAL_TASKS, "img_size": (48, 64), "batch_size": 2, **kw}
+    return make_loader(url, split, **args)
 
 
 def epoch_batches(loader) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""A worker's memory is bounded by ``read_buffer_mb``, not by the dataset: measured through real loaders.
+"""A worker's memory is bounded by ``data.read.buffer_mb``, not by the dataset: measured through real loaders.
 
 The reader counts the bytes it holds ahead of delivery (fetched or in flight, not yet handed to the
 decoder) and reports its peak in ``loader.stats["read_held_peak"]`` (summed over a rank's workers).
@@ -48,7 +48,7 @@ def test_peak_held_per_worker_stays_under_the_bound_where_reading_whole_shards_e
     workers = max(1, num_workers)
     assert min(share_bytes(url, workers, w, 2, 0) for w in range(workers)) > 3 * bound  # the dataset is larger
 
-    loader = pascal_loader(url, num_workers=num_workers, read_buffer_mb=BOUND_MB, seed=0)
+    loader = pascal_loader(url, num_workers=num_workers, buffer_mb=BOUND_MB, seed=0)
     batches = list(loader)
     stats = loader.stats
     assert len(valid_keys(batches)) == len(set(keys_of(batches))) == PASCAL["num_train"]
@@ -57,22 +57,22 @@ def test_peak_held_per_worker_stays_under_the_bound_where_reading_whole_shards_e
     used = sum(s.offsets[-1] - s.offsets[0] for s in read_manifest(url).shards)
     assert stats["bytes_read"] == used
 
-    whole = pascal_loader(drop_index(url), num_workers=num_workers, read_buffer_mb=BOUND_MB, seed=0)
+    whole = pascal_loader(drop_index(url), num_workers=num_workers, buffer_mb=BOUND_MB, seed=0)
     assert sorted(keys_of(list(whole))) == sorted(keys_of(batches))
     assert whole.stats["read_held_peak"] > workers * bound  # whole shards: samples held until their turn
 
 
 def test_a_larger_buffer_holds_more_and_sends_fewer_requests(shard_copy):
     url = shard_copy()
-    small = pascal_loader(url, read_buffer_mb=BOUND_MB, shuffle=False, seed=0)
-    large = pascal_loader(url, read_buffer_mb=4, shuffle=False, seed=0)
+    small = pascal_loader(url, buffer_mb=BOUND_MB, shuffle=False, seed=0)
+    large = pascal_loader(url, buffer_mb=4, shuffle=False, seed=0)
     assert keys_of(list(small)) == keys_of(list(large))
     assert small.stats["read_held_peak"] <= int(BOUND_MB * 2**20) < large.stats["read_held_peak"]
     assert large.stats["read_requests"] < small.stats["read_requests"]
 
 
 def test_a_bad_buffer_is_one_clear_error(pascal_shards):
-    with pytest.raises(ValueError, match=r"read_buffer_mb must be > 0"):
-        pascal_loader(pascal_shards["train"], read_buffer_mb=0)
-    with pytest.raises(ValueError, match=r"read_concurrency must be >= 1"):
-        pascal_loader(pascal_shards["train"], read_concurrency=0)
+    with pytest.raises(ValueError, match=r"data.read.buffer_mb is 0; pass more than 0"):
+        pascal_loader(pascal_shards["train"], buffer_mb=0)
+    with pytest.raises(ValueError, match=r"data.read.concurrency is 0; pass 1 or more"):
+        pascal_loader(pascal_shards["train"], concurrency=0)

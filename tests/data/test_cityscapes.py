@@ -18,7 +18,6 @@ from mtlora_dist.data.ingest.format_spec import register_format
 from mtlora_dist.data.ingest.formats import get_reader
 from mtlora_dist.data.ingest.formats.cityscapes import disparity_to_depth
 from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.synthetic.layouts import (
     CITYSCAPES_COLOURS,
     CITYSCAPES_TRAIN_IDS,
@@ -27,6 +26,7 @@ from mtlora_dist.synthetic.layouts import (
 )
 
 from datatest_utils import convert_splits
+from factories import make_loader
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (64, 128)
@@ -211,7 +211,7 @@ def test_converted_shards_describe_the_dataset(shards, tree):
 
 
 def test_a_training_batch_streams_from_the_shards(shards):
-    loader = build_loader(shards["urls"]["train"], dataset="cityscapes", tasks=["semseg", "depth"], split="train",
+    loader = make_loader(shards["urls"]["train"], dataset="cityscapes", tasks=["semseg", "depth"], split="train",
                           img_size=(32, 64), batch_size=4)  # fmt: skip
     batch = next(iter(loader))
     loader.close()
@@ -223,7 +223,7 @@ def test_a_training_batch_streams_from_the_shards(shards):
 
 
 def test_evaluation_sees_every_sample_once_at_its_own_size(shards, tree):
-    loader = build_loader(shards["urls"]["val"], dataset="cityscapes", tasks=["semseg", "depth"], split="val",
+    loader = make_loader(shards["urls"]["val"], dataset="cityscapes", tasks=["semseg", "depth"], split="val",
                           img_size=(32, 64), batch_size=3)  # fmt: skip
     batches = list(loader)
     loader.close()

@@ -22,7 +22,6 @@ from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.data.ingest.format_spec import DatasetFormat, LabelFormat, register_format
 from mtlora_dist.data.ingest.formats import get_reader
 from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.export.artifact import ModelSpec
 from mtlora_dist.models.trainable import TrainableConfig
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
@@ -30,7 +29,7 @@ from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import get_dataset, get_task
 
 from declared_data import NAME, TASKS, make_tree, write_configs
-from factories import tiny_model_config
+from factories import make_loader, tiny_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +80,7 @@ def test_manifest_records_optional_tasks_and_how_many_labels_are_missing(declare
 
 @pytest.mark.parametrize("augment_device", ["worker", "device"])
 def test_a_sample_without_a_label_streams_as_unsupervised_and_is_counted(declared, augment_device):
-    loader = build_loader(declared["shards"]["train"], dataset=NAME, tasks=TASKS, split="train", img_size=(32, 32),
+    loader = make_loader(declared["shards"]["train"], dataset=NAME, tasks=TASKS, split="train", img_size=(32, 32),
                           batch_size=4, augment_device=augment_device, device="cpu")  # fmt: skip
     batches = list(loader)
     has_road = torch.cat([b["labeled/road"] for b in batches])
@@ -94,7 +93,7 @@ def test_a_sample_without_a_label_streams_as_unsupervised_and_is_counted(declare
 
 
 def test_missing_labels_give_zero_loss_and_zero_gradient_and_are_not_scored(declared):
-    loader = build_loader(declared["shards"]["train"], dataset=NAME, tasks=TASKS, split="train", img_size=(32, 32),
+    loader = make_loader(declared["shards"]["train"], dataset=NAME, tasks=TASKS, split="train", img_size=(32, 32),
                           batch_size=4)  # fmt: skip
     batch = next(b for b in loader if not b["labeled/road"].all() and b["labeled/road"].any())
     lacking = ~batch["labeled/road"]
@@ -137,7 +136,7 @@ def test_shards_converted_with_other_class_counts_are_refused(declared):
     shutil.copytree(declared["shards"]["train"], other)
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"semseg: 3 in the shards, 4 now\); convert the dataset again"):
-        build_loader(str(other), dataset="street_demo_k4", tasks=TASKS, split="train", img_size=(32, 32), batch_size=4)
+        make_loader(str(other), dataset="street_demo_k4", tasks=TASKS, split="train", img_size=(32, 32), batch_size=4)
 
 
 def test_declaration_errors_name_the_key_and_the_fix(tmp_path):

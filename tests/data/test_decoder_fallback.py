@@ -52,7 +52,7 @@ def test_missing_fast_decoders_fall_back_to_pil_with_one_line(pascal_shards, tmp
     assert "simplejpeg and pyspng not installed" in notes[0] and "pip install simplejpeg pyspng" in notes[0]
 
     fallback = torch.load(out, weights_only=True)
-    expected = list(pascal_loader(pascal_shards["train"], jpeg_decoder="pil", png_decoder="pil", **LOADER_ARGS))
+    expected = list(pascal_loader(pascal_shards["train"], jpeg="pil", png="pil", **LOADER_ARGS))
     assert len(fallback) == len(expected) > 0
     for got, want in zip(fallback, expected, strict=True):
         for key, value in got.items():

@@ -148,7 +148,7 @@ def test_flipped_bytes_in_a_jpeg_fail_the_checksum(shard_copy, indexed):
     folder = copy(shard_copy, indexed)
     path, n, keys = shard_with_samples(folder)
     flip_jpeg_bytes(path, keys[1])
-    unverified, stats = run_epoch(folder, verify_checksums=False, jpeg_decoder="pil")
+    unverified, stats = run_epoch(folder, verify_checksums=False, jpeg="pil")
     assert stats["samples_skipped"] == stats["samples_missing"] == stats["shards_failed"] == 0  # unnoticed
     if indexed:  # the damaged sample only
         check_skipped(*run_epoch(folder), [keys[1]], missing=0, skipped=1, failed_shards=0)
@@ -186,7 +186,7 @@ def test_a_worker_that_needs_only_part_of_a_shard_reads_and_verifies_what_it_use
         loader = pascal_loader(folder, num_workers=2, batch_size=1, shuffle=False, **kw)
         return valid_keys(list(loader)), loader.stats
 
-    unverified, _ = epoch(verify_checksums=False, jpeg_decoder="pil")
+    unverified, _ = epoch(verify_checksums=False, jpeg="pil")
     assert set(worker0_part) <= set(unverified)  # unverified: the start of the damaged shard is used
     verified, stats = epoch()
     if indexed:

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from mtlora_dist.data import build_loader, normalize_image
+from mtlora_dist.data import normalize_image
 from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.data.shards.manifest import read_manifest
 
@@ -21,6 +21,7 @@ from datatest_utils import (
     pascal_loader,
     valid_keys,
 )
+from factories import make_loader
 
 
 def test_training_batch_format(pascal_shards):
@@ -134,7 +135,7 @@ def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
     assert total == PASCAL["num_val"]
     keys, counts = [], []
     for rank in range(3):  # 10 samples on 3 ranks: ranks 1 and 2 pad one copy each
-        loader = build_loader(
+        loader = make_loader(
             pascal_shards["val"],
             dataset="pascal_context",
             tasks=["semseg", "normals"],
@@ -164,7 +165,7 @@ def test_validation_covers_every_sample_once_with_original_sizes(pascal_shards):
 
 def test_rewind_restarts_an_abandoned_validation_pass(pascal_shards):
     """An evaluation capped at a few batches breaks out of the loop; the next one starts over."""
-    loader = build_loader(
+    loader = make_loader(
         pascal_shards["val"],
         dataset="pascal_context",
         tasks=["semseg"],
@@ -182,21 +183,21 @@ def test_rewind_restarts_an_abandoned_validation_pass(pascal_shards):
 
 
 def test_official_protocol_resizes_labels(pascal_shards):
-    loader = build_loader(
+    loader = make_loader(
         pascal_shards["val"],
         dataset="pascal_context",
         tasks=["semseg", "human_parts"],
         split="val",
         img_size=(48, 64),
         batch_size=4,
-        protocol="official",
+        eval_protocol="official",
     )
     for b in loader:
         assert b["semseg"].shape[-2:] == (48, 64) and b["label_size"].tolist() == [[48, 64]] * len(b["__key__"])
 
 
 def test_nyud_training_batches(nyud_shards):
-    loader = build_loader(
+    loader = make_loader(
         nyud_shards["train"],
         dataset="nyud",
         tasks=NYUD_TASKS,
@@ -218,11 +219,11 @@ def test_bad_arguments_are_clear_errors(pascal_root, pascal_shards, tmp_path):
     subset = str(tmp_path / "semseg-only")
     convert("pascal_context", pascal_root, "val", subset, tasks=["semseg"])
     with pytest.raises(ValueError, match=r"has no labels for task\(s\) \['sal'\]"):
-        build_loader(
+        make_loader(
             subset, dataset="pascal_context", tasks=["semseg", "sal"], split="val", img_size=(8, 8), batch_size=2
         )
     with pytest.raises(ValueError, match="holds 'pascal_context' shards"):
-        build_loader(pascal_shards["val"], dataset="nyud", tasks=["semseg"], split="val", img_size=(8, 8), batch_size=2)
+        make_loader(pascal_shards["val"], dataset="nyud", tasks=["semseg"], split="val", img_size=(8, 8), batch_size=2)
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         pascal_loader(pascal_shards["train"], batch_size=13, world_size=2)
     with pytest.raises(ValueError, match="split must be"):

@@ -14,10 +14,10 @@ import pytest
 from mtlora_dist.config import data_config
 from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.shards.tarshards import iter_tar_samples
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree
 
 from datatest_utils import convert_splits
+from factories import make_loader
 
 NUM_TRAIN = 96
 GROUP = 8  # a "scene": 8 samples next to each other in storage (12 scenes), as cities or buildings are
@@ -39,7 +39,7 @@ def sorted_shards(tmp_path_factory) -> dict:
 
 
 def loader(url: str, *, rank: int = 0, world_size: int = 1, num_workers: int = 0, batch_size: int = 8, **kw):
-    return build_loader(url, dataset="cityscapes", tasks=TASKS, split="train", img_size=(16, 32),
+    return make_loader(url, dataset="cityscapes", tasks=TASKS, split="train", img_size=(16, 32),
                         batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size, seed=4,
                         **kw)  # fmt: skip
 

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.stream.plan import (
     batches_per_rank,
     buffer_shuffle,
@@ -25,18 +26,16 @@ def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8, acc
     return {
         (r, k): make_worker_plan(
             n,
-            world_size=world,
+            BatchGeometry(batch, accumulation if train else 1, world),
             rank=r,
             num_workers=workers,
             worker=k,
-            batch_size=batch,
             seed=1,
             epoch=epoch,
             shuffle=train,
             drop_last=train,
             shuffle_buffer=buffer,
             batches_consumed=consumed,
-            accumulation=accumulation,
             block=block,
             interleave=interleave,
         )
@@ -53,7 +52,7 @@ def test_training_epoch_sees_each_sample_at_most_once_and_ranks_match(n, world, 
     assert n - len(seen) < world * batch  # dropped: less than one global batch
     assert n - len(seen) == n % (world * batch)
     per_rank = [sum(len(p[r, k].batch_sizes) for k in range(workers)) for r in range(world)]
-    assert per_rank == [batches_per_rank(n, world, batch, True)] * world
+    assert per_rank == [batches_per_rank(n, BatchGeometry(batch, 1, world), True)] * world
     assert all(size == batch for plan in p.values() for size in plan.batch_sizes)
 
 
@@ -96,7 +95,7 @@ def global_batches_of(n, world, workers, micro, accumulation, *, block=3, interl
     for (r, _), plan in p.items():
         for j, start in zip(plan.batch_indices, range(0, len(plan.positions), micro), strict=True):
             per_rank[r][j] = plan.positions[start : start + micro]
-    steps = batches_per_rank(n, world, micro, True, accumulation) // accumulation
+    steps = batches_per_rank(n, BatchGeometry(micro, accumulation, world), True) // accumulation
     first = consumed // accumulation
     return [
         [x for r in range(world) for a in range(accumulation) for x in per_rank[r][s * accumulation + a]]
@@ -178,7 +177,7 @@ def test_locate_maps_positions_to_shards():
 
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
-        batches_per_rank(7, 2, 4, True)
+        batches_per_rank(7, BatchGeometry(4, 1, 2), True)
 
 
 def test_the_unused_samples_change_from_epoch_to_epoch():

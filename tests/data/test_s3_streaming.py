@@ -114,7 +114,7 @@ def test_stopped_server_is_retried_then_a_clear_error(tiny_shards, private_s3):
     storage = storage_for(private_s3)
     url = upload(tiny_shards, "s3://data/tiny", storage)
     loader = pascal_loader(
-        url, storage=storage, on_error="raise", prefetch_samples=1, read_buffer_mb=ONE_SAMPLE_MB, shuffle_buffer=2
+        url, storage=storage, on_error="raise", prefetch_samples=1, buffer_mb=ONE_SAMPLE_MB, shuffle_buffer=2
     )
     with pytest.raises(StorageUnavailableError) as err:
         stop_after_first_batch(loader, private_s3)
@@ -130,7 +130,7 @@ def test_stopped_server_while_skipping_counts_every_lost_sample(tiny_shards, pri
         url,
         storage=storage,
         prefetch_samples=1,
-        read_buffer_mb=ONE_SAMPLE_MB,
+        buffer_mb=ONE_SAMPLE_MB,
         shuffle_buffer=2,
         max_consecutive_failures=1000,
     )
@@ -147,7 +147,7 @@ def test_stopped_server_while_skipping_counts_every_lost_sample(tiny_shards, pri
         private_s3.make_bucket("data")
         upload(tiny_shards, "s3://data/tiny", storage)
     loader = pascal_loader(
-        url, storage=storage, prefetch_samples=1, read_buffer_mb=ONE_SAMPLE_MB, shuffle_buffer=2
+        url, storage=storage, prefetch_samples=1, buffer_mb=ONE_SAMPLE_MB, shuffle_buffer=2
     )  # default: give up after 3 shards in a row
     with pytest.raises(StorageUnavailableError, match="3 shards in a row could not be read"):
         stop_after_first_batch(loader, private_s3)
@@ -167,8 +167,8 @@ def test_server_back_within_the_retries_loses_nothing(tiny_shards, private_s3):
         storage=storage,
         num_workers=1,
         prefetch_samples=1,
-        read_buffer_mb=ONE_SAMPLE_MB,
-        prefetch_factor=1,
+        buffer_mb=ONE_SAMPLE_MB,
+        prefetch_batches=1,
         shuffle_buffer=2,
     )
     it = iter(loader)
@@ -223,7 +223,7 @@ def test_the_server_receives_one_ranged_get_per_sample_and_no_head(counted_s3):
     proxy.delay_s = 0.02  # requests overlap, as from object storage
     used = sum(s.offsets[-1] - s.offsets[0] for s in read_manifest(url, storage).shards)
     for num_workers in (0, 2):
-        loader = pascal_loader(url, storage=storage, num_workers=num_workers, read_buffer_mb=0.1, seed=1)
+        loader = pascal_loader(url, storage=storage, num_workers=num_workers, buffer_mb=0.1, seed=1)
         proxy.reset()  # the manifest's own requests
         batches = list(loader)
         requests = proxy.reset()

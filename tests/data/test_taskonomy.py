@@ -17,7 +17,6 @@ from runs import TINY_RUN, run_script, train_records
 from mtlora_dist.config import data_config
 from mtlora_dist.data.ingest.formats import get_reader
 from mtlora_dist.data.ingest.formats.decoders import DeclaredSample, decode_label
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.synthetic.layouts import (
     TASKONOMY_CLASSES,
     TASKONOMY_COLOURS,
@@ -28,6 +27,7 @@ from mtlora_dist.synthetic.layouts import (
 )
 
 from datatest_utils import convert_splits
+from factories import make_loader
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["semseg", "normals", "depth", "edge"]
@@ -207,7 +207,7 @@ def test_the_manifest_records_optional_tasks_and_missing_labels(shards, tree):
 
 
 def test_a_batch_streams_with_the_missing_labels_marked(shards, tree):
-    loader = build_loader(shards["urls"]["train"], dataset="taskonomy", tasks=TASKS, split="train",
+    loader = make_loader(shards["urls"]["train"], dataset="taskonomy", tasks=TASKS, split="train",
                           img_size=(32, 32), batch_size=12)  # fmt: skip
     batch = next(iter(loader))
     loader.close()

@@ -13,9 +13,11 @@ import torch
 
 import mtlora_dist.data.stream.loader as loader_mod
 from mtlora_dist.config import ConfigError, DataConfig, load_config
+from mtlora_dist.cpus import available_cpus, cpu_budget, local_world_size
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.shards.tarshards import iter_tar_samples
-from mtlora_dist.data.stream.loader import default_num_workers, should_pin_memory
+from mtlora_dist.data.stream.loader import should_pin_memory
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 
 from datatest_utils import PASCAL, keys_of, pascal_loader, state_after
@@ -27,59 +29,71 @@ NO_ACCELERATOR = "ignore:'pin_memory' argument is set as true but no accelerator
 
 
 @pytest.mark.parametrize(
-    ("cpus", "local_ranks", "expected"),
+    ("cpus", "local_ranks", "workers", "threads"),
     [
-        (1, 1, 1),  # one CPU: still one worker (decoding overlaps the step), never 0 by default
-        (2, 1, 1),
-        (3, 1, 2),
-        (10, 2, 4),  # 5 CPUs per rank, one left for the training process
-        (16, 1, 8),  # capped
-        (64, 8, 7),
-        (16, 8, 1),
-        (4, 8, 1),  # fewer CPUs than local ranks
+        (1, 1, 1, 1),  # one CPU: still one worker (decoding overlaps the step), never 0 by default
+        (2, 1, 1, 1),
+        (3, 1, 2, 1),
+        (10, 2, 4, 1),  # 5 CPUs per rank, one left for the training process
+        (16, 1, 8, 8),  # workers capped; the threads get the rest
+        (64, 1, 8, 56),  # issue 31: 8 workers and 56 threads, not 8 and 63
+        (64, 8, 7, 1),
+        (16, 8, 1, 1),
+        (4, 8, 1, 1),  # fewer CPUs than local ranks
     ],
 )
-def test_default_num_workers_rule(cpus, local_ranks, expected):
-    n = default_num_workers(cpus=cpus, local_ranks=local_ranks)
-    assert n == expected
-    assert n <= max(1, cpus // local_ranks)  # never more workers than this rank's CPUs
+def test_one_budget_sizes_workers_and_threads_together(cpus, local_ranks, workers, threads):
+    budget = cpu_budget(None, cpus=cpus, local_ranks=local_ranks, omp_threads=None)
+    assert (budget.workers, budget.threads) == (workers, threads) and budget.auto_workers
+    per_rank = max(1, cpus // local_ranks)
+    assert budget.workers <= per_rank and (budget.workers + budget.threads <= per_rank or per_rank == 1)
 
 
-def test_default_num_workers_reads_affinity_and_local_world_size(monkeypatch):
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+def test_explicit_workers_and_omp_num_threads_win():
+    assert (cpu_budget(2, cpus=16, local_ranks=2, omp_threads=None).threads) == 6  # 2 x (6 + 2) = 16
+    assert cpu_budget(0, cpus=2, local_ranks=1, omp_threads=None).threads == 2
+    assert cpu_budget(4, cpus=2, local_ranks=2, omp_threads=None).threads == 1  # never 0
+    fixed = cpu_budget(None, cpus=64, local_ranks=1, omp_threads=3)
+    assert fixed.threads == 3 and fixed.threads_from_env and fixed.workers == 8
+    with pytest.raises(ValueError, match="num_workers is -1"):
+        cpu_budget(-1, cpus=4, local_ranks=1)
+
+
+def test_the_budget_reads_affinity_and_every_launchers_local_rank_count(monkeypatch):
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 96)  # the node has more; the cpuset wins
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert default_num_workers() == 5
+    assert cpu_budget(None).workers == 5
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert default_num_workers() == 8
+    assert cpu_budget(None).workers == 8
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")  # srun: the same answer as the launchers' names
+    assert local_world_size() == 4 and cpu_budget(None).workers == 2
     monkeypatch.setenv("LOCAL_SIZE", "3")  # the deepspeed launcher's name for it
-    assert loader_mod.local_world_size() == 3 and default_num_workers() == 3
+    assert local_world_size() == 3 and cpu_budget(None).workers == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")  # torchrun's wins
-    assert loader_mod.local_world_size() == 6
+    assert local_world_size() == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "not-a-number")
     monkeypatch.delenv("LOCAL_SIZE")
-    assert loader_mod.local_world_size() == 1
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    assert local_world_size() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS/Windows: os.cpu_count()
     monkeypatch.setattr(os, "cpu_count", lambda: 24)
-    assert loader_mod.available_cpus() == 24 and default_num_workers() == 5
+    assert available_cpus() == 24 and cpu_budget(None).workers == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_budget(None).threads == 2
 
 
-def test_build_loader_sizes_workers_automatically_and_explicit_wins(pascal_shards, monkeypatch, caplog):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+def test_the_loader_uses_the_worlds_resolved_worker_count(pascal_shards, caplog):
     with caplog.at_level(logging.INFO, logger="mtlora_dist"):
-        auto = pascal_loader(pascal_shards["train"], num_workers=None, pin_memory=False)
-    assert auto.num_workers == 3 and auto.auto_workers
+        loader = pascal_loader(pascal_shards["train"], num_workers=2)
+    assert loader.num_workers == 2
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("mtlora_dist")]
-    assert len(messages) == 1
-    assert "3 worker process(es) (automatic: 4 CPUs, 1 local rank(s)), persistent" in messages[0]
+    assert len(messages) == 1 and "2 worker process(es), persistent" in messages[0]
     assert "pinned memory off" in messages[0]
-    explicit = pascal_loader(pascal_shards["train"], num_workers=2)
-    assert explicit.num_workers == 2 and not explicit.auto_workers
-    with pytest.raises(ValueError, match="num_workers >= 0"):
+    with pytest.raises(ValueError, match="num_workers must be a resolved count"):
         pascal_loader(pascal_shards["train"], num_workers=-1)
 
 
@@ -98,11 +112,11 @@ def test_config_accepts_the_automatic_default_and_an_int():
 # ---------------------------------------------------------------------------------------- pinning
 
 
-def test_pin_decision_follows_cuda(monkeypatch):
+def test_pin_decision_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert should_pin_memory(None) is True and should_pin_memory(False) is False
+    assert should_pin_memory(None) is True and should_pin_memory("cpu") is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert should_pin_memory(None) is False and should_pin_memory(True) is True
+    assert should_pin_memory(None) is False and should_pin_memory(torch.device("cuda", 0)) is True
 
 
 class _Recorder(torch.utils.data.DataLoader):
@@ -170,11 +184,10 @@ def _planned_batches(
     for worker in range(num_workers):
         plan = make_worker_plan(
             manifest.num_samples,
-            world_size=world_size,
+            BatchGeometry(batch_size, 1, world_size),
             rank=rank,
             num_workers=num_workers,
             worker=worker,
-            batch_size=batch_size,
             seed=seed,
             epoch=epoch,
             shuffle=True,

@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 
 from mtlora_dist import comm  # noqa: E402
 from mtlora_dist.config import load_config  # noqa: E402
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.engine import trainer  # noqa: E402
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype  # noqa: E402
 from mtlora_dist.engine.distributed import init_distributed  # noqa: E402
@@ -58,7 +59,13 @@ def main() -> None:
     info = init_distributed(timeout_s=cfg.deepspeed.process_group_timeout_s)
     torch.manual_seed(cfg.seed)
     model = trainer._build_model(cfg, info)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, BATCH, info.world_size, args.steps + 1)
+    engine = initialize_engine(
+        model,
+        cfg.optim,
+        cfg.deepspeed,
+        BatchGeometry(BATCH, cfg.deepspeed.gradient_accumulation_steps, info.world_size),
+        args.steps + 1,
+    )
     loss_fn, batches, dtype = MultiTaskLoss(list(cfg.data.tasks)), _batches(cfg.data.tasks), model_dtype(cfg.deepspeed)
     trainer._train_step(engine, batches, loss_fn, info, dtype, args.accumulation)  # allocates the optimizer state
     with count_host_reads() as counts:

@@ -23,7 +23,8 @@ import torch.distributed as dist  # noqa: E402
 
 from mtlora_dist import comm  # noqa: E402
 from mtlora_dist.config import load_config  # noqa: E402
-from mtlora_dist.data.stream.loader import build_loader  # noqa: E402
+from mtlora_dist.data.config import BatchGeometry, DataWorld  # noqa: E402
+from mtlora_dist.engine.data_setup import batch_geometry, make_loader  # noqa: E402
 from mtlora_dist.engine.deepspeed_setup import initialize_engine  # noqa: E402
 from mtlora_dist.engine.distributed import init_distributed  # noqa: E402
 from mtlora_dist.engine.evaluate import to_device  # noqa: E402
@@ -34,9 +35,8 @@ SHARE_WORLD = 2  # the data is always split as for 2 ranks
 
 
 def _loader(cfg, url: str, rank: int):
-    return build_loader(url, dataset=cfg.data.dataset, tasks=list(cfg.data.tasks), split="train",
-                        img_size=tuple(cfg.model.img_size), batch_size=cfg.data.batch_size, num_workers=0,
-                        seed=cfg.seed, rank=rank, world_size=SHARE_WORLD)  # fmt: skip
+    world = DataWorld(rank=rank, world_size=SHARE_WORLD, num_workers=0)  # each share read as one of 2 ranks
+    return make_loader(cfg, url, "train", world, BatchGeometry(cfg.data.batch_size, 1, SHARE_WORLD))
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     cfg = load_config(args.config, [*overrides, f"deepspeed.gradient_accumulation_steps={accumulation}"])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, cfg.data.batch_size, info.world_size, args.steps)
+    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, batch_geometry(cfg, info.world_size), args.steps)
     loss_fn = MultiTaskLoss(list(cfg.data.tasks))
     shares = [info.rank] if info.world_size == SHARE_WORLD else list(range(SHARE_WORLD))
     batches = {r: iter(_loader(cfg, cfg.data.train_url, r)) for r in shares}

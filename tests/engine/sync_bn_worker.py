@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 
 from mtlora_dist import comm  # noqa: E402
 from mtlora_dist.config import load_config  # noqa: E402
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.engine import trainer  # noqa: E402
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype  # noqa: E402
 from mtlora_dist.engine.distributed import init_distributed  # noqa: E402
@@ -55,7 +56,13 @@ def main() -> None:
     plain_keys = list(build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset).state_dict())
     torch.manual_seed(cfg.seed)
     model = trainer._build_model(cfg, info)
-    engine = initialize_engine(model, cfg.optim, cfg.deepspeed, BATCH, info.world_size, args.steps)
+    engine = initialize_engine(
+        model,
+        cfg.optim,
+        cfg.deepspeed,
+        BatchGeometry(BATCH, cfg.deepspeed.gradient_accumulation_steps, info.world_size),
+        args.steps,
+    )
     loss_fn = MultiTaskLoss(list(cfg.data.tasks))
 
     losses = []

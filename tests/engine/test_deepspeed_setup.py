@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.engine.deepspeed_setup import TESTED_DEEPSPEED, check_deepspeed_version
 
 
@@ -33,7 +34,9 @@ def _zero(stage: int = 2, trainable: int = 8_098_874, parameters: int | None = N
     from mtlora_dist.config import DeepSpeedSettings
     from mtlora_dist.engine.deepspeed_setup import deepspeed_config
 
-    config = deepspeed_config(DeepSpeedSettings(zero_stage=stage, **settings), 2, 2, trainable, parameters)
+    config = deepspeed_config(
+        DeepSpeedSettings(zero_stage=stage, **settings), BatchGeometry(2, 1, 2), trainable, parameters
+    )
     return config
 
 
@@ -104,11 +107,18 @@ def test_auto_precision_is_bf16_on_a_gpu_that_has_it_and_fp32_on_a_cpu(monkeypat
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # an explicit choice stays
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_dtype(auto) is torch.float32 and not deepspeed_config(auto, 2, 1, 1_000_000)["bf16"]["enabled"]
+    assert (
+        model_dtype(auto) is torch.float32
+        and not deepspeed_config(auto, BatchGeometry(2), 1_000_000)["bf16"]["enabled"]
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
-    assert model_dtype(auto) is torch.bfloat16 and deepspeed_config(auto, 2, 1, 1_000_000)["bf16"]["enabled"]
-    assert deepspeed_config(auto, 2, 1, 1_000_000)["communication_data_type"] == "fp32"  # auto -> bf16 reduces in fp32
+    assert (
+        model_dtype(auto) is torch.bfloat16 and deepspeed_config(auto, BatchGeometry(2), 1_000_000)["bf16"]["enabled"]
+    )
+    assert (
+        deepspeed_config(auto, BatchGeometry(2), 1_000_000)["communication_data_type"] == "fp32"
+    )  # auto -> bf16 reduces in fp32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_precision("auto") == "fp32"  # no bf16 on the GPU: fp32, never silently fp16

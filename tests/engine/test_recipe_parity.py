@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtlora_dist.config import PACKAGE_CONFIGS, load_config
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.engine.deepspeed_setup import deepspeed_config
 from mtlora_dist.engine.optim import build_optimizer, no_decay_names, warmup_length
 from mtlora_dist.models import build_model
@@ -137,7 +138,12 @@ def test_r64_recipe_keeps_every_other_official_setting(r64):
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["betas"] == OFFICIAL["betas"] and optimizer.defaults["eps"] == OFFICIAL["eps"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert deepspeed_config(cfg.deepspeed, 32, 1, trainable)["gradient_clipping"] == OFFICIAL["clip_grad"]
+    assert (
+        deepspeed_config(cfg.deepspeed, BatchGeometry(32, cfg.deepspeed.gradient_accumulation_steps), trainable)[
+            "gradient_clipping"
+        ]
+        == OFFICIAL["clip_grad"]
+    )
     assert loss_weights(cfg.data.tasks, cfg.loss_weights) == OFFICIAL["loss_weights"]
     assert cfg.epochs == OFFICIAL["epochs"]
 

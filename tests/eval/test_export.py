@@ -14,12 +14,12 @@ import torch
 
 from mtlora_dist.config import run_config
 from mtlora_dist.data.stream.batch import normalize_image
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.restore import resolve_checkpoint, restore_model
 from mtlora_dist.export import load
 from mtlora_dist.export.merge import output_difference
 
 from evaltest_utils import REPO, run_script
+from factories import make_loader
 
 TASKS = ["semseg", "human_parts", "sal", "normals"]
 
@@ -47,7 +47,7 @@ def test_the_exported_model_matches_the_trained_model_on_validation_images(train
     model = load(str(exported))
     batch = next(
         iter(
-            build_loader(
+            make_loader(
                 cfg.data.val_url, dataset="pascal_context", tasks=TASKS, split="val", img_size=(64, 64), batch_size=6
             )
         )

@@ -27,14 +27,13 @@ from mtlora_dist.checkpoint.official import (
 from mtlora_dist.config import load_config
 from mtlora_dist.data.ingest.convert import convert
 from mtlora_dist.data.stream.batch import normalize_image
-from mtlora_dist.data.stream.loader import build_loader
 from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.export import load
 from mtlora_dist.export.merge import output_difference
 from mtlora_dist.models import build_model
 from mtlora_dist.synthetic.datasets import generate
 
-from factories import randomize_lora
+from factories import make_loader, randomize_lora
 
 OVERRIDES = [*TINY_RUN, "optim.warmup_fraction=0.2"]
 TASKS = ["semseg", "human_parts", "sal", "normals"]
@@ -202,7 +201,7 @@ def test_an_official_checkpoint_imports_evaluates_and_exports_to_the_same_output
     proc = run_cli("export.py", [f"checkpoint={run_dir}", f"out={tmp_path / 'export'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     exported = load(str(tmp_path / "export"))
-    loader = build_loader(
+    loader = make_loader(
         str(shards / "val"), dataset="pascal_context", tasks=TASKS, split="val", img_size=(64, 64), batch_size=4
     )
     images = normalize_image(next(iter(loader))["image"])

@@ -201,7 +201,7 @@ def test_a_pretrained_file_that_is_not_swin_weights_is_one_line(tmp_path, make):
 # -- item 11: threads per rank ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("omp", [None, "3"], ids=["chosen", "from-OMP_NUM_THREADS"])
 def test_threads_per_rank_are_chosen_from_the_cpus_and_logged(tmp_path, omp):
-    from mtlora_dist.engine.threads import choose_threads
+    from mtlora_dist.cpus import cpu_budget
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if omp:
@@ -212,20 +212,24 @@ def test_threads_per_rank_are_chosen_from_the_cpus_and_logged(tmp_path, omp):
                           env={**env, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}, timeout=300)  # fmt: skip
     assert proc.returncode == 0, output(proc)[-3000:]
     if omp:
-        assert "torch threads per rank: " in proc.stdout and f"(OMP_NUM_THREADS={omp})" in proc.stdout
+        assert f"CPU budget: OMP_NUM_THREADS={omp} + data.num_workers=1 per rank" in proc.stdout
     else:
-        expected = choose_threads(1, len(os.sched_getaffinity(0)), 1)
-        assert f"torch threads per rank: {expected} (" in proc.stdout, proc.stdout[-3000:]
+        expected = cpu_budget(1, cpus=len(os.sched_getaffinity(0)), local_ranks=1, omp_threads=None).threads
+        line = f"CPU budget: {expected} torch thread(s) + data.num_workers=1 per rank"
+        assert line in proc.stdout, proc.stdout[-3000:]
 
 
 def test_ranks_times_threads_and_workers_fit_the_cpus():
-    from mtlora_dist.engine.threads import choose_threads
+    from mtlora_dist.cpus import cpu_budget
 
-    assert choose_threads(1, cpus=2, local_ranks=1) == 1  # the quickstart on 2 cores
-    assert choose_threads(0, cpus=2, local_ranks=1) == 2
-    assert choose_threads(2, cpus=16, local_ranks=2) == 6  # 2 x (6 + 2) = 16
-    assert choose_threads(None, cpus=16, local_ranks=8) == 1
-    assert choose_threads(4, cpus=2, local_ranks=2) == 1  # never 0
+    def threads(workers, cpus, local_ranks):
+        return cpu_budget(workers, cpus=cpus, local_ranks=local_ranks, omp_threads=None).threads
+
+    assert threads(1, cpus=2, local_ranks=1) == 1  # the quickstart on 2 cores
+    assert threads(0, cpus=2, local_ranks=1) == 2
+    assert threads(2, cpus=16, local_ranks=2) == 6  # 2 x (6 + 2) = 16
+    assert threads(None, cpus=16, local_ranks=8) == 1
+    assert threads(4, cpus=2, local_ranks=2) == 1  # never 0
 
 
 # -- item 14: every offline wandb folder of a resumed run is named ---------------------------------------------

@@ -60,9 +60,10 @@ def outputs(workdir: Path, name: str) -> str:
 
 
 def test_array_job_converts_parts_and_merges(slurm_cluster, raw_pascal, tmp_path):
-    from mtlora_dist.data import build_loader
     from mtlora_dist.data.ingest.formats import get_reader
     from mtlora_dist.data.shards.manifest import read_manifest, verify_shards
+
+    from factories import make_loader
 
     out = tmp_path / "shards"
     args = [
@@ -92,7 +93,7 @@ def test_array_job_converts_parts_and_merges(slurm_cluster, raw_pascal, tmp_path
     ids = get_reader("pascal_context", str(raw_pascal)).ids("train")
     assert keys == ids and manifest["num_samples"] == len(ids) == 16  # every sample once, in split order
     assert verify_shards(read_manifest(str(out))) == []
-    loader = build_loader(
+    loader = make_loader(
         str(out), dataset="pascal_context", tasks=manifest["tasks"], split="val", img_size=(32, 32), batch_size=4
     )
     streamed = [k for b in loader for k, ok in zip(b["__key__"], b["valid"].tolist()) if ok]

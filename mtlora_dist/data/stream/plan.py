@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtlora_dist.data.config import BatchGeometry
+
 __all__ = [
     "global_batches",
     "epoch_order",
@@ -70,13 +72,13 @@ def global_batches(num_samples: int, global_batch: int) -> int:
     return n
 
 
-def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_last: bool, accumulation: int = 1) -> int:
-    """Batches every rank yields per epoch (identical on all ranks)."""
+def batches_per_rank(num_samples: int, geometry: BatchGeometry, drop_last: bool) -> int:
+    """Batches (micro-batches) every rank yields per epoch (identical on all ranks)."""
     if drop_last:
-        return accumulation * global_batches(num_samples, batch_size * accumulation * world_size)
+        return geometry.accumulation * global_batches(num_samples, geometry.global_batch)
     if num_samples <= 0:
         raise ValueError("the manifest lists no samples")
-    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+    return math.ceil(math.ceil(num_samples / geometry.world_size) / geometry.micro_batch)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -141,7 +143,7 @@ def rank_slots(
     num_samples: int, world_size: int, rank: int, batch_size: int
 ) -> tuple[list[int], list[bool], list[int]]:
     """Evaluation ``(positions, valid, batch_sizes)`` of ``rank``: see the module docstring."""
-    nb = batches_per_rank(num_samples, world_size, batch_size, drop_last=False)
+    nb = batches_per_rank(num_samples, BatchGeometry(batch_size, 1, world_size), drop_last=False)
     per_rank = math.ceil(num_samples / world_size)
     base, rem = divmod(num_samples, world_size)
     start = rank * base + min(rank, rem)
@@ -191,43 +193,40 @@ class WorkerPlan:
 
 def make_worker_plan(
     num_samples: int,
+    geometry: BatchGeometry,
     *,
-    world_size: int,
     rank: int,
     num_workers: int,
     worker: int,
-    batch_size: int,
     seed: int,
     epoch: int,
     shuffle: bool,
     drop_last: bool,
     shuffle_buffer: int = 128,
     batches_consumed: int = 0,
-    accumulation: int = 1,
     block: int = 0,
     interleave: int = 8,
 ) -> WorkerPlan:
     """Plan of ``worker`` on ``rank`` for ``epoch``; see the module docstring. ``shuffle_buffer`` applies
-    to evaluation with shuffling only; ``accumulation``, ``block`` and ``interleave`` to training only."""
+    to evaluation with shuffling only; ``block`` and ``interleave`` (and the geometry's accumulation) to
+    training only."""
     if drop_last:
         return _train_plan(
-            num_samples, world_size, rank, num_workers, worker, batch_size, accumulation, seed, epoch, shuffle,
-            block, interleave, batches_consumed,
+            num_samples, geometry, rank, num_workers, worker, seed, epoch, shuffle, block, interleave,
+            batches_consumed,
         )  # fmt: skip
     return _eval_plan(
-        num_samples, world_size, rank, num_workers, worker, batch_size, seed, epoch, shuffle, shuffle_buffer,
-        batches_consumed,
+        num_samples, geometry.world_size, rank, num_workers, worker, geometry.micro_batch, seed, epoch, shuffle,
+        shuffle_buffer, batches_consumed,
     )  # fmt: skip
 
 
 def _train_plan(
     num_samples: int,
-    world_size: int,
+    geometry: BatchGeometry,
     rank: int,
     num_workers: int,
     worker: int,
-    batch_size: int,
-    accumulation: int,
     seed: int,
     epoch: int,
     shuffle: bool,
@@ -235,7 +234,8 @@ def _train_plan(
     interleave: int,
     batches_consumed: int,
 ) -> WorkerPlan:
-    order = epoch_order(num_samples, batch_size * accumulation * world_size, seed, epoch, shuffle, block, interleave)
+    world_size, accumulation, batch_size = geometry.world_size, geometry.accumulation, geometry.micro_batch
+    order = epoch_order(num_samples, geometry.global_batch, seed, epoch, shuffle, block, interleave)
     mine = worker_batches(order.shape[0] * accumulation, num_workers, worker)
     todo = [j for j in mine if j >= batches_consumed]
     positions = [int(x) for j in todo for x in rank_batch_positions(order, world_size, rank, accumulation, j)]

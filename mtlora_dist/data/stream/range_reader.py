@@ -3,7 +3,7 @@
 The worker's samples, in the order it delivers them, go through :func:`read_schedule.schedule_reads`:
 each read is one ranged request (``fs.cat_file(path, start, end)``: an HTTP range GET on S3, with the
 size from the manifest, so no HEAD), issued once the samples before it were delivered far enough that
-its bytes fit in ``read_buffer_bytes`` ahead of delivery; up to ``read_concurrency`` reads are in flight at
+its bytes fit in ``buffer_bytes`` ahead of delivery; up to ``concurrency`` reads are in flight at
 once (so a 50 ms request latency is hidden, ``docs/performance-data.md``). Each sample's bytes are
 checked against the manifest's digest and parsed on the fetching thread; the worker takes the samples in
 order with :meth:`RangeReader.take`.
@@ -59,7 +59,7 @@ class RangeReader:
         shards = cfg.manifest.shards
         ranges = [SampleRange(s, i, shards[s].offsets[i], shards[s].offsets[i + 1]) for s, i in slots]
         self.sizes = [r.size for r in ranges]
-        self.schedule = schedule_reads(ranges, cfg.read_buffer_bytes)
+        self.schedule = schedule_reads(ranges, cfg.buffer_bytes)
         self._cond = threading.Condition()
         self._ready: dict[int, tuple] = {}
         self._next_read = 0
@@ -78,7 +78,7 @@ class RangeReader:
             self._fs[shard] = url_to_fs(url, cfg.storage)
         self._threads = [
             threading.Thread(target=self._loop, daemon=True, name=f"mtlora-range-read-{i}")
-            for i in range(max(1, min(cfg.read_concurrency, len(self.schedule.reads))))
+            for i in range(max(1, min(cfg.concurrency, len(self.schedule.reads))))
         ]
 
     # ------------------------------------------------------------------------------------ consumer

@@ -1,7 +1,7 @@
 """The byte side of a worker's stream, for whole shards: the thread that reads the shards it needs.
 
 With the manifest's per-sample index (every conversion writes one) a worker reads only its samples, in
-delivery order, within ``read_buffer_bytes``: :mod:`~mtlora_dist.data.stream.range_reader`. This module
+delivery order, within ``buffer_bytes``: :mod:`~mtlora_dist.data.stream.range_reader`. This module
 reads **whole shards**, for manifests without the index (written before it existed; ``launch/convert.py
 --index`` adds it) and for remote shards being copied into the cache (which stores whole verified
 shards). :class:`ShardReader` reads the shards a worker needs, each once and sequentially, in the order
@@ -9,7 +9,7 @@ the plan first needs them, through fsspec (so network reads overlap with decodin
 samples with webdataset's tar iterators and hands them, as raw bytes, to the sample side
 (:mod:`~mtlora_dist.data.stream.streaming`) through a bounded queue. A shard's samples arrive together,
 so the sample side holds those it needs later until their turn: up to the worker's share of the epoch
-(``docs/data.md``, "Bounds"), not bounded by ``read_buffer_bytes``.
+(``docs/data.md``, "Bounds"), not bounded by ``buffer_bytes``.
 
 Integrity (``verify_checksums``, on by default): every byte goes through sha256 while it streams, and
 the shard's samples are handed on only once the digest and size match, so a damaged shard fails as a
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
+from mtlora_dist.data.config import ReadConfig
 from mtlora_dist.data.errors import ShardError
 from mtlora_dist.data.shards.manifest import Manifest
 from mtlora_dist.data.shards.tarshards import iter_tar_samples
@@ -61,7 +62,7 @@ _DATA_ERRORS = (tarfile.TarError, ShardError, EOFError, zlib.error)
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    """What the byte reader needs; plain data, so it pickles into workers."""
+    """What the byte reader needs (``data.read`` resolved, :meth:`of`); plain data, so it pickles into workers."""
 
     manifest: Manifest
     on_error: str
@@ -71,8 +72,24 @@ class ReaderConfig:
     verify_checksums: bool = True
     cache_dir: str | None = None
     cache_max_bytes: int = 0
-    read_buffer_bytes: int = 256 << 20  # the most bytes a worker reads ahead of delivery (range_reader.py)
-    read_concurrency: int = 8  # ranged requests in flight per worker
+    buffer_bytes: int = 256 * 2**20  # data.read.buffer_mb: bytes the reader may hold ahead of delivery
+    concurrency: int = 8  # data.read.concurrency: ranged requests in flight per worker (range_reader.py)
+
+    @classmethod
+    def of(cls, manifest: Manifest, read: ReadConfig, storage: StorageOptions) -> ReaderConfig:
+        """The reader's settings from the ``data.read`` section."""
+        return cls(
+            manifest=manifest,
+            on_error=str(read.on_error),
+            storage=storage,
+            prefetch_samples=read.prefetch_samples,
+            max_consecutive_failures=read.max_consecutive_failures,
+            verify_checksums=read.verify_checksums,
+            cache_dir=read.cache_dir,
+            cache_max_bytes=read.cache_max_bytes,
+            buffer_bytes=read.buffer_bytes,
+            concurrency=read.concurrency,
+        )
 
     @property
     def checks_shards(self) -> bool:

@@ -2,13 +2,13 @@
 
 Each worker follows its :class:`~mtlora_dist.data.stream.plan.WorkerPlan`: a
 :class:`~mtlora_dist.data.stream.range_reader.RangeReader` fetches the samples it needs in delivery
-order, at most ``read_buffer_bytes`` ahead (indexed manifests; whole shards without the index:
+order, at most ``read.buffer_mb`` ahead (indexed manifests; whole shards without the index:
 :class:`~mtlora_dist.data.stream.reader.ShardReader`; checksums, retries, cache: see those modules), and
 the worker thread emits samples in the planned order, decodes, transforms and collates them. Samples before the resume point are dropped as
-raw bytes, never decoded. With ``augment_on_device`` the worker only decodes (and draws each sample's
+raw bytes, never decoded. With ``decode.augment_device="device"`` the worker only decodes (and draws each sample's
 warp); the loader warps the batch on the training device (``transforms.warp_batch``).
 
-Memory: with the index a worker holds at most ``read_buffer_bytes`` of raw samples ahead of delivery,
+Memory: with the index a worker holds at most ``read.buffer_mb`` of raw samples ahead of delivery,
 at any dataset size; reading whole shards, it holds the samples it still needs from the shards it has
 read (up to its share of the epoch). ``stats["read_held_peak"]`` reports the peak (``docs/data.md``).
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mtlora_dist.data.config import BatchGeometry, DataWorld, DecodeConfig, OrderConfig, ReadConfig
 from mtlora_dist.data.errors import DataError, SampleDecodeError, TooManyFailuresError
 from mtlora_dist.data.shards.encoding import IMAGE_SUFFIX, Decoders, decode_sample, jpeg_size
 from mtlora_dist.data.shards.manifest import Manifest
@@ -62,52 +63,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Everything a worker needs to produce its batches; plain data, so it pickles into workers."""
+    """Everything a worker needs to produce its batches; plain data, so it pickles into workers.
+
+    ``geometry`` is the batch layout this loader yields (evaluation: its batch size, no accumulation);
+    ``order``, ``read`` and ``decode`` are the ``data`` config's sections, as configured."""
 
     manifest: Manifest
     tasks: tuple[str, ...]
     img_size: tuple[int, int]
-    batch_size: int
-    world_size: int
-    rank: int
-    num_workers: int
+    world: DataWorld
+    geometry: BatchGeometry
     seed: int
     shuffle: bool
     augment: bool
     drop_last: bool
     protocol: str
-    on_error: str
     storage: StorageOptions = field(default_factory=StorageOptions)
-    shuffle_buffer: int = 128  # evaluation with shuffling only
-    accumulation: int = 1  # gradient accumulation: global batch = batch_size * accumulation * world_size
-    shuffle_block: int = 0  # training: visits one slot reads from one contiguous block (plan.py)
-    shuffle_interleave: int = 8  # training: a slot's blocks alternate over this many consecutive steps
-    prefetch_samples: int = 16
-    max_consecutive_failures: int = 3
-    verify_checksums: bool = True
-    decoders: Decoders = field(default_factory=Decoders)
-    resampling: Resampling = field(default_factory=Resampling)
-    reduced_decode: bool = True  # decode the JPEG at 1/2..1/8 size when the warp shrinks it that much anyway
-    augment_on_device: bool = False  # workers decode only; the loader warps batches on the training device
-    cache_dir: str | None = None
-    cache_max_bytes: int = 0
-    read_buffer_bytes: int = 256 << 20  # the most bytes a worker reads ahead of delivery (indexed manifests)
-    read_concurrency: int = 8  # ranged requests in flight per worker
+    order: OrderConfig = field(default_factory=OrderConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decoders: Decoders = field(default_factory=Decoders)  # decode.jpeg/png, with PIL for what is not installed
+
+    @property
+    def resampling(self) -> Resampling:
+        return Resampling(self.decode.resampler, self.decode.normals_resampling)
+
+    @property
+    def augment_on_device(self) -> bool:
+        """Workers decode only; the loader warps batches on the training device (training only)."""
+        return self.augment and self.decode.augment_device == "device"
 
     def reader_config(self) -> ReaderConfig:
         """The byte reader's part of this config."""
-        return ReaderConfig(
-            manifest=self.manifest,
-            on_error=self.on_error,
-            storage=self.storage,
-            prefetch_samples=self.prefetch_samples,
-            max_consecutive_failures=self.max_consecutive_failures,
-            verify_checksums=self.verify_checksums,
-            cache_dir=self.cache_dir,
-            cache_max_bytes=self.cache_max_bytes,
-            read_buffer_bytes=self.read_buffer_bytes,
-            read_concurrency=self.read_concurrency,
-        )
+        return ReaderConfig.of(self.manifest, self.read, self.storage)
 
 
 @contextmanager
@@ -161,20 +149,18 @@ class ShardStream(IterableDataset):
         now_epoch, now_consumed = self.position
         return make_worker_plan(
             cfg.manifest.num_samples,
-            world_size=cfg.world_size,
-            rank=cfg.rank,
-            num_workers=max(1, cfg.num_workers),
+            cfg.geometry,
+            rank=cfg.world.rank,
+            num_workers=max(1, cfg.world.num_workers),
             worker=worker,
-            batch_size=cfg.batch_size,
             seed=cfg.seed,
             epoch=now_epoch if epoch is None else epoch,
             shuffle=cfg.shuffle,
             drop_last=cfg.drop_last,
-            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle_buffer=cfg.order.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
-            accumulation=cfg.accumulation,
-            block=cfg.shuffle_block,
-            interleave=cfg.shuffle_interleave,
+            block=cfg.order.shuffle_block,
+            interleave=cfg.order.shuffle_interleave,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -221,7 +207,7 @@ class ShardStream(IterableDataset):
 
     def _reduced_size(self, members: dict[str, bytes], warp: Warp) -> tuple[int, int] | None:
         """How small the JPEG may be decoded: only when the warp shrinks it 2x or more anyway."""
-        if not (self.cfg.reduced_decode and self.cfg.decoders.jpeg == "simplejpeg"):
+        if not (self.cfg.decode.reduced_decode and self.cfg.decoders.jpeg == "simplejpeg"):
             return None
         full = jpeg_size(members.get(IMAGE_SUFFIX, b""))
         return reduced_image_size(full, self.cfg.img_size, warp) if full else None
@@ -244,7 +230,7 @@ class ShardStream(IterableDataset):
                 try:
                     out = self._prepare(event, valid, epoch)
                 except SampleDecodeError as exc:  # names the shard and the sample
-                    if self.cfg.on_error == "raise":
+                    if self.cfg.read.on_error == "raise":
                         raise DataError(f"bad sample: {exc}") from exc
                     stats["samples_skipped"] += 1
                     log.warning("skipping a bad sample: %s", exc)
@@ -260,7 +246,7 @@ class ShardStream(IterableDataset):
                 owed += 1
         if owed:
             raise TooManyFailuresError(
-                f"rank {self.cfg.rank}: no sample of this worker's share of epoch {epoch} could be read; "
+                f"rank {self.cfg.world.rank}: no sample of this worker's share of epoch {epoch} could be read; "
                 "see the warnings above for the shards and causes"
             )
 
