@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 
 from mtlora_dist.config import data_config  # noqa: E402
+from mtlora_dist.data.config import BatchGeometry  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
 from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order  # noqa: E402
@@ -143,8 +144,8 @@ def schedule_rows(buffers_mb: list[float]) -> list[dict]:
         counts = [per_shard] * (n // per_shard) + ([n % per_shard] if n % per_shard else [])
         size = int(sample_mb * 2**20)
         plan = make_worker_plan(
-            n, world_size=world, rank=0, num_workers=workers, worker=0, batch_size=micro, seed=0, epoch=0,
-            shuffle=True, drop_last=True,
+            n, BatchGeometry(micro, 1, world), rank=0, num_workers=workers, worker=0, seed=0, epoch=0, shuffle=True,
+            drop_last=True,
         )  # fmt: skip
         slots = locate(plan.positions, counts, shard_order(len(counts), 0, 0, True))
         ranges = [SampleRange(s, i, i * size, (i + 1) * size) for s, i in slots]

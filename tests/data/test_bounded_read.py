@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 
@@ -34,8 +35,8 @@ def share_bytes(url: str, num_workers: int, worker: int, batch_size: int, seed: 
     manifest = read_manifest(url)
     counts = [s.num_samples for s in manifest.shards]
     plan = make_worker_plan(
-        manifest.num_samples, world_size=1, rank=0, num_workers=num_workers, worker=worker, batch_size=batch_size,
-        seed=seed, epoch=0, shuffle=True, drop_last=True,
+        manifest.num_samples, BatchGeometry(batch_size), rank=0, num_workers=num_workers, worker=worker, seed=seed,
+        epoch=0, shuffle=True, drop_last=True,
     )  # fmt: skip
     slots = locate(plan.positions, counts, shard_order(len(counts), seed, 0, True))
     return sum(manifest.shards[s].offsets[i + 1] - manifest.shards[s].offsets[i] for s, i in slots)

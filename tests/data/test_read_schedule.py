@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 from mtlora_dist.data.stream.read_schedule import SampleRange, schedule_reads, window_ends
 
@@ -22,8 +23,8 @@ def worker_ranges(offsets, world, workers, worker, batch, accumulation=1, rank=0
     """One worker's training epoch, in delivery order, as the loader plans it."""
     counts = [len(o) - 1 for o in offsets.values()]
     plan = make_worker_plan(
-        sum(counts), world_size=world, rank=rank, num_workers=workers, worker=worker, batch_size=batch, seed=3,
-        epoch=1, shuffle=True, drop_last=True, accumulation=accumulation,
+        sum(counts), BatchGeometry(batch, accumulation, world), rank=rank, num_workers=workers, worker=worker, seed=3,
+        epoch=1, shuffle=True, drop_last=True,
     )  # fmt: skip
     slots = locate(plan.positions, counts, shard_order(len(counts), 3, 1, True))
     return [SampleRange(s, i, offsets[s][i], offsets[s][i + 1]) for s, i in slots]
@@ -107,8 +108,8 @@ def test_a_larger_buffer_trades_memory_for_fewer_requests():
     offsets = sorted_set_ranges(30, 100)
     counts = [100] * 30
     plan = make_worker_plan(
-        3000, world_size=1, rank=0, num_workers=1, worker=0, batch_size=16, seed=3, epoch=0, shuffle=True,
-        drop_last=True, block=4, interleave=1,
+        3000, BatchGeometry(16), rank=0, num_workers=1, worker=0, seed=3, epoch=0, shuffle=True, drop_last=True,
+        block=4, interleave=1,
     )  # fmt: skip
     slots = locate(plan.positions, counts, shard_order(30, 3, 0, True))
     ranges = [SampleRange(s, i, offsets[s][i], offsets[s][i + 1]) for s, i in slots]
