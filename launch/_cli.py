@@ -4,7 +4,8 @@ keys), and known failures turned into one clear message and exit status 2 instea
 
 Nothing here imports torch or DeepSpeed: a script parses and checks its config first, then imports them.
 Exit status: 0 done, 2 a known failure (configuration, data, storage, checkpoint) with one message,
-3 stopped by a signal after writing a checkpoint (launch/train.py); a traceback means a bug.
+3 stopped by a signal after writing a checkpoint (launch/train.py), 130 interrupted by Ctrl-C elsewhere
+(one line); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXIT_KNOWN_FAILURE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 # (key, what it does): the keys most runs set, shown by --help.
 MOST_USED_KEYS = (
@@ -33,6 +35,7 @@ MOST_USED_KEYS = (
     ("deepspeed.precision", "fp32, bf16, fp16 or auto (bf16 on a GPU that has it, else fp32)"),
     ("deepspeed.gradient_accumulation_steps", "micro-steps per optimizer step"),
     ("checkpoint.every / eval.every", "steps between checkpoints / evaluations (0: only at the end)"),
+    ("checkpoint.resume=false", "start over: refused on a used run_dir unless checkpoint.overwrite=true deletes it"),
     ("logging.wandb.mode", "offline, online or disabled"),
     ("model.pretrained", "path of the backbone's ImageNet weights"),
     ("seed", "initial weights, augmentation and data order"),
@@ -64,7 +67,7 @@ def config_epilog() -> str:
         "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never the command line).",
         (
             "exit status: 0 done, 2 configuration/data/storage/checkpoint problem (one message), "
-            "3 stopped by a signal after a checkpoint."
+            "3 stopped by a signal after a checkpoint, 130 interrupted by Ctrl-C outside training (one line)."
         ),
     ]
     return "\n".join(lines)
@@ -111,17 +114,47 @@ def print_or_prepare(args: argparse.Namespace, cfg, *, needs_data: bool = True) 
     if args.cfg:
         print_config(cfg)
         return True
+    from mtlora_dist.config import ConfigError, check_data
+
     if needs_data:
-        from mtlora_dist.config import check_data
+        check_data(cfg.data)
+    pretrained = cfg.model.pretrained
+    if pretrained and not os.path.isfile(pretrained):  # found now, not after ~20 s of loading torch and the model
+        raise ConfigError(
+            f"model.pretrained '{pretrained}' does not exist; set model.pretrained to a local timm Swin checkpoint "
+            "file, or null for random weights"
+        )
+    if needs_data:
         from mtlora_dist.storage.buckets import require_buckets
 
-        check_data(cfg.data)
         urls = {"run_dir": cfg.run_dir, "data.train_url": cfg.data.train_url, "data.val_url": cfg.data.val_url}
         require_buckets(urls, cfg.data.storage)  # a missing bucket or refused key: before the model is built
     from mtlora_dist.engine.quiet import quiet_third_party
 
     quiet_third_party()
     return False
+
+
+def prepare_training(cfg) -> None:
+    """Before training starts (and before torch loads): the run_dir's state agrees with what the command asks
+    (``engine/run_dir.py``: a used run_dir with ``checkpoint.resume=false`` is refused, a saved config.yaml
+    that is not plain YAML too), and a run that will cost hours on a CPU says so."""
+    from mtlora_dist.engine.run_dir import check_run_dir
+
+    check_run_dir(cfg, _rank())
+    if _rank() == 0 and not _gpu_visible():
+        from mtlora_dist.engine.console import cpu_cost
+
+        notice = cpu_cost(cfg)
+        if notice:
+            print(notice, flush=True)
+
+
+def _gpu_visible() -> bool:
+    """A CUDA device this process may use, judged without importing torch (the driver's device files)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
 @contextlib.contextmanager
@@ -226,12 +259,19 @@ def report_failure(err: BaseException, kind: str) -> None:
 
 
 def friendly_errors(main):
-    """Exit with status 2 and one message for a known failure; let bugs raise with their traceback."""
+    """Exit with status 2 and one message for a known failure, 130 and one line for a Ctrl-C that reached
+    Python (training installs its own handler: a checkpoint and 3); let bugs raise with their traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _rank() == 0:
+                script = os.path.basename(sys.argv[0]) or "the command"
+                print(f"\nstopped: Ctrl-C (SIGINT) interrupted {script} before it finished; what it had not written "
+                      "yet is not written (rerun the same command)", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as err:  # noqa: BLE001 - classified; anything unknown is re-raised
             kind = known_failure(err)
             if kind is None:

@@ -39,11 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     if _cli.print_or_prepare(args, cfg, needs_data=False):
         return
 
-    import logging
-
+    from mtlora_dist.engine.console import setup_logging
     from mtlora_dist.export.from_checkpoint import export_checkpoint
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    setup_logging(0)  # results on stdout, warnings on stderr
     with _cli.mismatch_explained(cfg, run_dir_of(extra["checkpoint"])):
         export_checkpoint(cfg, extra["checkpoint"], extra["out"], fold_task_proj=fold == "true")
 

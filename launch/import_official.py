@@ -38,11 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     if _cli.print_or_prepare(args, cfg, needs_data=False):
         return
 
-    import logging
-
+    from mtlora_dist.engine.console import setup_logging
     from mtlora_dist.engine.import_official import import_official
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    setup_logging(0)  # results on stdout, warnings on stderr
     url = import_official(cfg, extra["official"], extra.get("backbone_out"))
     print(f"imported {extra['official']} as {url}")
 

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)  # validated before anything is written or imported
     if _cli.print_or_prepare(args, cfg):
         return
+    _cli.prepare_training(cfg)  # a used run_dir, a changed config.yaml refused; a CPU's cost said
 
     from mtlora_dist.engine.trainer import EXIT_PREEMPTED, train
     from mtlora_dist.reports import TrainingReporter

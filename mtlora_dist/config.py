@@ -58,6 +58,7 @@ __all__ = [
     "SyntheticDataConfig",
     "load_config",
     "run_config",
+    "saved_config_text",
     "run_dir_of",
     "ConfigError",
     "to_yaml",
@@ -190,6 +191,12 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end and on a termination signal
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run_dir
+    # with resume: false, delete an earlier run's files in run_dir first (without it, a used run_dir is refused)
+    overwrite: bool = False
+    # a resume whose world size cannot make the saved global batch (micro-batch x accumulation x ranks) is
+    # refused; true continues with this run's global batch instead (lrs follow optim.lr_scaling; the rest of
+    # the interrupted epoch is read once, in batches of the new size)
+    change_global_batch: bool = False
     local_cache: str | None = None  # staging folder for remote run_dirs
 
 
@@ -203,6 +210,51 @@ class EvalConfig:
     baselines: dict[str, float] | None = None
 
 
+class Balancing(StrEnum):
+    fixed = "fixed"  # the task registry's weights with loss_weights overrides (docs/balancing.md)
+    uncertainty = "uncertainty"  # learned log-variances (Kendall et al. 2018; torchjd.scalarization.UW)
+    dwa = "dwa"  # Dynamic Weight Average (Liu et al. 2019) over windows of optimizer steps
+    upgrad = "upgrad"  # torchjd's UPGrad weighting of the per-task gradients' Gramian
+    mgda = "mgda"  # torchjd's MGDA weighting of the same Gramian (min-norm; scaled to sum to T)
+
+
+@dataclass
+class UncertaintyConfig:
+    init: float = 0.0  # initial log-variance s_t (weights start at w_t * exp(-s_t) / 2)
+    lr: float | None = None  # AdamW lr of the log-variances; null = the engine's lr at each step
+
+
+@dataclass
+class DWAConfig:
+    temperature: float = 2.0  # T of the softmax over the loss ratios (the paper's 2)
+    window: int = 0  # optimizer steps per averaging window; 0 = one epoch
+
+
+@dataclass
+class GramianConfig:
+    # the module whose output is the shared representation z; the Gramian is of dL_t/dz (docs/balancing.md)
+    module: str = "backbone.patch_embed"
+
+
+@dataclass
+class LossConfig:
+    """How the per-task losses become one objective (``loss.balancing``); every method multiplies the
+    fixed weights (task registry + ``loss_weights``) by its own (docs/balancing.md)."""
+
+    balancing: Balancing = Balancing.fixed
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    dwa: DWAConfig = field(default_factory=DWAConfig)
+    gramian: GramianConfig = field(default_factory=GramianConfig)
+
+    def __post_init__(self) -> None:
+        if not self.dwa.temperature > 0:
+            raise ValueError(f"loss.dwa.temperature is {self.dwa.temperature}; pass a positive number (the paper's 2)")
+        if self.dwa.window < 0:
+            raise ValueError(f"loss.dwa.window is {self.dwa.window}; pass 0 (one epoch) or a number of steps")
+        if self.uncertainty.lr is not None and not self.uncertainty.lr > 0:
+            raise ValueError(f"loss.uncertainty.lr is {self.uncertainty.lr}; pass a positive lr or null (the engine's)")
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -211,6 +263,7 @@ class TrainConfig:
     epochs: int = 300
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one invocation; 0 = no limit
     loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of the task registry
+    loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
@@ -315,8 +368,9 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
             )
         field = _credential_field(name, value)
         if field:
+            default = " (a default in ${oc.env:VAR,DEFAULT} is typed on the command line too)" * ("oc.env:" in value)
             raise ConfigError(
-                f"'{field}' is a credential and must not be given on the command line "
+                f"'{field}' is a credential and must not be given on the command line{default} "
                 f"(launchers print and record their arguments): {SECRET_ENV_HINT}. If the value "
                 "was shared, rotate it"
             )
@@ -354,8 +408,23 @@ def _secret_in(value: Any, prefix: str) -> str | None:
     return None
 
 
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:,(?P<default>.*))?\}")
+
+
 def _is_literal(value: str) -> bool:
-    return value.strip() not in ("", "null", "None") and not value.strip().startswith("${oc.env:")
+    """True unless ``value`` is empty or only names an environment variable: ``${oc.env:VAR}``, with a
+    default that is itself empty, ``null`` or another such reference. ``${oc.env:UNSET,LITERAL}`` is a
+    literal: its default is the secret, typed on the command line."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1].strip()
+    if value in ("", "null", "None"):
+        return False
+    found = _ENV_REFERENCE.fullmatch(value)
+    if found is None:
+        return True
+    default = found.group("default")
+    return default is not None and _is_literal(default)
 
 
 def _refuse_hydra_settings(overrides: list[str]) -> None:
@@ -417,6 +486,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
     _check_optim(cfg.optim)
+    _check_loss(cfg)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
 
@@ -434,6 +504,16 @@ def _refuse_renamed_keys(overrides: list[str]) -> None:
         renamed = renamed_key_error(override.partition("=")[0])
         if renamed:
             raise ConfigError(renamed)
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    """The Gramian weightings take per-task gradients besides the engine's backward; ZeRO-3 fetches a
+    module's partitioned weights for one backward per forward only (docs/balancing.md)."""
+    if cfg.loss.balancing in (Balancing.upgrad, Balancing.mgda) and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            f"loss.balancing={cfg.loss.balancing} runs at ZeRO stages 0-2, not 3 (ZeRO-3 gathers a module's "
+            "weights for one backward per forward; the per-task gradients need more); pass deepspeed.zero_stage=2 (MTLoRA's default)"
+        )
 
 
 def _check_optim(optim: OptimConfig) -> None:
@@ -535,21 +615,59 @@ def run_dir_of(checkpoint: str) -> str:
     return re.sub(r"/checkpoints(/step_\d+)?$", "", str(checkpoint).rstrip("/"))
 
 
+def saved_config_text(run_dir: str, storage: StorageOptions | None = None, *, action: str) -> str | None:
+    """The text of ``<run_dir>/config.yaml`` (None if there is none), refused by name unless it is plain
+    YAML (a python tag is never constructed). ``action`` says what was about to use it."""
+    from mtlora_dist.storage.retry import retry_call
+
+    url = join(run_dir, "config.yaml")
+    fs, path = url_to_fs(url, storage)
+
+    def read() -> str | None:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as fh:
+            return fh.read()
+
+    text = retry_call(read, url=url, options=storage)  # an unreachable endpoint: one message naming the URL
+    if text is None:
+        return None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        why = " ".join(str(err).replace('"<unicode string>", ', "").split())
+        raise ConfigError(
+            f"{url} is not plain YAML ({why}); it was changed after the run wrote it, and {action}: remove the "
+            "tag or restore the file (or pass --config with the run's recipe)"
+        ) from None
+    return text
+
+
 def run_config(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """The config for evaluating or exporting ``checkpoint``: the YAML ``config`` if given, else the one the
     run saved (``<run_dir>/config.yaml``), with ``overrides`` applied. A saved config has its credentials
-    masked; they come from the environment (``AWS_*``) again."""
+    masked; they come from the environment (``AWS_*``) again. Messages name the run's file, never the
+    temporary copy that is composed; a missing bucket or refused credentials name the checkpoint's URL."""
+    from mtlora_dist.storage.buckets import require_buckets
+
     if config:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        require_buckets({"checkpoint": checkpoint}, cfg.data.storage)
+        return cfg
+    require_buckets({"checkpoint": checkpoint})
     run_dir = run_dir_of(checkpoint)
-    fs, path = url_to_fs(join(run_dir, "config.yaml"))
-    if not fs.exists(path):
+    text = saved_config_text(run_dir, action="the checkpoint is read with it")
+    if text is None:
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass --config with the run's config")
     with tempfile.TemporaryDirectory(prefix="mtlora-config-") as tmp:
         local = os.path.join(tmp, "run_config.yaml")
-        fs.get_file(path, local)
-        migrate_saved_config(local)  # a run saved before the data sections: its keys moved, said in one line
-        cfg = load_config(local, overrides)
+        with open(local, "w") as fh:
+            fh.write(text)
+        try:
+            migrate_saved_config(local)  # a run saved before the data sections: its keys moved, said in one line
+            cfg = load_config(local, overrides)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace(local, join(run_dir, "config.yaml"))) from None
     for key in ("key", "secret"):
         if getattr(cfg.data.storage, key) == _MASKED:
             setattr(cfg.data.storage, key, None)

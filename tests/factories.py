@@ -79,7 +79,7 @@ def task_lora_positional(task_input: bool, shared_in_tasks: bool, mask=None):
 
 # build_loader's inputs by name: which object or section of the data config each test keyword fills
 _LOADER_KEYS = {
-    "order": {"shuffle_block", "shuffle_interleave", "shuffle_buffer", "sample_log"},
+    "order": {"shuffle_buffer", "sample_log"},
     "read": {"verify_checksums", "cache_dir", "cache_max_gb", "on_error", "max_consecutive_failures",
              "prefetch_samples", "buffer_mb", "concurrency"},
     "decode": {"jpeg", "png", "resampler", "normals_resampling", "reduced_decode", "augment_device"},
@@ -92,7 +92,7 @@ _LOADER_KEYS = {
 
 def make_loader(url: str, split: str = "train", **kw):
     """``build_loader`` for a test: keywords name the setting (``batch_size``, ``num_workers``,
-    ``on_error``, ``shuffle_block``, ...) and land in the data config's section, the DataWorld or the
+    ``on_error``, ``sample_log``, ...) and land in the data config's section, the DataWorld or the
     BatchGeometry they belong to (``_LOADER_KEYS``); ``num_workers=None`` is sized by the CPU budget.
     ``batch_size`` is the micro-batch of a training loader and ``data.eval_batch_size`` of a val loader."""
     from mtlora_dist.cpus import cpu_budget

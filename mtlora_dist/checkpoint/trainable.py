@@ -11,6 +11,7 @@ getters all-reduce each tensor): call it on every rank.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,9 +35,11 @@ __all__ = [
     "restore_trainable",
     "engine_counters",
     "restore_counters",
+    "restore_schedule_position",
 ]
 
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+log = logging.getLogger("mtlora_dist")
 
 
 def _trainable(engine: Any) -> list[tuple[str, nn.Parameter]]:
@@ -224,10 +227,35 @@ def restore_counters(engine: Any, counters: dict[str, Any]) -> None:
     engine.skipped_steps = int(counters.get("skipped_steps", 0))
     engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
     if engine.lr_scheduler is not None and "lr_scheduler" in counters:
-        engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_schedule_position(engine.lr_scheduler, engine.optimizer.param_groups, counters["lr_scheduler"])
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     for key, value in counters.get("loss_scaler", {}).items():
         if scaler is not None and hasattr(scaler, key):
             setattr(scaler, key, value)
+
+
+def restore_schedule_position(scheduler: Any, groups: list[dict], saved: dict[str, Any]) -> None:
+    """Move ``scheduler`` to the saved step and set the groups' lrs from *this* run's schedule.
+
+    Learning rates are never restored as numbers: the scheduler built for this run holds the recipe's
+    lrs for the current global batch (``optim.lr_scaling``), and only the position (``last_epoch``) comes
+    from the checkpoint. One line says when that differs from what the checkpoint ran with (another global
+    batch, an import made at another batch size, an edited recipe)."""
+    scheduler.last_epoch = int(saved["last_epoch"])
+    scheduler._step_count = int(saved.get("_step_count", scheduler.last_epoch + 1))
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # not a LambdaLR: its own closed form at the restored position
+        lrs = [float(x) for x in scheduler._get_closed_form_lr()]
+    else:
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)]
+    scheduler._last_lr = lrs
+    for group, lr in zip(groups, lrs, strict=True):
+        group["lr"] = lr
+    before = [float(x) for x in saved.get("base_lrs", [])]
+    now = [float(x) for x in scheduler.base_lrs]
+    if before and any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in zip(before, now, strict=False)):
+        log.info(
+            "learning rates recomputed from the recipe for this run's global batch, not restored: base lr %.4g "
+            "(the checkpoint ran with %.4g); lr at step %d: %.4g",
+            now[0], before[0], scheduler.last_epoch, lrs[0],
+        )  # fmt: skip

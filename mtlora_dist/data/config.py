@@ -61,22 +61,15 @@ class EvalProtocol(StrEnum):
 
 @dataclass
 class OrderConfig:
-    """``data.order``: the training order (``docs/data.md``, "The training order"), the same on any number
-    of ranks and workers. Slot p of global batch b reads stream ``b % shuffle_interleave``, in contiguous
-    blocks of ``shuffle_block`` samples (0: one block); larger blocks read fewer shards and hold more samples;
-    worker counts dividing the interleave share no block."""
+    """``data.order``: the training order (``docs/data.md``, "The training order"): a uniform shuffle of each
+    epoch, cut into global batches, the same on any number of ranks and workers."""
 
-    shuffle_block: int = 0
-    shuffle_interleave: int = 8
     shuffle_buffer: int = 128  # evaluation loaders with shuffling only (tests, tools): a buffer shuffle
     sample_log: str | None = None  # a local folder: each rank appends every training batch's sample keys
 
     def __post_init__(self) -> None:
-        if self.shuffle_block < 0 or self.shuffle_interleave < 1 or self.shuffle_buffer < 1:
-            raise ValueError(
-                "data.order: shuffle_block must be >= 0, shuffle_interleave and shuffle_buffer >= 1 (got "
-                f"{self.shuffle_block}, {self.shuffle_interleave}, {self.shuffle_buffer})"
-            )
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.order: shuffle_buffer must be >= 1 (got {self.shuffle_buffer})")
 
 
 @dataclass
@@ -173,8 +166,6 @@ class DataConfig:
 
 # data.<old key> (before the sections) -> its key now
 RENAMED_KEYS = {
-    "shuffle_block": "order.shuffle_block",
-    "shuffle_interleave": "order.shuffle_interleave",
     "sample_log": "order.sample_log",
     "verify_checksums": "read.verify_checksums",
     "cache_dir": "read.cache_dir",
@@ -184,9 +175,18 @@ RENAMED_KEYS = {
 }
 
 
+# keys of the interleaved block order, gone with it (the order is a uniform shuffle): dropped from saved configs
+RETIRED_KEYS = ("shuffle_block", "shuffle_interleave")
+
+
 def renamed_key_error(key: str) -> str | None:
     """The one-line refusal for an old flat ``data.<key>`` (``None`` for any other key)."""
     name = key.lstrip("+~")
+    if name.split("=")[0] in {f"data.{k}" for k in RETIRED_KEYS} | {f"data.order.{k}" for k in RETIRED_KEYS}:
+        return (
+            f"config key '{name.split('=')[0]}' was removed: the training order is a uniform shuffle of each epoch "
+            "with no locality setting (docs/data.md, 'The training order'); drop it"
+        )
     if name.startswith("data.") and name[len("data.") :] in RENAMED_KEYS:
         new = f"data.{RENAMED_KEYS[name[len('data.') :]]}"
         return f"config key '{name}' is now '{new}' (the data config has sections: docs/data.md); use {new}"
@@ -197,6 +197,11 @@ def migrate_data_keys(data: dict[str, Any]) -> list[str]:
     """Move the old flat keys of a ``data:`` mapping (a run's saved ``config.yaml`` from before the
     sections) to their sections, in place; returns ``["data.old -> data.new", ...]`` for what moved."""
     moved = []
+    for old in RETIRED_KEYS:
+        for where in (data, data.get("order") or {}):
+            if old in where:
+                del where[old]
+                moved.append(f"data.{old} -> (removed)")
     for old, new in RENAMED_KEYS.items():
         if old in data:
             section, key = new.split(".")

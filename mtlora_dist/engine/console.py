@@ -30,12 +30,21 @@ import sys
 import time
 from collections.abc import Iterator
 
+import psutil
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mtlora_dist.storage.fs import redact_userinfo
 
-__all__ = ["Progress", "format_eta", "setup_logging", "survive_closed_output", "write_stderr"]
+__all__ = [
+    "Progress",
+    "format_eta",
+    "setup_logging",
+    "survive_closed_output",
+    "write_stderr",
+    "cpu_cost",
+    "format_duration",
+]
 
 log = logging.getLogger("mtlora_dist")
 
@@ -232,3 +241,51 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    """``'3.1 days'``, ``'5.2 h'``, ``'12 min'`` or ``'40 s'``: a length a person reads at a glance."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+# -- what a run will cost on a CPU -------------------------------------------------------------------------------
+# Measured (issue 33): configs/pascal_swin_t_r64.yaml data=synthetic on a 2-core CPU, Swin-T at 448x448, batch 8:
+# 14.6 GB of memory and 30-40 s an optimizer step (7,200 steps: an ETA of 3 days). Other runs are scaled from it
+# by the pixels and the batch, time by the backbone's FLOPs (embed_dim^2 x blocks: Swin's within 5 %) and memory by
+# its activations (embed_dim x blocks).
+_REFERENCE = {"gb": 14.6, "step_s": 35.0, "pixels": 448 * 448 * 8, "embed": 96, "blocks": 12}
+_SWIN = {"tiny": (96, 12), "small": (96, 24), "base": (128, 24), "large": (192, 24)}  # embed_dim, blocks
+_TRAIN_IMAGES = {"pascal_context": 4998, "nyud": 795}
+
+
+def cpu_cost(cfg) -> str | None:
+    """One line saying what training ``cfg`` costs on a CPU, when that is more than minutes a step or
+    gigabytes (a paper recipe): memory and time per step scaled from a measured run, the whole run's time
+    where it is known. None for runs a CPU does in reasonable time (the quickstart)."""
+    model, data = cfg.model, cfg.data
+    size = next((v for k, v in _SWIN.items() if f"swin_{k}" in model.backbone), _SWIN["tiny"])
+    embed = model.backbone_kwargs.get("embed_dim", size[0])
+    blocks = sum(model.backbone_kwargs["depths"]) if "depths" in model.backbone_kwargs else size[1]
+    accumulation = cfg.deepspeed.gradient_accumulation_steps
+    ref = _REFERENCE
+    pixels = model.img_size[0] * model.img_size[1] * data.batch_size / ref["pixels"]
+    width, depth = embed / ref["embed"], blocks / ref["blocks"]
+    gb, step_s = ref["gb"] * pixels * width * depth, ref["step_s"] * pixels * width**2 * depth * accumulation
+    if gb < 4 and step_s < 10:
+        return None
+    steps = cfg.max_steps
+    images = data.synthetic.num_train if data.synthetic.enabled and not data.train_url else None
+    images = images or _TRAIN_IMAGES.get(data.dataset)
+    if not steps and images:
+        steps = cfg.epochs * max(1, images // (data.batch_size * accumulation))
+    total = f"; {steps} steps: about {format_duration(steps * step_s)} on one CPU rank" if steps else ""
+    free = psutil.virtual_memory().available / 2**30
+    short = f" (this machine has {free:.1f} GB free: it may be killed for memory)" if gb > free else ""
+    return (
+        f"this run on a CPU: about {gb:.1f} GB of memory{short} and {step_s:.0f} s an optimizer step{total} (scaled from "
+        f"{_REFERENCE['gb']} GB and 30-40 s a step measured for Swin-T at 448 px, batch 8, on 2 cores). It is "
+        "a GPU recipe: for a try on a CPU use configs/quickstart.yaml, or fewer steps (max_steps=...)"
+    )

@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mtlora_dist import comm
-from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+from mtlora_dist.checkpoint import Checkpointer, CheckpointMismatchError, SavePolicy
+from mtlora_dist.checkpoint.format import step_tag
 from mtlora_dist.config import TrainConfig, to_yaml
 from mtlora_dist.data.config import DataWorld
-from mtlora_dist.engine.console import Progress, setup_logging
+from mtlora_dist.engine.console import Progress, format_eta, setup_logging
 from mtlora_dist.engine.data_setup import batch_geometry, data_world, make_loader, prepare_data
 from mtlora_dist.engine.deepspeed_setup import initialize_engine, model_dtype, resolve_precision
 from mtlora_dist.engine.distributed import DistInfo, init_distributed
@@ -27,12 +28,13 @@ from mtlora_dist.engine.rng import seed_everything
 from mtlora_dist.engine.run_logger import RunLogger
 from mtlora_dist.engine.signals import TerminationFlag
 from mtlora_dist.engine.threads import set_thread_count
-from mtlora_dist.engine.train_state import DataPosition, RNGState
+from mtlora_dist.engine.train_state import DataPosition, RNGState, fit_saved_global_batch, saved_batch
 from mtlora_dist.models import build_model
 from mtlora_dist.models.compile import compile_model
 from mtlora_dist.models.sync_bn import convert_sync_batchnorm
 from mtlora_dist.storage.atomic import atomic_write_text
-from mtlora_dist.storage.fs import join
+from mtlora_dist.storage.fs import is_remote, join, url_to_fs
+from mtlora_dist.tasks.balancing import Balancer, BalancerMismatchError, build_balancer
 from mtlora_dist.tasks.evaluation import MultiTaskEvaluator
 from mtlora_dist.tasks.losses import MultiTaskLoss
 from mtlora_dist.tasks.registry import loss_weights
@@ -74,9 +76,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None, reports: ReportsFacto
 def _run(
     cfg: TrainConfig, info: DistInfo, stop: TerminationFlag, reports: ReportsFactory | None, world: DataWorld
 ) -> TrainResult:
+    started = time.perf_counter()  # for the closing line's total time
     # 'auto' becomes this device's precision, and the run's config.yaml records it for eval and export
     cfg.deepspeed.precision = resolve_precision(cfg.deepspeed.precision, info.device)
     train_url, val_url = prepare_data(cfg.data, info)
+    if cfg.checkpoint.resume:  # before the engine: the accumulation that keeps the saved global batch
+        fit_saved_global_batch(cfg, info.world_size, saved_batch(cfg))
 
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, info)
@@ -104,11 +109,14 @@ def _run(
         storage=cfg.data.storage,
         local_cache=cfg.checkpoint.local_cache,
     )
-    checkpointer.register("data", DataPosition(train_loader), per_rank=True)
+    checkpointer.register("data", DataPosition(train_loader, cfg.checkpoint.change_global_batch), per_rank=True)
     checkpointer.register("rng", RNGState(cfg.seed, engine), per_rank=True)
     checkpointer.register("run_log", logger, per_rank=False)
+    loss_fn = _build_loss(cfg, engine, steps_per_epoch, info)
+    checkpointer.register("loss_balancer", _BalancerPiece(loss_fn.balancer), per_rank=False)
     if cfg.checkpoint.resume and checkpointer.resume() is not None:
         log.info("resumed from step %d", engine.global_steps)
+        stop.saved(engine.global_steps, checkpointer.store.url(step_tag(engine.global_steps)))
     else:
         logger.start_over()  # rows of an attempt killed before its first complete checkpoint go
     if engine.global_steps >= total_steps:
@@ -132,7 +140,6 @@ def _run(
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
 
-    loss_fn = MultiTaskLoss(cfg.data.tasks, loss_weights(cfg.data.tasks, cfg.loss_weights))
     dtype = model_dtype(cfg.deepspeed)
     evaluator = MultiTaskEvaluator(
         cfg.data.tasks, cfg.data.dataset, baselines=cfg.eval.baselines, protocol=cfg.data.eval_protocol
@@ -150,6 +157,7 @@ def _run(
     batches = _endless(train_loader)
     results: dict = {}
     preempted = False
+    uploading = None  # (step, URL) of the last checkpoint sent to object storage
 
     progress = Progress(total_steps, engine.global_steps, enabled=info.is_main, bar=cfg.logging.progress_bar)
     tick, samples = time.perf_counter(), 0
@@ -171,8 +179,11 @@ def _run(
             stopping = (step == job_end < total_steps) or (step < total_steps and stop.should_stop())
             if checkpointer.should_save(step, final=step == total_steps, stopping=stopping):
                 comm.broadcast_buffers(engine.module)  # the checkpoint holds rank 0's BatchNorm statistics
-                checkpointer.save(step)
+                url = checkpointer.save(step)
                 logger.flush()
+                log.info("checkpoint of step %d %s %s", step, "uploading to" if is_remote(url) else "written to", url)
+                stop.saved(step, url, complete=not is_remote(url))
+                uploading = (step, url) if is_remote(url) else None
             if stopping:
                 preempted = step != job_end
                 log.info(
@@ -185,9 +196,27 @@ def _run(
                 break
     progress.close()
     checkpointer.wait()  # a background upload to object storage must land before the job ends
+    if uploading:
+        stop.saved(*uploading)  # the upload has landed: the stop's checkpoint is complete
     validation.finish(engine.global_steps)
     logger.close()
+    if info.is_main:
+        log.info(
+            "%s", _closing_line(cfg, checkpointer, engine.global_steps, total_steps, time.perf_counter() - started)
+        )
     return TrainResult(engine.global_steps, total_steps, preempted, results)
+
+
+def _closing_line(cfg: TrainConfig, checkpointer: Checkpointer, step: int, total: int, elapsed: float) -> str:
+    """The run's last line: where its outputs are and how long it took (after the wandb sync hint)."""
+    newest = checkpointer.latest()
+    outputs = [f"checkpoint {join(cfg.run_dir, 'checkpoints', newest)}" if newest else "no checkpoint"]
+    outputs += [join(cfg.run_dir, name) for name in ("metrics.jsonl", "config.yaml")]
+    fs, reports = url_to_fs(join(cfg.run_dir, "reports"), cfg.data.storage)
+    if fs.exists(reports):
+        outputs.append(join(cfg.run_dir, "reports") + "/ (curves, predictions)")
+    where = f"step {step} of {total} in {format_eta(elapsed)}"
+    return f"{'done' if step >= total else 'stopped'}: {where}; outputs: {', '.join(outputs)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,10 +230,47 @@ def _train_step(engine, batches, loss_fn, info: DistInfo, dtype, accumulation: i
         total, per_task = loss_fn({t: o.float() for t, o in outputs.items()}, batch)
         engine.backward(total)
         engine.step()
-        for name, value in {"loss": total.detach(), **per_task}.items():
+        weights = {f"{_WEIGHT}{t}": w for t, w in loss_fn.weights_used().items()}
+        for name, value in {"loss": total.detach(), **per_task, **weights}.items():
             share = value / accumulation
             sums[name] = sums[name] + share if name in sums else share
+    loss_fn.end_step()  # the balancer's update, on every rank after the optimizer step
     return sums
+
+
+_WEIGHT = "weight/"  # prefix of the task weights among _train_step's values
+
+
+def _build_loss(cfg: TrainConfig, engine, steps_per_epoch: int, info: DistInfo) -> MultiTaskLoss:
+    """The per-task losses and their balancer (``loss.balancing``) over the fixed weights."""
+    weights = loss_weights(cfg.data.tasks, cfg.loss_weights)
+    balancer = build_balancer(
+        cfg.loss,
+        cfg.data.tasks,
+        weights,
+        steps_per_epoch=steps_per_epoch,
+        device=info.device,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
+    balancer.attach(engine)
+    return MultiTaskLoss(cfg.data.tasks, weights, balancer)
+
+
+class _BalancerPiece:
+    """The balancer as a checkpoint piece; a checkpoint of another method is a configuration mismatch."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def state_dict(self) -> dict:
+        return self.balancer.state_dict()
+
+    def load_state_dict(self, state: dict, same_world: bool) -> None:
+        try:
+            self.balancer.load_state_dict(state, same_world)
+        except BalancerMismatchError as err:
+            raise CheckpointMismatchError(str(err)) from None
 
 
 def _host_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -240,7 +306,8 @@ def _log_train(
         "loss": losses["loss"],
         "lr": lr,
         "samples_per_s": rate,
-        "losses": {k: v for k, v in losses.items() if k != "loss"},
+        "losses": {k: v for k, v in losses.items() if k != "loss" and not k.startswith(_WEIGHT)},
+        "loss_weights": {k[len(_WEIGHT) :]: v for k, v in losses.items() if k.startswith(_WEIGHT)},
         "data": data_stats,
     }
     logger.log(record)

@@ -26,8 +26,11 @@ __all__ = [
     "redact_userinfo",
 ]
 
-# ``scheme://user:password@host/...``: credentials inside a URL (user-info), masked in every message.
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+# ``scheme://user:password@host/...``: credentials inside a URL (user-info), masked in every message. A URL
+# runs to the next space or quote; where its user-info ends is decided by :func:`_userinfo_end`.
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*)://([^\s'\"<>]*)")
+# Schemes whose authority never has a port: ``s3://KEY:...`` can only be user-info (a bucket has no ':').
+_PORTLESS = frozenset({"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "file", "hf"})
 
 # ``key`` alone is StorageOptions' access key id: a credential too.
 _SECRET_KEYS = re.compile(r"(^key$|secret|password|token|key_id|access_key|credential)", re.IGNORECASE)
@@ -154,18 +157,42 @@ def is_secret_key(name: str) -> bool:
     return bool(_SECRET_KEYS.search(name))
 
 
+def _userinfo_end(scheme: str, rest: str) -> int:
+    """Where the user-info of ``scheme://rest`` ends (the index of its ``@`` in ``rest``), or -1 for none.
+
+    RFC 3986 keeps ``/`` out of user-info, but real AWS secrets contain it (``s3://AKID:ab/cd@bucket/x``):
+    read as a URL, that is the bucket ``AKID:ab``, and s3fs prints it. So a ``:`` before the first ``/``
+    that is not a port (``host:9000``; object-store URLs have none) starts user-info, which runs to the
+    last ``@`` of the URL (a path's own ``@`` is masked too: more is hidden, never less). Without such a
+    ``:``, user-info is what comes before the last ``@`` of the authority (``s3://KEY@bucket``)."""
+    authority = rest.split("/", 1)[0]
+    port = scheme.lower() not in _PORTLESS and re.fullmatch(r"[^:@]*:\d*", authority)
+    if ":" in authority and not port:
+        return rest.rfind("@")
+    return authority.rfind("@")
+
+
 def has_userinfo(text: str) -> bool:
-    """True if ``text`` holds a URL with user-info (``s3://KEY:SECRET@bucket/...``)."""
-    return bool(_USERINFO.search(text))
+    """True if ``text`` holds a URL with user-info (``s3://KEY:SECRET@bucket/...``, a secret with ``/`` too)."""
+    return any(_userinfo_end(m.group(1), m.group(2)) > 0 for m in _URL.finditer(str(text)))
 
 
 def redact_userinfo(text: str) -> str:
     """``text`` with the user-info of every URL in it replaced by ``***`` (``s3://***@bucket/x``)."""
-    return _USERINFO.sub(r"\1***@", text)
+
+    def mask(match: re.Match) -> str:
+        scheme, rest = match.group(1), match.group(2)
+        end = _userinfo_end(scheme, rest)
+        return match.group(0) if end < 0 else f"{scheme}://***{rest[end:]}"
+
+    return _URL.sub(mask, str(text))
 
 
 def redact(value: Any) -> Any:
-    """Copy of a (nested) mapping with every credential-like value replaced by ``'***'``."""
+    """Copy of a (nested) mapping with every credential-like value replaced by ``'***'``, and the user-info
+    of any URL in a string masked (``s3://***@bucket``)."""
+    if isinstance(value, str):
+        return redact_userinfo(value)
     if isinstance(value, dict):
         return {
             k: ("***" if isinstance(k, str) and _SECRET_KEYS.search(k) and v not in (None, "") else redact(v))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlora_dist.tasks.balancing import Balancer
 from mtlora_dist.tasks.registry import IGNORE_INDEX, TaskSpec, get_task, loss_weights
 
 __all__ = [
@@ -160,22 +161,30 @@ def build_loss(task: str | TaskSpec) -> nn.Module:
 
 
 class MultiTaskLoss(nn.Module):
-    """``sum_t w_t * L_t`` over the trained tasks, weights from the registry unless overridden.
+    """``sum_t w_t * L_t`` over the trained tasks, weights from the registry unless overridden, and a
+    :class:`~mtlora_dist.tasks.balancing.Balancer` (``loss.balancing``) to weigh them further; without
+    one, the fixed weights alone (the same expression as before balancers existed, bit for bit).
 
     Every task's loss is computed on every call (an all-ignore target gives a zero loss attached to
-    the graph), so all ranks run the same backward whatever their batch holds.
+    the graph), so all ranks run the same backward whatever their batch holds. In training it is
+    called once per micro-batch, and :meth:`end_step` once per optimizer step.
     """
 
-    def __init__(self, tasks: list[str], weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, tasks: list[str], weights: Mapping[str, float] | None = None, balancer: Balancer | None = None
+    ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("MultiTaskLoss needs at least one task")
         self.tasks = tuple(tasks)
         self.weights = loss_weights(self.tasks, weights)
         self.losses = nn.ModuleDict({t: build_loss(t) for t in self.tasks})
+        self.balancer = balancer or Balancer(self.tasks, self.weights)
+        if self.balancer.tasks != self.tasks:
+            raise ValueError(f"the balancer weighs tasks {list(self.balancer.tasks)}, the loss {list(self.tasks)}")
 
     def forward(self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the weighted total and each task's unweighted loss (detached, for logging)."""
+        """Return the balanced total and each task's unweighted loss (detached, for logging)."""
         missing = [t for t in self.tasks if t not in preds or t not in batch]
         if missing:
             raise KeyError(
@@ -183,8 +192,16 @@ class MultiTaskLoss(nn.Module):
                 f"predictions have {sorted(preds)}, batch has {sorted(batch)}"
             )
         per_task = {t: self.losses[t](preds[t], batch[t]) for t in self.tasks}
-        total = torch.stack([self.weights[t] * per_task[t] for t in self.tasks]).sum()
+        total = self.balancer.combine(per_task, lambda t, pred: self.losses[t](pred, batch[t]))
         return total, {t: loss.detach() for t, loss in per_task.items()}
 
+    def end_step(self) -> None:
+        """After the optimizer step, on every rank: the balancer's update (it may all-reduce)."""
+        self.balancer.end_step()
+
+    def weights_used(self) -> dict[str, Tensor]:
+        """Each task's effective weight in the last micro-batch's total (device scalars, for logging)."""
+        return self.balancer.weights_used()
+
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        return f"weights={self.weights}, balancing={self.balancer.name}"

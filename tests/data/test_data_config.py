@@ -34,7 +34,7 @@ def test_the_loader_hands_each_section_whole_to_its_part(pascal_shards, tmp_path
         dataset="pascal_context",
         tasks=PASCAL_TASKS,
         eval_batch_size=5,
-        order=OrderConfig(shuffle_block=4, shuffle_interleave=2, sample_log=str(tmp_path / "keys")),
+        order=OrderConfig(shuffle_buffer=4, sample_log=str(tmp_path / "keys")),
         read=ReadConfig(verify_checksums=False, on_error="raise", prefetch_samples=3, buffer_mb=7),
         decode=DecodeConfig(jpeg="pil", resampler="torch"),
     )
@@ -69,8 +69,8 @@ def test_sections_check_their_values():
         DecodeConfig(jpeg="turbo")
     with pytest.raises(ValueError, match="cache_max_gb must be > 0"):
         ReadConfig(cache_dir="/c", cache_max_gb=0)
-    with pytest.raises(ValueError, match="shuffle_interleave"):
-        OrderConfig(shuffle_interleave=0)
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        OrderConfig(shuffle_buffer=0)
     with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
         DataWorld(rank=2, world_size=2)
     with pytest.raises(ConfigError, match="data.read.buffer_mb"):
@@ -110,7 +110,7 @@ def test_a_saved_run_config_with_old_keys_is_mapped_with_one_line(tmp_path, capl
         cfg = run_config(str(run))
     read = cfg.data.read
     assert (read.verify_checksums, read.cache_dir, read.on_error) == (False, str(tmp_path / "cache"), "raise")
-    assert cfg.data.order.shuffle_block == 4
+    assert not hasattr(cfg.data.order, "shuffle_block")  # the block order's settings went with it: dropped
     lines = [r.getMessage() for r in caplog.records if "predates the data config sections" in r.getMessage()]
     assert len(lines) == 1 and "data.verify_checksums -> data.read.verify_checksums" in lines[0]
     assert yaml.safe_load((run / "config.yaml").read_text()) == saved  # the run's own file is left as it was

@@ -22,11 +22,11 @@ LAYOUTS = [(37, 2, 2, 4), (40, 3, 4, 5), (24, 2, 1, 3), (100, 4, 3, 7)]
 EVAL_LAYOUTS = LAYOUTS + [(5, 4, 3, 2), (3, 4, 2, 2)]  # also: fewer samples than ranks
 
 
-def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8, accumulation=1, block=3, interleave=2):
+def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8, accumulation=1, switches=()):
     return {
         (r, k): make_worker_plan(
             n,
-            BatchGeometry(batch, accumulation if train else 1, world),
+            BatchGeometry(batch, accumulation, world),
             rank=r,
             num_workers=workers,
             worker=k,
@@ -36,8 +36,7 @@ def plans(n, world, workers, batch, *, train, epoch=0, consumed=0, buffer=8, acc
             drop_last=train,
             shuffle_buffer=buffer,
             batches_consumed=consumed,
-            block=block,
-            interleave=interleave,
+            switches=switches,
         )
         for r in range(world)
         for k in range(workers)
@@ -86,16 +85,16 @@ def test_resume_drops_exactly_the_consumed_batches():
             assert plan.skipped == done * 4
 
 
-def global_batches_of(n, world, workers, micro, accumulation, *, block=3, interleave=2, consumed=0, epoch=0):
+def global_batches_of(n, world, workers, micro, accumulation, *, consumed=0, epoch=0, switches=()):
     """The epoch's global batches as the ranks' workers produce them: step s is rank 0's micro-batches
     s*A .. s*A+A-1, then rank 1's, and so on (what an optimizer step averages over)."""
-    p = plans(n, world, workers, micro, train=True, accumulation=accumulation, block=block, interleave=interleave,
-              consumed=consumed, epoch=epoch)  # fmt: skip
+    p = plans(n, world, workers, micro, train=True, accumulation=accumulation, consumed=consumed, epoch=epoch,
+              switches=switches)  # fmt: skip
     per_rank: dict[int, dict[int, list[int]]] = {r: {} for r in range(world)}
     for (r, _), plan in p.items():
         for j, start in zip(plan.batch_indices, range(0, len(plan.positions), micro), strict=True):
             per_rank[r][j] = plan.positions[start : start + micro]
-    steps = batches_per_rank(n, BatchGeometry(micro, accumulation, world), True) // accumulation
+    steps = batches_per_rank(n, BatchGeometry(micro, accumulation, world), True, switches) // accumulation
     first = consumed // accumulation
     return [
         [x for r in range(world) for a in range(accumulation) for x in per_rank[r][s * accumulation + a]]
@@ -103,35 +102,15 @@ def global_batches_of(n, world, workers, micro, accumulation, *, block=3, interl
     ]
 
 
-@pytest.mark.parametrize("n,block,interleave", [(70, 3, 1), (64, 0, 8), (100, 1, 3), (37, 50, 2), (200, 2, 8)])
-def test_the_order_depends_on_the_global_batch_only(n, block, interleave):
+@pytest.mark.parametrize("n", [70, 64, 100, 37, 200])
+def test_the_order_depends_on_the_global_batch_only(n):
     """Global batch 8 on 1, 2, 4 and 8 ranks, any worker count and micro/accumulation split: the same
     samples in the same order at every step."""
-    kw = {"block": block, "interleave": interleave}
-    reference = global_batches_of(n, 1, 1, 8, 1, **kw)
+    reference = global_batches_of(n, 1, 1, 8, 1)
     assert len(reference) == n // 8 and all(len(b) == 8 for b in reference)
     assert len({x for b in reference for x in b}) == 8 * len(reference)
     for world, workers, micro, acc in [(1, 3, 4, 2), (2, 1, 4, 1), (2, 2, 2, 2), (4, 2, 2, 1), (8, 3, 1, 1)]:
-        assert global_batches_of(n, world, workers, micro, acc, **kw) == reference, (world, workers, acc)
-
-
-@pytest.mark.parametrize("world,workers,accumulation", [(1, 8, 1), (2, 4, 1), (1, 2, 2), (4, 1, 1)])
-def test_workers_dividing_the_interleave_read_disjoint_blocks(world, workers, accumulation):
-    """With worker counts that divide ``interleave * accumulation`` no two workers read the same
-    position run (block), so a shard is shared only where blocks meet."""
-    n, micro, interleave = 512, 4, 8
-    order = epoch_order(n, micro * accumulation * world, seed=3, epoch=0, shuffle=True, block=0,
-                        interleave=interleave)  # fmt: skip
-    p = plans(n, world, workers, micro, train=True, accumulation=accumulation, block=0, interleave=interleave)
-    owner = np.full(n, -1)
-    for i, plan in enumerate(p.values()):
-        assert (owner[plan.positions] == -1).all()
-        owner[plan.positions] = i
-    used = np.sort(order.ravel())
-    runs = np.split(owner[used], np.flatnonzero(np.diff(used) != 1) + 1)
-    blocks = micro * accumulation * world * interleave  # one block per slot and stream (block=0)
-    changes = sum(int((np.diff(run) != 0).sum()) for run in runs)
-    assert changes < blocks  # owners change only at block boundaries
+        assert global_batches_of(n, world, workers, micro, acc) == reference, (world, workers, acc)
 
 
 def test_an_elastic_resume_continues_the_order_on_another_world_size():
@@ -144,19 +123,39 @@ def test_an_elastic_resume_continues_the_order_on_another_world_size():
     assert first + second + third == straight
 
 
-def test_training_order_mixes_blocks_from_across_the_epoch():
-    order = epoch_order(3000, 16, seed=1, epoch=0, shuffle=True, block=8)
-    assert sorted(order.ravel()) == list(range(order.size))  # a permutation of the used positions
-    # within a global batch the slots read from far-apart places (blocks laid out at random) ...
-    spread = np.ptp(order, axis=1)
-    assert np.median(spread) > 0.5 * order.size
-    # ... and one slot reads a contiguous block for 8 steps (so a worker reads runs of a shard)
-    for slot in range(16):
-        block = np.sort(order[:8, slot])
-        assert np.array_equal(block, np.arange(block[0], block[0] + 8))
-    assert not np.array_equal(order, epoch_order(3000, 16, seed=1, epoch=1, shuffle=True, block=8))
-    plain = epoch_order(64, 8, seed=1, epoch=0, shuffle=False, block=0)
-    np.testing.assert_array_equal(plain[:, 1], np.arange(8, 16))  # no shuffling: slot p reads run p
+def test_a_global_batch_change_mid_epoch_reads_the_rest_of_the_epoch_once():
+    """Stopped after 3 of 6 global batches of 16 (100 samples), continued with batches of 12 on 3 ranks,
+    then (after 2 of those) with batches of 8 on 1 rank: every sample the epoch had not read yet is read
+    exactly once, fewer than one batch left out at the end; resumed positions equal the straight run."""
+    first = global_batches_of(100, 4, 2, 4, 1)[:3]
+    switch = ((16, 3),)
+    second_all = global_batches_of(100, 3, 2, 4, 1, consumed=3, switches=switch)
+    assert len(second_all) == (100 - 48) // 12 and all(len(b) == 12 for b in second_all)
+    assert global_batches_of(100, 1, 1, 4, 3, consumed=9, switches=switch) == second_all  # same on any world
+    second = second_all[:2]
+    third = global_batches_of(100, 1, 2, 8, 1, consumed=5, switches=switch + ((12, 5),))
+    read = [x for b in first + second + third for x in b]
+    assert len(read) == len(set(read)) and 100 - len(read) < 8
+    assert set(read) <= set(range(100))
+    # the epoch's sequence goes on where it stopped: what the straight run of 16 reads is read here too
+    assert {x for b in global_batches_of(100, 4, 2, 4, 1) for x in b} <= set(read)
+    assert epoch_order(100, 12, seed=1, epoch=0, shuffle=True, switches=switch)[:3].tolist() == [[-1] * 12] * 3
+    with pytest.raises(ValueError, match="before the last global batch switch"):
+        plans(100, 3, 1, 4, train=True, consumed=2, switches=switch)
+
+
+def test_rank_batches_are_uniform_draws_with_no_period():
+    """A rank's consecutive batches are as mixed as uniform draws: no slot returns to the same run of
+    positions a fixed number of batches later (the old interleaved order's period of 8)."""
+    order = epoch_order(4096, 32, seed=1, epoch=0, shuffle=True)
+    assert sorted(order.ravel()) == sorted(set(order.ravel())) and order.size == 4096
+    group = order // 64  # 64 "scenes" of 64 stored samples
+    rank0 = group[:, :4]  # rank 0 of 8, micro-batch 4
+    same_8_later = np.mean([len(set(rank0[b]) & set(rank0[b + 8])) > 0 for b in range(len(rank0) - 8)])
+    assert same_8_later < 0.35  # uniform: 1 - (60/64 * 59/63 ...) ~ 0.23; the interleaved order: ~0.9
+    assert not np.array_equal(order, epoch_order(4096, 32, seed=1, epoch=1, shuffle=True))
+    plain = epoch_order(64, 8, seed=1, epoch=0, shuffle=False)
+    np.testing.assert_array_equal(plain[1], np.arange(8, 16))  # no shuffling: storage order
 
 
 def test_buffer_shuffle_is_a_bounded_permutation():
@@ -185,7 +184,7 @@ def test_the_unused_samples_change_from_epoch_to_epoch():
     counts, global_batch = [10] * 10, 16  # 100 samples, 6 global batches: 4 unused
 
     def unused(epoch: int) -> set[tuple[int, int]]:
-        used = epoch_order(100, global_batch, seed=2, epoch=epoch, shuffle=True, block=0, interleave=8).ravel()
+        used = epoch_order(100, global_batch, seed=2, epoch=epoch, shuffle=True).ravel()
         slots = set(locate(used, counts, shard_order(10, 2, epoch, True)))
         return {(s, i) for s in range(10) for i in range(10)} - slots
 

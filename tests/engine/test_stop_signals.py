@@ -199,6 +199,8 @@ def test_stop_signal_checkpoints_exits_3_and_resumes_exactly(
     assert not _tracebacks_of_ours(out), out[-4000:]
     if launcher == "python":
         assert status == 3
+    if launcher == "deepspeed" and target != "top":  # the announcement names the launcher's kill timer
+        assert "then a checkpoint and exit 3 (the launcher kills this rank 30 s after its signal" in out, out[-4000:]
 
     resumed = Run(launcher, run.run_dir, data_root)
     assert resumed.wait_all(timeout=600) == 0, resumed.output()[-3000:]
@@ -289,3 +291,42 @@ def test_a_finished_run_says_it_is_complete(data_root, tmp_path):
     assert again.wait_all(timeout=300) == 0, again.output()[-3000:]
     assert re.search(r"is already complete \(step 2 of 2\).*max_steps=4", again.output()), again.output()[-3000:]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == log_before  # nothing trained or logged again
+
+
+@pytest.fixture
+def own_stop_handlers():
+    """TerminationFlag installs process-wide handlers: the test's process gets its own back afterwards."""
+    from mtlora_dist.engine.signals import STOP_SIGNALS
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("saved_in_time", [False, True], ids=["too-slow", "in-time"])
+def test_a_stop_that_cannot_beat_the_launchers_kill_says_what_is_not_saved(own_stop_handlers, capfd, saved_in_time):
+    """Issue 33 item 20, with the launcher's 30 s grace shortened to 0.4 s: a step longer than the grace is
+    named in the announcement, and the watchdog says which checkpoint a rerun resumes from just before the
+    kill; a checkpoint written in time cancels it."""
+    from mtlora_dist.engine.signals import TerminationFlag
+
+    flag = TerminationFlag(announce=True, grace_s=0.4)
+    flag.saved(6, "runs/x/checkpoints/step_00000006")
+    flag.should_stop()
+    time.sleep(0.5)  # one step longer than the grace
+    assert not flag.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # the handler runs
+    if saved_in_time:
+        flag.saved(7, "runs/x/checkpoints/step_00000007")
+    time.sleep(0.6)  # past the watchdog (0.3 s after the signal)
+    err = capfd.readouterr().err
+    assert flag.should_stop()
+    announced = r"received SIGTERM: finishing this step, then a checkpoint and exit 3 \(the launcher kills this rank "
+    assert re.search(announced + r"0.4 s after its signal; a step takes \d\.\d s here, so this one may not", err), err
+    unsaved = re.findall(r"^stop: no checkpoint written .*", err, re.MULTILINE)
+    if saved_in_time:
+        assert unsaved == [], err
+    else:
+        assert len(unsaved) == 1 and "a rerun resumes from step 6 (runs/x/checkpoints/step_00000006)" in unsaved[0]

@@ -119,3 +119,22 @@ def test_forked_workers_do_not_inherit_s3_session_cleanup(s3_bucket):
 def test_local_url_to_fs(url):
     fs, path = url_to_fs(url)
     assert path.endswith("dir") and not is_remote(url)
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("s3://AKID:ab/cd@bkt/train", "s3://***@bkt/train"),  # issue 33 item 14: a secret with '/'
+        ("read s3://AKID:a@b/c+d@bkt/x, then", "read s3://***@bkt/x, then"),  # '@' and '/' in the secret
+        ("s3://KEY@bkt/x", "s3://***@bkt/x"),
+        ("http://user:pw@host:9000/x", "http://***@host:9000/x"),
+        ("s3://bkt/dir@v2/x", "s3://bkt/dir@v2/x"),  # an '@' in a path is no user-info
+        ("http://127.0.0.1:9000/b/x@y", "http://127.0.0.1:9000/b/x@y"),  # nor is a port
+    ],
+)
+def test_user_info_runs_to_the_last_at_sign_of_the_url(text, masked):
+    from mtlora_dist.storage.fs import has_userinfo, redact, redact_userinfo
+
+    assert redact_userinfo(text) == masked
+    assert has_userinfo(text) == (masked != text)
+    assert redact({"data": {"train_url": text}}) == {"data": {"train_url": masked}}  # what config.yaml gets

@@ -8,11 +8,12 @@ Policies (details in ``docs/data.md``):
   may end with a smaller batch (the same size on every rank). A sample that cannot be read while
   skipping errors is replaced by a copy of a good one, also ``valid=False``, so the count never changes.
 * **Exact, elastic resume.** The position is ``(epoch, global batches consumed)``; the training order of
-  an epoch is a pure function of ``(seed, epoch, manifest, global batch, data.order)`` (``plan.py``),
+  an epoch is a pure function of ``(seed, epoch, manifest, global batch)`` (``plan.py``),
   never of the number of ranks, workers or the micro-batch split, so a restored loader yields exactly
-  the batches the interrupted run would have, on any world size with the same global batch. Resuming
-  under another order is refused (``strict=True``) or restarts at the next epoch boundary
-  (``strict=False``). Evaluation loaders order by rank and worker and are not checkpointed.
+  the batches the interrupted run would have, on any world size with the same global batch. A restored
+  position of another global batch (``new_global_batch``) continues the same epoch in batches of the new
+  size, reading every sample not yet read once (``plan.epoch_order``'s switches). Resuming under another
+  order is refused (``strict=True``) or restarts at the next epoch boundary (``strict=False``). Evaluation loaders order by rank and worker and are not checkpointed.
 * **Epochs.** ``set_epoch(e)`` moves to epoch ``e`` (keeping the position if ``e`` is already the
   current epoch, so a restored loader resumes mid-epoch under the usual ``for epoch: set_epoch(epoch)``
   loop); iterating again after a finished epoch moves on to the next one by itself.
@@ -36,6 +37,7 @@ Policies (details in ``docs/data.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -60,7 +62,7 @@ from mtlora_dist.tasks.registry import check_tasks, get_dataset
 __all__ = ["STATE_VERSION", "ShardLoader", "build_loader", "should_pin_memory"]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: a uniform epoch sequence and global batch switches
 UNUSED_WARN_FRACTION = 0.05  # drop_last leaving more of an epoch out than this is worth a warning
 
 
@@ -125,7 +127,18 @@ class ShardLoader:
         return dict(self._stats)
 
     def __len__(self) -> int:
+        """Batches of this rank in an epoch trained with one global batch throughout."""
         return batches_per_rank(self.cfg.manifest.num_samples, self.cfg.geometry, self.cfg.drop_last)
+
+    def _epoch_length(self) -> int:
+        """Batches of this rank in the current epoch (another count in an epoch whose global batch changed)."""
+        return self._epoch_length_of(self._epoch)
+
+    def _epoch_length_of(self, epoch: int) -> int:
+        cfg = self.cfg
+        if cfg.switch_epoch != epoch:
+            return len(self)
+        return batches_per_rank(cfg.manifest.num_samples, cfg.geometry, cfg.drop_last, cfg.switches)
 
     @property
     def global_batch(self) -> int:
@@ -176,7 +189,7 @@ class ShardLoader:
             iterator._shutdown_workers()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._consumed >= len(self):
+        if self._consumed >= self._epoch_length():
             self._epoch, self._consumed = self._epoch + 1, 0
         loader = self._dataloader()
         assert self._stream is not None
@@ -191,9 +204,10 @@ class ShardLoader:
             self._log_keys(batch["__key__"])
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch
-        if self._consumed != len(self):
+        if self._consumed != self._epoch_length():
             raise DataError(
-                f"rank {self.cfg.world.rank} yielded {self._consumed} of {len(self)} batches in epoch {self._epoch}"
+                f"rank {self.cfg.world.rank} yielded {self._consumed} of {self._epoch_length()} batches in epoch "
+                f"{self._epoch}"
             )
 
     def _log_keys(self, keys: list[str]) -> None:
@@ -224,12 +238,7 @@ class ShardLoader:
         cfg = self.cfg
         common = {"seed": cfg.seed, "num_samples": cfg.manifest.num_samples, "shuffle": int(cfg.shuffle)}
         if cfg.drop_last:
-            return {
-                **common,
-                "global_batch": self.global_batch,
-                "shuffle_block": cfg.order.shuffle_block,
-                "shuffle_interleave": cfg.order.shuffle_interleave,
-            }
+            return {**common, "global_batch": self.global_batch}
         return {
             **common,
             "world_size": cfg.geometry.world_size,
@@ -252,21 +261,36 @@ class ShardLoader:
             "batches_consumed": self._consumed // accumulation,
             "split": self.cfg.manifest.split,
             "world_size": self.cfg.geometry.world_size,  # informative: the order does not depend on it
+            # earlier global batches of this epoch, "G:step,G:step" (each global batch and the epoch step where
+            # it was left); a string, so the state stays ints and strings
+            "switches": _switches_text(self.cfg.switches) if self.cfg.switch_epoch == self._epoch else "",
             **self._order(),
         }
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Resume at ``state``'s position, on any number of ranks and workers. A different order (seed,
-        global batch, data, ``shuffle_block``, ``shuffle_interleave``): with ``strict`` that is an error, otherwise the loader
-        restarts at the next epoch boundary (with a warning)."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, new_global_batch: bool = False) -> None:
+        """Resume at ``state``'s position, on any number of ranks and workers. Another global batch, with
+        ``new_global_batch``: the same epoch continues in batches of the new size (each sample not yet
+        read, once). A different order (seed, data; another global batch without ``new_global_batch``):
+        with ``strict`` that is an error, otherwise the loader restarts at the next epoch boundary (with a
+        warning)."""
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if version not in (1, 2, STATE_VERSION):
             raise ValueError(f"unknown data loader state version {version!r} (expected {STATE_VERSION})")
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        if version == 1:  # an older order: nothing of it carries over
-            mismatch = {"order": ("version 1", f"version {STATE_VERSION}")}
+        switches = _switches_of(state.get("switches", ""))
+        if version != STATE_VERSION:  # an older order: nothing of it carries over
+            mismatch = {"order": (f"version {version}", f"version {STATE_VERSION}")}
         else:
             mismatch = {k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v}
+            saved_batch = int(state["global_batch"]) if self.cfg.drop_last else self.global_batch
+            if new_global_batch and set(mismatch) == {"global_batch"}:
+                mismatch = {}
+            if not mismatch and saved_batch != self.global_batch and 0 < consumed:
+                switches += ((saved_batch, consumed),)  # the rest of this epoch in batches of the new size
+                log.info(
+                    "data: epoch %d goes on from step %d in batches of %d instead of %d, each sample not yet read once",
+                    epoch, consumed, self.global_batch, saved_batch,
+                )  # fmt: skip
         if mismatch:
             what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatch.items())
             if strict and version == STATE_VERSION:
@@ -276,10 +300,22 @@ class ShardLoader:
                 )
             log.warning("data order changed (%s): continuing from the start of the next epoch", what)
             epoch, consumed = (epoch + 1, 0) if consumed else (epoch, 0)
+            switches = ()
+        if (switches, epoch if switches else -1) != (self.cfg.switches, self.cfg.switch_epoch):
+            self.cfg = dataclasses.replace(self.cfg, switches=switches, switch_epoch=epoch if switches else -1)
+            self.close()  # workers started earlier hold the old config
         consumed *= self.cfg.geometry.accumulation
-        if not 0 <= consumed <= len(self):
-            raise ValueError(f"saved position {consumed} is outside the epoch's {len(self)} batches")
+        if not 0 <= consumed <= self._epoch_length_of(epoch):
+            raise ValueError(f"saved position {consumed} is outside the epoch's {self._epoch_length_of(epoch)} batches")
         self._epoch, self._consumed = epoch, consumed
+
+
+def _switches_text(switches: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{batch}:{step}" for batch, step in switches)
+
+
+def _switches_of(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(b), int(s)) for b, s in (part.split(":") for part in text.split(",") if part))
 
 
 def _default_device() -> torch.device:

@@ -6,23 +6,23 @@ rank and in every worker, and a resumed run can recompute exactly where it was.
 **Shard order.** A permutation of the shards from ``(seed, epoch)`` (identity without shuffling).
 Concatenating the shards in that order numbers the epoch's samples ``0..N-1`` ("positions").
 
-**Training order** (``drop_last``): a function of ``(seed, epoch, manifest, global batch G)`` and the
-order settings ``block`` and ``interleave`` only -- never of the number of ranks, workers, or the
-micro-batch split -- so it is the same on any number of GPUs and a run resumes mid-epoch on another
-world size (:func:`epoch_order`).
+**Training order** (``drop_last``): a function of ``(seed, epoch, num_samples, global batch G)`` only
+-- never of the number of ranks, workers, or the micro-batch split -- so it is the same on any number
+of GPUs and a run resumes mid-epoch on another world size (:func:`epoch_order`).
 
-1. The epoch has ``nb = floor(N / G)`` global batches; the last ``N - nb * G`` positions (the tail of
-   this epoch's shard order, so different samples each epoch) are not used.
-2. Slot ``p`` of the global batch (``0 <= p < G``) at global batch ``b`` reads from its stream
-   ``b % interleave``; each stream is cut into *blocks* of ``block`` visits (``0``: one block), each a
-   contiguous run of positions. All blocks of all slots are laid over the positions in a seeded random
-   order and each is emitted in a seeded random order. So one global batch takes its ``G`` samples from
-   ``G`` runs scattered over the whole epoch (as mixed as a uniform shuffle), while a reader needs only
-   runs of each shard, and reads each shard once.
+1. The epoch's *sequence* is a uniform random permutation of the positions ``0..N-1`` from
+   ``(seed, epoch)`` (the identity without shuffling); global batch ``b`` is its ``b``-th run of ``G``.
+   The epoch has ``nb = floor(N / G)`` global batches; the last ``N - nb * G`` positions of the sequence
+   are not used (different samples each epoch). Every global batch, every rank's micro-batch and every
+   window of a rank's consecutive batches is a uniform draw: nothing comes back periodically. Storage
+   locality is not the order's job: the reader reads each sample by its byte range, in delivery order.
+2. A run whose global batch changed mid-epoch (``switches``: each earlier global batch and the epoch
+   step where it was left) reads the rest of the same sequence in runs of the new ``G``: every sample
+   not yet read this epoch is read exactly once, except fewer than ``G`` at the end (as ``drop_last``
+   leaves out every epoch). Steps before the last switch are marked ``-1`` (already trained).
 3. Global batch ``b`` is cut into ``W * A`` micro-batches of ``m = G / (W * A)`` slots (world size
    ``W``, gradient accumulation ``A``); rank ``r`` takes micro-batches ``r*A .. r*A + A - 1`` as its
-   batches ``b*A .. b*A + A - 1``, and its batch ``i`` is produced by DataLoader worker ``i % K``. When
-   ``K`` divides ``interleave * A``, a stream is read by one worker only.
+   batches ``b*A .. b*A + A - 1``, and its batch ``i`` is produced by DataLoader worker ``i % K``.
 
 **Evaluation order** (no ``drop_last``): rank ``r`` takes a contiguous run of ``ceil(N / W)`` slots;
 ranks that get one sample fewer pad with a copy of their last sample marked ``valid=False``, so every
@@ -47,6 +47,8 @@ from mtlora_dist.data.config import BatchGeometry
 __all__ = [
     "global_batches",
     "epoch_order",
+    "epoch_sequence",
+    "epoch_steps",
     "rank_batch_positions",
     "batches_per_rank",
     "shard_order",
@@ -54,9 +56,13 @@ __all__ = [
     "worker_batches",
     "buffer_shuffle",
     "WorkerPlan",
+    "Switches",
     "make_worker_plan",
     "locate",
 ]
+
+
+Switches = tuple[tuple[int, int], ...]  # ((global batch, epoch step where it was left), ...)
 
 
 def global_batches(num_samples: int, global_batch: int) -> int:
@@ -72,10 +78,11 @@ def global_batches(num_samples: int, global_batch: int) -> int:
     return n
 
 
-def batches_per_rank(num_samples: int, geometry: BatchGeometry, drop_last: bool) -> int:
-    """Batches (micro-batches) every rank yields per epoch (identical on all ranks)."""
+def batches_per_rank(num_samples: int, geometry: BatchGeometry, drop_last: bool, switches: Switches = ()) -> int:
+    """Batches (micro-batches) every rank yields per epoch (identical on all ranks), counting those of steps
+    trained before a global batch switch (``switches``, :func:`epoch_order`)."""
     if drop_last:
-        return geometry.accumulation * global_batches(num_samples, geometry.global_batch)
+        return geometry.accumulation * epoch_steps(num_samples, geometry.global_batch, switches)
     if num_samples <= 0:
         raise ValueError("the manifest lists no samples")
     return math.ceil(math.ceil(num_samples / geometry.world_size) / geometry.micro_batch)
@@ -92,39 +99,44 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.nda
     return _rng(seed, epoch, 0x5A4D).permutation(num_shards)
 
 
-def epoch_order(
-    num_samples: int, global_batch: int, seed: int, epoch: int, shuffle: bool, block: int, interleave: int = 1
-) -> np.ndarray:
-    """``(nb, G)`` array: the epoch position of slot ``p`` of global batch ``b`` (see the module docstring).
+def epoch_sequence(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's positions in reading order: a uniform permutation (the identity without shuffling)."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return _rng(seed, epoch, 0x0DE3).permutation(num_samples)
 
-    Slot ``p`` at global batch ``b`` reads from its stream ``q = b % interleave``, visit ``v = b // interleave``;
-    each stream is cut into blocks of ``block`` visits (``0``: one block), each block a contiguous run of
-    positions.
-    """
-    nb = global_batches(num_samples, global_batch)
-    period = max(1, min(interleave, nb))
-    b = np.arange(nb)
-    q, v = b % period, b // period
-    visits = np.bincount(q, minlength=period)  # per stream
-    steps = int(visits.max()) if block <= 0 else min(block, int(visits.max()))
-    # the blocks of one slot, numbered stream by stream: (stream, c) -> k, with its length
-    per_stream = -(-visits // steps)
-    first_block = np.concatenate([[0], np.cumsum(per_stream)[:-1]])
-    lengths = np.concatenate([np.minimum(steps, n - steps * np.arange(m)) for n, m in zip(visits, per_stream)])
-    block_of_b = first_block[q] + v // steps
-    block_len = np.tile(lengths, global_batch)  # block p * len(lengths) + k
-    rng = _rng(seed, epoch, 0x0DE2)
-    layout = rng.permutation(block_len.size) if shuffle else np.arange(block_len.size)
-    starts = np.empty(block_len.size, dtype=np.int64)
-    starts[layout] = np.cumsum(block_len[layout]) - block_len[layout]
-    if shuffle:  # a random order inside every block: rank of a random key among the block's batches
-        keys = block_of_b[:, None] + rng.random((nb, global_batch))
-        rank = np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0)
-        offset = rank - (np.cumsum(lengths) - lengths)[block_of_b][:, None]
-    else:
-        offset = np.repeat((v % steps)[:, None], global_batch, axis=1)
-    first = starts.reshape(global_batch, lengths.size)  # [p, k]
-    return first[np.arange(global_batch)[None, :], block_of_b[:, None]] + offset
+
+def _switch_offset(switches: Switches) -> tuple[int, int]:
+    """(epoch step, sequence offset) where the current global batch took over."""
+    step = offset = 0
+    for batch, until in switches:
+        if until < step:
+            raise ValueError(f"global batch switches must be in epoch order, got {switches}")
+        offset += (until - step) * batch
+        step = until
+    return step, offset
+
+
+def epoch_steps(num_samples: int, global_batch: int, switches: Switches = ()) -> int:
+    """Global batches (optimizer steps) of an epoch, counting those trained before the last switch."""
+    if not switches:
+        return global_batches(num_samples, global_batch)
+    step, offset = _switch_offset(switches)
+    if offset > num_samples:
+        raise ValueError(f"global batch switches {switches} read more than the epoch's {num_samples} samples")
+    return step + (num_samples - offset) // global_batch
+
+
+def epoch_order(
+    num_samples: int, global_batch: int, seed: int, epoch: int, shuffle: bool, switches: Switches = ()
+) -> np.ndarray:
+    """``(steps, G)`` array: the epoch position of slot ``p`` of global batch ``b`` (see the module
+    docstring); rows before the last of ``switches`` are ``-1`` (trained under an earlier global batch)."""
+    steps = epoch_steps(num_samples, global_batch, switches)
+    first, offset = _switch_offset(switches)
+    sequence = epoch_sequence(num_samples, seed, epoch, shuffle)
+    rest = sequence[offset : offset + (steps - first) * global_batch].reshape(steps - first, global_batch)
+    return np.concatenate([np.full((first, global_batch), -1, dtype=rest.dtype), rest])
 
 
 def rank_batch_positions(
@@ -204,17 +216,14 @@ def make_worker_plan(
     drop_last: bool,
     shuffle_buffer: int = 128,
     batches_consumed: int = 0,
-    block: int = 0,
-    interleave: int = 8,
+    switches: Switches = (),
 ) -> WorkerPlan:
     """Plan of ``worker`` on ``rank`` for ``epoch``; see the module docstring. ``shuffle_buffer`` applies
-    to evaluation with shuffling only; ``block`` and ``interleave`` (and the geometry's accumulation) to
-    training only."""
+    to evaluation with shuffling only; ``switches`` (global batches this epoch was trained with before,
+    :func:`epoch_order`) and the geometry's accumulation to training only."""
     if drop_last:
-        return _train_plan(
-            num_samples, geometry, rank, num_workers, worker, seed, epoch, shuffle, block, interleave,
-            batches_consumed,
-        )  # fmt: skip
+        return _train_plan(num_samples, geometry, rank, num_workers, worker, seed, epoch, shuffle, switches,
+                           batches_consumed)  # fmt: skip
     return _eval_plan(
         num_samples, geometry.world_size, rank, num_workers, worker, geometry.micro_batch, seed, epoch, shuffle,
         shuffle_buffer, batches_consumed,
@@ -230,12 +239,13 @@ def _train_plan(
     seed: int,
     epoch: int,
     shuffle: bool,
-    block: int,
-    interleave: int,
+    switches: Switches,
     batches_consumed: int,
 ) -> WorkerPlan:
     world_size, accumulation, batch_size = geometry.world_size, geometry.accumulation, geometry.micro_batch
-    order = epoch_order(num_samples, geometry.global_batch, seed, epoch, shuffle, block, interleave)
+    order = epoch_order(num_samples, geometry.global_batch, seed, epoch, shuffle, switches)
+    if batches_consumed < accumulation * _switch_offset(switches)[0]:
+        raise ValueError(f"position {batches_consumed} lies before the last global batch switch {switches}")
     mine = worker_batches(order.shape[0] * accumulation, num_workers, worker)
     todo = [j for j in mine if j >= batches_consumed]
     positions = [int(x) for j in todo for x in rank_batch_positions(order, world_size, rank, accumulation, j)]

@@ -83,6 +83,9 @@ class StreamConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     decoders: Decoders = field(default_factory=Decoders)  # decode.jpeg/png, with PIL for what is not installed
+    # training: the global batches epoch ``switch_epoch`` was trained with before this one (plan.epoch_order)
+    switches: tuple[tuple[int, int], ...] = ()
+    switch_epoch: int = -1
 
     @property
     def resampling(self) -> Resampling:
@@ -159,8 +162,7 @@ class ShardStream(IterableDataset):
             drop_last=cfg.drop_last,
             shuffle_buffer=cfg.order.shuffle_buffer,
             batches_consumed=now_consumed if batches_consumed is None else batches_consumed,
-            block=cfg.order.shuffle_block,
-            interleave=cfg.order.shuffle_interleave,
+            switches=cfg.switches if (now_epoch if epoch is None else epoch) == cfg.switch_epoch else (),
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
