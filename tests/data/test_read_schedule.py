@@ -103,16 +103,16 @@ def test_a_sample_larger_than_the_buffer_is_read_alone_and_repeats_are_read_agai
 
 
 def test_a_larger_buffer_trades_memory_for_fewer_requests():
-    """Blocks of the order (``shuffle_block``) deliver a slot's neighbours a few batches apart: the bigger
-    the buffer, the more of them one request covers."""
+    """An evaluation worker delivers a contiguous chunk: the bigger the buffer, the more neighbours one
+    request covers (the training order is a uniform draw: one request per sample at any buffer)."""
     offsets = sorted_set_ranges(30, 100)
     counts = [100] * 30
     plan = make_worker_plan(
-        3000, BatchGeometry(16), rank=0, num_workers=1, worker=0, seed=3, epoch=0, shuffle=True, drop_last=True,
-        block=4, interleave=1,
-    )  # fmt: skip
-    slots = locate(plan.positions, counts, shard_order(30, 3, 0, True))
+        3000, BatchGeometry(16), rank=0, num_workers=2, worker=1, seed=3, epoch=0, shuffle=False, drop_last=False
+    )
+    slots = locate(plan.positions, counts, shard_order(30, 3, 0, False))
     ranges = [SampleRange(s, i, offsets[s][i], offsets[s][i + 1]) for s, i in slots]
     small, large = schedule_reads(ranges, 1_000_000), schedule_reads(ranges, 20_000_000)
     assert small.peak_held_bytes <= 1_000_000 < large.peak_held_bytes <= 20_000_000
-    assert large.requests < small.requests
+    assert large.requests < small.requests < len(ranges) / 2
+    assert small.bytes == large.bytes == sum(r.size for r in ranges)
