@@ -9,10 +9,13 @@
 #   - torch 2.11.0 and torchvision 0.26.0 from the package index (CUDA 13 builds, ~5 GB);
 #   - of the image's other packages, the ones the project or its carried wheels import (IMAGE below;
 #     every name is on the image's list), at the index's current versions;
-#   - the carried wheels exactly as the GPU run installs them: benchmarks/build_wheels.sh makes .whl/,
-#     benchmarks/gpu_session.sh installs them with pip --no-index --no-deps --target $SITE.
-# Then `SMOKE=1 bash benchmarks/gpu_session.sh`: every step runs on the CPU at tiny sizes, the steps
-# that need CUDA say so. The step table lands in $OUT (default runs/device_twin)/summary.md.
+#   - the carried wheels exactly as the GPU run installs them: benchmarks/build_wheels.sh makes .whl/ at
+#     the pins of benchmarks/gpu_wheels.txt (with the twin's own Python: nothing of a local .venv is
+#     needed, so it runs from a clean clone), benchmarks/gpu_session.sh installs them with
+#     pip --no-index --no-deps --target $SITE and checks timm as it does there.
+# Then `SMOKE=1 bash benchmarks/gpu_session.sh --plan all` (or the arguments given): every step of both
+# plans runs on the CPU at tiny sizes, the steps that need CUDA say so. The step table lands in $OUT
+# (default runs/device_twin)/summary.md.
 # Needs the package index (to build the twin and the wheels) and ~6 GB of disk; about 5 minutes the
 # first time, then the twin is reused (--rebuild starts it over).
 set -euo pipefail
@@ -46,12 +49,13 @@ if [[ ! -x $TWIN/bin/python3 ]] || ! "$TWIN/bin/python3" -c 'import torch, timm,
 fi
 "$TWIN/bin/python3" -c 'import sys, torch; print(f"twin: Python {sys.version.split()[0]}, torch {torch.__version__}")'
 
-bash benchmarks/build_wheels.sh .whl
+PYTHON="$TWIN/bin/python3" bash benchmarks/build_wheels.sh .whl
 
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/mtlora-twin-site-XXXXXX")
 trap 'rm -rf "$SITE"' EXIT
 mkdir -p "$OUT"
 # the twin's python3 first on PATH, nothing of this checkout's venv on PYTHONPATH: as on the lent machine
+(($#)) || set -- --plan all
 env -u PYTHONPATH -u VIRTUAL_ENV PATH="$TWIN/bin:/usr/local/bin:/usr/bin:/bin" SITE="$SITE" OUT="$OUT" SMOKE=1 \
     bash benchmarks/gpu_session.sh "$@"
 echo "step table: $OUT/summary.md"

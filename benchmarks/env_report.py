@@ -9,7 +9,9 @@ each one, so a missing dependency of a dependency (pydantic under DeepSpeed) or 
 as the error it would raise in a step. Modules in :data:`OPTIONAL` have a fallback or serve a path the
 GPU session does not take; the report lists them apart and they do not fail it. The exit status is 1
 when a required module does not import. ``benchmarks/build_wheels.sh`` builds wheels of the missing
-ones (see benchmarks/README.md).
+ones (see benchmarks/README.md). :func:`timm_check` fails the report when timm's version is outside
+pyproject.toml's range or the Swin internals the model uses are missing (``gpu_session.sh`` then
+installs the carried timm from ``.whl/fallback/``).
 """
 
 from __future__ import annotations
@@ -129,6 +131,47 @@ def import_check(modules: dict[str, list[str]] | None = None) -> dict[str, dict]
     return {"failed": failed, "optional_missing": optional}
 
 
+def timm_requirement() -> str:
+    """timm's range in pyproject.toml (the model reaches into timm's Swin internals)."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    found = re.search(r'"timm([^"]*)"', text)
+    return found.group(1) if found else ""
+
+
+def timm_check() -> dict:
+    """Whether this timm runs the model: its version inside pyproject's range, and the internals
+    ``mtlora_dist/models/mtlora_swin.py`` uses (``block._attn`` on a (B, H, W, C) map, keeping the
+    shape; ``downsample.out_dim`` of each merge), on a tiny Swin with random weights."""
+    out: dict = {"version": _version("timm"), "requirement": timm_requirement(), "problems": []}
+    try:
+        import timm
+        import torch
+        from packaging.specifiers import SpecifierSet
+
+        out["path"] = os.path.dirname(timm.__file__)
+        if out["version"] not in SpecifierSet(out["requirement"]):
+            out["problems"].append(f"timm {out['version']} is outside pyproject.toml's timm{out['requirement']}")
+        swin = timm.create_model(
+            "swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=2, embed_dim=24,
+            depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=0,
+        )  # fmt: skip
+        block = swin.layers[0].blocks[0]
+        if not callable(getattr(block, "_attn", None)):
+            out["problems"].append("SwinTransformerBlock has no _attn method")
+        else:
+            x = torch.zeros(1, 16, 16, 24)
+            if tuple(block._attn(block.norm1(x)).shape) != tuple(x.shape):
+                out["problems"].append("SwinTransformerBlock._attn changed its output shape")
+        if [getattr(stage.downsample, "out_dim", None) for stage in swin.layers[1:]] != [48, 96, 192]:
+            out["problems"].append("PatchMerging has no out_dim (or another one)")
+    except Exception as err:  # noqa: BLE001 - any failure means: this timm does not run the model
+        out["problems"].append(f"{type(err).__name__}: {err}")
+    out["passed"] = not out["problems"]
+    return out
+
+
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -165,6 +208,7 @@ def report() -> dict:
     import torch
 
     imports = import_check()
+    timm = timm_check()
     return {
         "python": platform.python_version(),
         "executable": sys.executable,
@@ -189,7 +233,8 @@ def report() -> dict:
         "missing_packages": missing(),
         "import_failures": imports["failed"],
         "optional_missing": imports["optional_missing"],
-        "passed": not imports["failed"],
+        "timm_check": timm,
+        "passed": not imports["failed"] and timm["passed"],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -197,9 +242,15 @@ def report() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--check-timm", action="store_true", help="only the timm check: exit 1 when it fails")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import emit
+
+    if args.check_timm:
+        check = timm_check()
+        print(f"timm {check['version']} ({check.get('path')}): " + ("; ".join(check["problems"]) or "usable"))
+        sys.exit(0 if check["passed"] else 1)
 
     result = report()
     emit(result, args.json)
@@ -207,6 +258,9 @@ def main() -> None:
         print(f"cannot import {module}: {error}", file=sys.stderr)
     if result["import_failures"]:
         print(f"To bring them: {WHEEL_HINT}", file=sys.stderr)
+    if not result["timm_check"]["passed"]:
+        print(f"timm cannot run the model: {'; '.join(result['timm_check']['problems'])}", file=sys.stderr)
+    if not result["passed"]:
         sys.exit(1)
 
 

@@ -6,8 +6,8 @@
 Runs ``launch/train.py`` (under ``deepspeed --num_gpus 1``, ``torchrun --nproc-per-node N`` or plain
 ``python``) on the built-in synthetic data for ``--steps`` optimizer steps, with one evaluation and one
 checkpoint at the last step and wandb off, then reads the run directory as a user would: the training
-losses in ``metrics.jsonl`` (finite, and falling from the first five steps to the last five when there
-are ten or more), the evaluation record, and the newest *complete* checkpoint as the project's own
+losses in ``metrics.jsonl`` (finite, and with ten or more steps falling beyond the noise:
+:func:`judge_losses`), the evaluation record, and the newest *complete* checkpoint as the project's own
 ``Checkpointer`` defines it (marker written, every listed file present with its size). With
 ``--resume-steps R`` the same command runs again to ``steps + R``: it must resume from that checkpoint
 (steps ``steps+1 .. steps+R`` logged once each, no step repeated) and end with a newer complete
@@ -81,15 +81,27 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def judge_losses(losses: list[float]) -> dict:
-    """Finite, and (with ten or more) lower over the last five steps than over the first five."""
+    """Finite, and (with ten or more steps) falling beyond the step-to-step noise: the last five steps'
+    mean below the first five's, and the least-squares slope over all steps below zero by more than
+    twice its standard error. Noise (a new batch each step, dropout) moves single losses by ~15 %;
+    two means of five or a slope that is not past its error bound can move either way by chance."""
     finite = bool(losses) and all(math.isfinite(v) for v in losses)
-    judged = len(losses) >= 10
-    first, last = (statistics.mean(losses[:5]), statistics.mean(losses[-5:])) if judged else (None, None)
+    if len(losses) < 10 or not finite:
+        return {"losses_finite": finite, "loss_first5": None, "loss_last5": None, "loss_slope": None,
+                "loss_slope_bound": None, "loss_falling": None}  # fmt: skip
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    steps = list(range(len(losses)))
+    slope, intercept = statistics.linear_regression(steps, losses)
+    residual = sum((v - (intercept + slope * x)) ** 2 for x, v in zip(steps, losses)) / (len(losses) - 2)
+    spread = sum((x - statistics.mean(steps)) ** 2 for x in steps)
+    bound = slope + 2 * math.sqrt(residual / spread)  # slope plus two standard errors
     return {
         "losses_finite": finite,
         "loss_first5": first,
         "loss_last5": last,
-        "loss_falling": (last < first) if judged else None,
+        "loss_slope": slope,
+        "loss_slope_bound": bound,
+        "loss_falling": last < first and bound < 0,
     }
 
 

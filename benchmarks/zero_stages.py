@@ -1,12 +1,18 @@
-"""Step time, peak memory and optimizer-state bytes per rank for ZeRO stages 0-3 on 2 CPU ranks.
+"""Step time, peak memory, optimizer-state and parameter bytes per rank for ZeRO stages 0-3 on CPU ranks.
 
     python benchmarks/zero_stages.py [--config configs/pascal_swin_t_r64.yaml] [--size 224] [--batch 2]
-        [--steps 5] [--stages 0 1 2 3] [--json out.json]
+        [--steps 5] [--stages 0 1 2 3] [--ranks 2] [--json out.json] [-- key=value ...]
 
-Each stage runs in its own ``deepspeed --num_accelerators 2`` job (gloo) with the real model and
+    # full fine-tuning of Swin-B at ZeRO 1-3 on 2 and 4 ranks (docs/performance-model.md)
+    python benchmarks/zero_stages.py --config configs/pascal_swin_b.yaml --size 64 --batch 1 --steps 1 \\
+        --stages 1 2 3 --ranks 2 4 --json zero_swin_b.json -- method=full_ft
+
+Each stage and world size runs in its own ``deepspeed --num_accelerators <ranks>`` job (gloo) with the real model and
 ``initialize_engine`` of the trainer, on random inputs and the real multi-task loss. Optimizer-state
 bytes are the tensors this rank's optimizer holds (Adam moments and, under ZeRO, the fp32 master
-partition), compared with the ZeRO ideal of 12 bytes x trainable / ranks (4 master + 8 Adam).
+partition), compared with the ZeRO ideal of 12 bytes x trainable / ranks (4 master + 8 Adam). Parameter
+bytes are the module parameters this rank holds (under ZeRO-3 its partition, ``ds_tensor``), compared with
+4 bytes x parameters / ranks. ``key=value`` arguments are config overrides (``method=full_ft``).
 """
 
 from __future__ import annotations
@@ -69,6 +75,17 @@ def watch_bucket_buffers(engine) -> list[int]:
     return seen
 
 
+def parameter_bytes(engine) -> int:
+    """Bytes of module parameters this rank holds: under ZeRO-3 only its partition of each (``ds_tensor``;
+    the full parameter is gathered for a forward and released), else every parameter in full."""
+    total = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)
+        held = p if held is None else held
+        total += held.numel() * held.element_size()
+    return total
+
+
 def vm_peak_mib() -> float:
     """The process's peak virtual size (``VmPeak``): every allocation, touched or not."""
     with open("/proc/self/status") as fh:
@@ -94,7 +111,7 @@ def worker(args) -> None:
         f"deepspeed.zero_stage={args.stage}",
     ]
     if args.size <= 64:  # the tiny windows the tests use at 64 px
-        overrides.append("model.backbone_kwargs.window_size=2")
+        overrides.append("++model.backbone_kwargs.window_size=2")  # ++: Swin-B/L recipes name no backbone_kwargs
     cfg = load_config(args.config, [*overrides, *args.override])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.adapter, cfg.trainable, cfg.data.tasks, cfg.data.dataset)
@@ -129,6 +146,9 @@ def worker(args) -> None:
         "reduce_bucket_size": engine.zero_reduce_bucket_size() if engine.zero_optimization() else 0,
         "tag": args.tag,
         "optimizer_state_bytes": optimizer_state_bytes(engine),
+        "parameter_bytes": parameter_bytes(engine),
+        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+        "method": str(cfg.method.name),
         "ideal_bytes": 12 * trainable / info.world_size,
         "optimizer": f"{type(engine.optimizer).__name__}/{type(getattr(engine.optimizer, 'optimizer', engine.optimizer)).__name__}",
     }
@@ -136,9 +156,11 @@ def worker(args) -> None:
         json.dump(result, fh)
 
 
-def launch(stage: int, out: str, config: str, size: int, batch: int, steps: int, *extra: str, tag: str = "") -> None:
-    """One ``deepspeed --num_accelerators 2`` job of :func:`worker` (gloo); ``extra`` are config overrides."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
+def launch(
+    stage: int, out: str, config: str, size: int, batch: int, steps: int, *extra: str, tag: str = "", ranks: int = 2
+) -> None:
+    """One ``deepspeed --num_accelerators <ranks>`` job of :func:`worker` (gloo); ``extra`` are config overrides."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(ranks),
            "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--stage", str(stage),
            "--out", out, "--config", config, "--size", str(size), "--batch", str(batch), "--steps", str(steps),
            "--tag", tag, *(f"--override={o}" for o in extra)]  # fmt: skip
@@ -159,7 +181,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="world sizes (one job per stage and size)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. method=full_ft)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -171,17 +195,23 @@ def main() -> None:
         return worker(args)
 
     out = tempfile.mkdtemp(prefix="zero-bench-")
-    for stage in args.stages:
-        launch(stage, out, args.config, args.size, args.batch, args.steps)
+    for ranks in args.ranks:
+        for stage in args.stages:
+            launch(stage, out, args.config, args.size, args.batch, args.steps, *args.overrides,
+                   tag=f"w{ranks}_", ranks=ranks)  # fmt: skip
     rows = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
+    rows.sort(key=lambda r: (r["world_size"], r["stage"], r["rank"]))
+    print(f"method {rows[0]['method']}, {rows[0]['trainable']:,} trainable of {rows[0]['parameters']:,} parameters")
     print(
-        "| ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) | optimizer |"
+        "| ranks | ZeRO stage | rank | step (s) | peak RSS (MiB) | optimizer state (MiB) | 12 x trainable / ranks (MiB) "
+        "| parameters held (MiB) | 4 x parameters / ranks (MiB) | optimizer |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
-            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} | {r['optimizer']} |"
+            f"| {r['world_size']} | {r['stage']} | {r['rank']} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['ideal_bytes'] / 2**20:.1f} | "
+            f"{r['parameter_bytes'] / 2**20:.1f} | {4 * r['parameters'] / r['world_size'] / 2**20:.1f} | {r['optimizer']} |"
         )
     if args.json:
         with open(args.json, "w") as fh:

@@ -41,9 +41,9 @@ MOST_USED_KEYS = (
     ("seed", "initial weights, augmentation and data order"),
 )
 _SWEEP_HINT = (
-    "sweeps (-m/--multirun) are not run by these entry points: run one command per point, each with its "
-    "own run_dir, e.g.\n  for r in mtlora_r16 mtlora_r32; do python launch/train.py --config "
-    "configs/zero2.yaml adapter=$r run_dir=runs/$r ...; done\nor submit a SLURM array (docs/slurm.md)"
+    "sweeps (-m/--multirun) are run by launch/sweep.py, each point in its own run_dir, here or on SLURM, e.g.\n"
+    "  python launch/sweep.py --config configs/zero2.yaml --sweep-dir runs/sweeps/ranks adapter=mtlora_r16,mtlora_r32 "
+    "seed=0,1 [--slurm]\n(docs/study.md)"
 )
 
 
@@ -90,7 +90,7 @@ def config_parser(doc: str, *, config_help: str, overrides_help: str) -> argpars
         "-m",
         "--multirun",
         action="store_true",
-        help="not supported: run one command per sweep point (a shell loop or a SLURM array)",
+        help="not supported here: sweeps are run by launch/sweep.py (docs/study.md)",
     )
     parser.add_argument("overrides", nargs="*", help=overrides_help)
     return parser

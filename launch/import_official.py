@@ -6,10 +6,13 @@
 
 ``official=`` (required) is the official ``torch.save`` file; ``backbone_out=`` (optional) where the frozen
 backbone it holds is written as the run's ``model.pretrained`` (default
-``<run_dir>/pretrained_backbone.safetensors``; with ``model.pretrained`` set, the file's backbone is checked
-equal to it instead). Every other ``key=value`` overrides the config, which must be the one the official run
-trained (adapter ranks, scales and tasks are compared with the file's config). The file is read without
-running code from it. Exit status 2, with one message, for a file that is unsafe, of another
+``<run_dir>/pretrained_backbone.safetensors``; never over an existing file; with ``model.pretrained`` set, the
+file's backbone is checked equal to it instead). ``optimizer=official`` (optional; default ``fresh``) also
+brings in the official run's step, schedule position and AdamW moments, so training continues where the
+official run stopped. ``weights=KEY`` imports another weight copy of the file (an EMA). Every other
+``key=value`` overrides the config, which must be the one the official run trained (every MTLoRA setting,
+the tasks, image size and backbone are compared with the file's config). The file is read without running
+code from it. Exit status 2, with one message, for a file that is unsafe, damaged, of another
 configuration, or missing. Details: docs/recipes.md.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import _cli
 
-EXTRA_KEYS = ("official", "backbone_out")
+EXTRA_KEYS = ("official", "backbone_out", "optimizer", "weights")
 
 
 @_cli.friendly_errors
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _cli.config_parser(
         __doc__,
         config_help="a YAML under configs/: the recipe the official run matches",
-        overrides_help="official=PATH [backbone_out=PATH] [key=value ...]",
+        overrides_help="official=PATH [backbone_out=PATH] [optimizer=fresh|official] [weights=KEY] [key=value ...]",
     )
     args = _cli.parse(parser, argv)
 
@@ -42,7 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     from mtlora_dist.engine.import_official import import_official
 
     setup_logging(0)  # results on stdout, warnings on stderr
-    url = import_official(cfg, extra["official"], extra.get("backbone_out"))
+    url = import_official(
+        cfg,
+        extra["official"],
+        extra.get("backbone_out"),
+        optimizer=extra.get("optimizer", "fresh"),
+        weights=extra.get("weights", "model"),
+    )
     print(f"imported {extra['official']} as {url}")
 
 

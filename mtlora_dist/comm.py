@@ -44,6 +44,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "world_size",
+    "init_default_group",
     "init_control_group",
     "control_group",
     "comm_device",
@@ -98,6 +99,12 @@ def shutdown() -> None:
             dist.destroy_process_group()
     _control = _control_of = _timeout = None
     _peers.clear()
+
+
+def init_default_group(backend: str, timeout: timedelta, device: torch.device | None = None) -> None:
+    """Make the default group from the launcher's environment (``env://``), bound to ``device`` when
+    one is given (torch's eager, device-bound init; ``engine.distributed`` decides when)."""
+    dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device is not None else {}))
 
 
 def init_control_group(timeout: timedelta | None = None) -> None:

@@ -42,7 +42,7 @@ from mtlora_dist.data.config import (
     renamed_key_error,
 )
 from mtlora_dist.data.ingest.format_spec import register_format
-from mtlora_dist.models.config import ModelConfig, TrainableConfig
+from mtlora_dist.models.config import MethodConfig, ModelConfig, TrainableConfig, check_method
 from mtlora_dist.storage.fs import StorageOptions, has_userinfo, is_secret_key, join, redact, url_to_fs
 
 __all__ = [
@@ -267,6 +267,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # set by the method= group (docs/methods.md)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
@@ -434,7 +435,7 @@ def _refuse_hydra_settings(overrides: list[str]) -> None:
             raise ConfigError(
                 f"'{key}' is a Hydra application setting; these entry points compose the config "
                 "with Hydra but are not Hydra apps: the output folder is run_dir=..., and a sweep "
-                "is one command per point (a shell loop or a SLURM array, docs/slurm.md)"
+                "is launch/sweep.py (docs/study.md)"
             )
 
 
@@ -485,6 +486,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     _check_choices(cfg)
     _check_dataset(cfg.data)
     _check_adapter(cfg.adapter, cfg.data.tasks)
+    try:
+        check_method(cfg.method, cfg.data.tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_optim(cfg.optim)
     _check_loss(cfg)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))

@@ -130,8 +130,8 @@ def explain(
     if "Ambiguous value for argument" in top:
         message = (
             f"{top}: a comma in a value asks Hydra for a sweep, which these entry points do not run; "
-            "quote a list as key=[a,b], or run one command per value (a shell loop or a SLURM array, "
-            "docs/slurm.md)"
+            "quote a list as key=[a,b], or sweep the values with launch/sweep.py (here or on SLURM, "
+            "docs/study.md)"
         )
     elif "Error parsing override" in top:
         message = f"{top}: overrides are key=value (e.g. max_steps=100, data.batch_size=16, adapter=mtlora_r16)"

@@ -112,7 +112,7 @@ def inject_adapters(backbone: nn.Module, cfg: AdapterConfig, tasks: Sequence[str
         parent_name, _, child = name.rpartition(".")
         setattr(backbone.get_submodule(parent_name), child, layer)
         replaced.append(name)
-    if not replaced:
+    if not replaced and (cfg.ta_targets or cfg.ts_targets):  # empty lists: no adapters (full fine-tuning)
         raise ValueError(f"no layer matched adapter.ta_targets {cfg.ta_targets} or ts_targets {cfg.ts_targets}")
     return replaced
 

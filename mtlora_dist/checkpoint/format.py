@@ -35,6 +35,7 @@ __all__ = [
     "tensor_problems",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
+    "short_list",
     "step_tag",
     "tag_step",
     "frozen_fingerprint",
@@ -122,7 +123,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1] or "<root>": value}
 
 
-def _short_list(items: Iterable[str]) -> str:
+def short_list(items: Iterable[str]) -> str:
+    """At most a few sorted items, then how many more (messages stay one short line)."""
     items = sorted(items)
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
@@ -140,11 +142,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
         if saved_params[n] != params[n]
     ]
     if missing:
-        lines.append(f"missing keys (trainable in this model, not in the checkpoint): {_short_list(missing)}")
+        lines.append(f"missing keys (trainable in this model, not in the checkpoint): {short_list(missing)}")
     if unexpected:
-        lines.append(f"unexpected keys (in the checkpoint, not trainable in this model): {_short_list(unexpected)}")
+        lines.append(f"unexpected keys (in the checkpoint, not trainable in this model): {short_list(unexpected)}")
     if mismatched:
-        lines.append(f"shape mismatches: {_short_list(mismatched)}")
+        lines.append(f"shape mismatches: {short_list(mismatched)}")
     saved_cfg, cfg = _flatten(saved.get("config", {})), _flatten(current.get("config", {}))
     changed = [
         f"{k}: checkpoint {saved_cfg.get(k, '<absent>')!r} vs this run {cfg.get(k, '<absent>')!r}"
@@ -152,7 +154,7 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
         if saved_cfg.get(k, "<absent>") != cfg.get(k, "<absent>")
     ]
     if changed:
-        lines.append(f"config differences: {_short_list(changed)}")
+        lines.append(f"config differences: {short_list(changed)}")
     return lines
 
 

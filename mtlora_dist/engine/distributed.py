@@ -4,6 +4,14 @@ The launchers differ only in which environment variables they set: the deepspeed
 torchrun set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` sets SLURM_PROCID,
 SLURM_NTASKS and SLURM_LOCALID (the master is the first host of the allocation); a plain ``python``
 run has none and becomes a one-process group.
+
+The default group is made here, not by DeepSpeed, and DeepSpeed adopts it (``deepspeed.init_distributed``
+wraps an existing group). DeepSpeed 0.19.8 binds its own group to ``cuda:LOCAL_RANK`` whenever the world
+size is not 1 (``deepspeed/comm/torch.py``) and its engine and ZeRO read ``LOCAL_RANK`` as the GPU
+index; with more ranks than GPUs on a node (two ranks on one GPU over ``cuda:gloo``) torch refuses
+``cuda:1`` ("device_id cuda:1 is out of range"). So each rank binds the device :func:`device_for`
+chose, and ``LOCAL_RANK`` is set to that device's index before DeepSpeed reads it; the launcher's
+local rank stays in :class:`DistInfo`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ __all__ = [
     "init_distributed",
     "device_for",
     "default_group_backend",
+    "bound_device",
     "free_port",
     "enable_nccl_async_errors",
 ]
@@ -90,6 +99,26 @@ def default_group_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+def bound_device(device: torch.device, world_size: int) -> torch.device | None:
+    """The device the default group is bound to: this rank's GPU when there are peers, as DeepSpeed
+    binds it (none for one rank, whose later groups have no peer to split with; none on torch
+    2.6.0-2.7.0, where a bound group can hang: pytorch#153960), but chosen by us, not from LOCAL_RANK."""
+    if device.type != "cuda" or world_size == 1:
+        return None
+    from packaging.version import Version
+
+    if Version("2.6.0") < Version(torch.__version__.split("+")[0]) < Version("2.7.1"):
+        return None
+    return device
+
+
+def _deepspeed_local_rank(device: torch.device) -> None:
+    """DeepSpeed takes ``LOCAL_RANK`` for the GPU index (``engine._set_distributed_vars``, ZeRO's buffers):
+    give it the index of the GPU this rank uses, which differs only when ranks share GPUs."""
+    if device.type == "cuda":
+        os.environ["LOCAL_RANK"] = str(device.index)
+
+
 def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0, backend: str = "auto") -> DistInfo:
     """Start (or join) the process group: NCCL on GPUs, gloo on CPUs, or ``backend``
     (``deepspeed.dist_backend``). A collective that waits more than ``timeout_s`` for a peer fails on every
@@ -110,8 +139,11 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 600.0
     timeout = timedelta(seconds=timeout_s)
     if not comm.is_distributed():
         enable_nccl_async_errors()
-        deepspeed.init_distributed(
-            dist_backend=default_group_backend(backend, device),
+        group_backend = default_group_backend(backend, device)
+        comm.init_default_group(group_backend, timeout, bound_device(device, int(os.environ["WORLD_SIZE"])))
+        _deepspeed_local_rank(device)
+        deepspeed.init_distributed(  # adopts the group above
+            dist_backend=group_backend,
             auto_mpi_discovery=False,
             verbose=False,
             timeout=timeout,

@@ -160,18 +160,19 @@ def _run(
     uploading = None  # (step, URL) of the last checkpoint sent to object storage
 
     progress = Progress(total_steps, engine.global_steps, enabled=info.is_main, bar=cfg.logging.progress_bar)
-    tick, samples = time.perf_counter(), 0
+    tick, samples, steps = time.perf_counter(), 0, 0
     job_end = engine.global_steps + cfg.steps_per_job if cfg.steps_per_job else total_steps
     with progress.routing_logs():
         while engine.global_steps < min(total_steps, job_end):
             losses = _train_step(engine, batches, loss_fn, info, dtype, geometry.accumulation)
             step = engine.global_steps
             samples += geometry.global_batch
+            steps += 1
             progress.advance()
             if step % cfg.logging.log_every == 0 or step == total_steps:
-                rate = samples / (time.perf_counter() - tick)
-                _log_train(logger, progress, step, losses, engine, rate, train_loader)
-                tick, samples = time.perf_counter(), 0
+                elapsed = time.perf_counter() - tick
+                _log_train(logger, progress, step, losses, engine, samples / elapsed, elapsed / steps, train_loader)
+                tick, samples, steps = time.perf_counter(), 0, 0
             if validation.due(step, total_steps):
                 with stop.doing("the evaluation"):
                     results = validation.run(engine, step)
@@ -279,6 +280,16 @@ def _host_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(losses, values))
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """The most memory this rank has held so far: the accelerator's allocator peak, else the process's
+    peak resident set (what the comparison report shows as peak memory)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _endless(loader):
     """Batches across epochs; the loader keeps its own (epoch, position) for checkpoints and moves to
     the next epoch by itself when iterated again."""
@@ -294,7 +305,14 @@ def _build_model(cfg: TrainConfig, info: DistInfo):
 
 
 def _log_train(
-    logger: RunLogger, progress: Progress, step: int, losses: dict[str, torch.Tensor], engine, rate: float, loader
+    logger: RunLogger,
+    progress: Progress,
+    step: int,
+    losses: dict[str, torch.Tensor],
+    engine,
+    rate: float,
+    step_s: float,
+    loader,
 ) -> None:
     losses = _host_values(losses)
     lr = engine.get_lr()[0]
@@ -306,6 +324,8 @@ def _log_train(
         "loss": losses["loss"],
         "lr": lr,
         "samples_per_s": rate,
+        "step_s": step_s,  # wall seconds per optimizer step since the last record
+        "peak_memory_mb": _peak_memory_mb(engine.device),
         "losses": {k: v for k, v in losses.items() if k != "loss" and not k.startswith(_WEIGHT)},
         "loss_weights": {k[len(_WEIGHT) :]: v for k, v in losses.items() if k.startswith(_WEIGHT)},
         "data": data_stats,

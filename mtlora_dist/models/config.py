@@ -8,7 +8,7 @@ from typing import Any
 
 from mtlora_dist.choices import StrEnum
 
-__all__ = ["CompileMode", "ModelConfig", "Pyramid", "TrainableConfig"]
+__all__ = ["CompileMode", "Method", "MethodConfig", "ModelConfig", "Pyramid", "TrainableConfig", "check_method"]
 
 
 class Pyramid(StrEnum):
@@ -55,7 +55,9 @@ class ModelConfig:
 
 @dataclass
 class TrainableConfig:
-    """Switches per parameter group; everything not named here stays frozen."""
+    """Switches per parameter group (:func:`mtlora_dist.models.trainable.parameter_group`); a parameter
+    trains when its group's switch is on, or ``biases`` is on and it is a backbone bias, or ``backbone``
+    is on and it is in the backbone. The defaults are MTLoRA's set (spec B §4.1)."""
 
     lora: bool = True
     norms: bool = True
@@ -63,3 +65,34 @@ class TrainableConfig:
     patch_embed: bool = True
     downsample_reduction: bool = True  # frozen anyway when the reduction carries LoRA (MTLoRA+)
     decoders: bool = True
+    biases: bool = False  # every backbone bias, whatever its group (BitFit)
+    backbone: bool = False  # every backbone parameter (full fine-tuning)
+
+
+class Method(StrEnum):
+    """What is trained (``method=`` config group, configs/method/, docs/methods.md)."""
+
+    mtlora = "mtlora"  # the adapter group's MTLoRA as configured (the default; MTLoRA+ with adapter=mtlora_plus_*)
+    mtlora_plus = "mtlora_plus"  # MTLoRA + low-rank adapters on the patch-merging reductions
+    full_ft = "full_ft"  # multi-task full fine-tuning: no adapters, everything trains
+    single_task = "single_task"  # full fine-tuning of one task's model (data.tasks=[t]; one run per task)
+    decoders_only = "decoders_only"  # frozen backbone, the task decoders train
+    bitfit = "bitfit"  # backbone biases + decoders
+    lora = "lora"  # task-agnostic LoRA (the adapter group's shared rank) + decoders; no task-specific modules
+
+
+@dataclass
+class MethodConfig:
+    """The method's name; its settings are the ``adapter.*`` and ``trainable.*`` keys its config group
+    option sets (configs/method/<name>.yaml), so a run's saved config says what trained."""
+
+    name: Method = Method.mtlora
+
+
+def check_method(method: MethodConfig, tasks: list[str]) -> None:
+    """A single-task run trains one task's model; the sweep (or the user) runs one per task."""
+    if method.name == Method.single_task and len(tasks) != 1:
+        raise ValueError(
+            f"method=single_task trains one model per task, but data.tasks is {list(tasks)}: run it once per "
+            f"task with data.tasks=[{tasks[0] if tasks else 'semseg'}] (or use method=full_ft for one multi-task model)"
+        )

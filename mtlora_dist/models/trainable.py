@@ -1,7 +1,10 @@
-"""Which parameters train (spec Part B §4.1, Part A 3): adapters, a few norms and tables, decoders.
+"""Which parameters train (spec Part B §4.1, Part A 3; docs/methods.md): a parameter's group is decided
+by its name once, here; the same groups drive freezing, the parameter report and the optimizer's
+weight-decay split.
 
-A parameter's group is decided by its name once, here; the same groups drive freezing, the
-parameter report and the optimizer's weight-decay split.
+MTLoRA trains adapters, a few norms and tables, and the decoders; the baselines of the paper's Table 1
+switch groups on or off (``trainable.*``, set by the ``method=`` config group): full fine-tuning turns
+on ``backbone`` (every backbone parameter), BitFit ``biases``, decoders-only only ``decoders``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from torch import nn
 
 from mtlora_dist.models.config import TrainableConfig
 
-__all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy"]
+__all__ = ["TrainableConfig", "parameter_group", "apply_trainable_policy", "is_backbone"]
+
+_BLOCK_LINEARS = (".attn.qkv.", ".attn.proj.", ".mlp.fc1.", ".mlp.fc2.")
 
 
 def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:
@@ -29,7 +34,14 @@ def parameter_group(name: str, module_of_param: nn.Module | None = None) -> str:
         return "norms"
     if "downsample.reduction" in name:
         return "downsample_reduction"
-    return "frozen"
+    if any(part in name for part in _BLOCK_LINEARS):
+        return "linears"  # the pretrained qkv/proj/fc1/fc2 weights and biases: frozen under MTLoRA
+    return "other"
+
+
+def is_backbone(name: str) -> bool:
+    """Everything but the task decoders (adapters included)."""
+    return not name.startswith("decoders.")
 
 
 def apply_trainable_policy(model: nn.Module, cfg: TrainableConfig) -> dict[str, str]:
@@ -42,7 +54,8 @@ def apply_trainable_policy(model: nn.Module, cfg: TrainableConfig) -> dict[str, 
         "patch_embed": cfg.patch_embed,
         "downsample_reduction": cfg.downsample_reduction,
         "decoders": cfg.decoders,
-        "frozen": False,
+        "linears": False,
+        "other": False,
     }
     lora_reductions = {
         n for n, m in model.named_modules() if n.endswith("downsample.reduction") and hasattr(m, "lora_shared_A")
@@ -53,6 +66,8 @@ def apply_trainable_policy(model: nn.Module, cfg: TrainableConfig) -> dict[str, 
         trainable = switches[group]
         if group == "downsample_reduction" and name.rsplit(".", 1)[0] in lora_reductions:
             trainable = False  # MTLoRA+: the adapter trains, the reduction weight stays frozen
+        if is_backbone(name) and (cfg.backbone or (cfg.biases and name.endswith(".bias"))):
+            trainable = True
         if group == "lora_scale":
             trainable = trainable and param.dtype.is_floating_point
         param.requires_grad_(trainable)

@@ -60,3 +60,18 @@ def test_with_only_optional_modules_missing_the_step_passes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert report["passed"] and report["import_failures"] == {}
     assert set(report["optional_missing"]) == {"simplejpeg", "pyspng"}
+
+
+def test_the_timm_check_names_a_release_the_model_cannot_use(monkeypatch):
+    """The model reaches into timm's Swin (``block._attn``, ``downsample.out_dim``); the GPU machine's timm
+    version is unknown, so the environment step checks it (and gpu_session.sh installs the carried one)."""
+    import env_report
+    from timm.models import swin_transformer
+
+    assert env_report.timm_check()["passed"], env_report.timm_check()
+    assert env_report.timm_requirement() == ">=1.0.20"
+    monkeypatch.delattr(swin_transformer.SwinTransformerBlock, "_attn")
+    check = env_report.timm_check()
+    assert not check["passed"] and check["problems"] == ["SwinTransformerBlock has no _attn method"]
+    monkeypatch.setattr(env_report, "_version", lambda name: "0.9.16")
+    assert "timm 0.9.16 is outside pyproject.toml's timm>=1.0.20" in env_report.timm_check()["problems"]

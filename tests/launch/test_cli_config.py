@@ -86,8 +86,8 @@ def test_only_the_synthetic_data_group_trains_without_urls():
             ["optimizer.base_lr=1"],
             ["unknown config key 'optimizer'", "did you mean 'optim'", "valid keys at the top level"],
         ),
-        (["adapter.shared_rank=16,32"], ["sweep", "shell loop"]),
-        (["-m", "adapter=mtlora_r16,mtlora_r32"], ["-m/--multirun", "own run_dir", "SLURM array"]),
+        (["adapter.shared_rank=16,32"], ["sweep", "launch/sweep.py"]),
+        (["-m", "adapter=mtlora_r16,mtlora_r32"], ["-m/--multirun", "own run_dir", "launch/sweep.py"]),
         (["hydra.run.dir=out"], ["not Hydra apps", "run_dir="]),
     ],
     ids=[

@@ -38,21 +38,6 @@ JOB_TIMEOUT = 240
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """Synthetic PASCAL-Context shards where ``data.synthetic.root`` finds them (made here once, not by
-    every job's rank 0), in many small shards so that both ranks get some."""
-    from mtlora_dist.data.ingest.convert import convert
-    from mtlora_dist.synthetic.datasets import generate
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    dataset = root / "pascal_context"
-    generate("pascal_context", str(dataset / "raw"), num_train=48, num_val=8, seed=0)
-    for split in ("train", "val"):
-        convert("pascal_context", str(dataset / "raw"), split, str(dataset / "shards" / split), shard_size_mb=0.2)
-    return root
-
-
 class Job:
     """One submission of the recipe script, with its run directory and output file."""
 
