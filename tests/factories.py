@@ -81,7 +81,7 @@ def task_lora_positional(task_input: bool, shared_in_tasks: bool, mask=None):
 _LOADER_KEYS = {
     "order": {"shuffle_buffer", "sample_log"},
     "read": {"verify_checksums", "cache_dir", "cache_max_gb", "on_error", "max_consecutive_failures",
-             "prefetch_samples", "buffer_mb"},
+             "prefetch_samples", "buffer_mb", "concurrency"},
     "decode": {"jpeg", "png", "resampler", "normals_resampling", "reduced_decode", "augment_device"},
     "data": {"dataset", "tasks", "storage", "eval_protocol", "prefetch_batches"},
     "world": {"rank", "world_size", "num_workers", "device"},

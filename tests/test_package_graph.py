@@ -10,6 +10,7 @@
     engine                            DeepSpeed set-up and the training loop
     export                            merged weights for inference
     reports                           tables, pictures, curves
+    study                             sweeps of whole runs and the report comparing them
     (launch/ entry points sit on top and may import anything)
 
 So a change to the training loop cannot break data loading, and evaluation or export never depend on
@@ -35,6 +36,7 @@ LEVELS = [
     {"engine"},
     {"export"},
     {"reports"},
+    {"study"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 

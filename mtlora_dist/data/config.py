@@ -82,14 +82,20 @@ class ReadConfig:
     on_error: OnError = OnError.skip  # a corrupt sample or shard: skip it (counted) or stop
     max_consecutive_failures: int = 3  # shards in a row unreadable for storage errors: an error even when skipping
     prefetch_samples: int = 16  # samples the reader thread may queue ahead of the decoder
-    buffer_mb: int = 256  # bytes (MiB) a worker's reader may hold ahead of delivery
+    # MiB a worker's reader may hold ahead of delivery (indexed shards; docs/data.md, "Memory and requests"):
+    # 8 ranks x 8 workers x 256 MiB = 16 GiB a node, at any dataset size; larger lets a request carry more
+    # storage neighbours (fewer requests), smaller holds less (down to one request per sample)
+    buffer_mb: float = 256
+    concurrency: int = 8  # ranged requests in flight per worker: hides object storage's per-request latency
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None and self.cache_max_gb <= 0:
             raise ValueError(f"data.read.cache_max_gb must be > 0 with a cache_dir, got {self.cache_max_gb}")
-        for key in ("max_consecutive_failures", "prefetch_samples", "buffer_mb"):
+        for key in ("max_consecutive_failures", "prefetch_samples", "concurrency"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.read.{key} is {getattr(self, key)}; pass 1 or more")
+        if not self.buffer_mb > 0:
+            raise ValueError(f"data.read.buffer_mb is {self.buffer_mb}; pass more than 0 (MiB, e.g. 256)")
 
     @property
     def cache_max_bytes(self) -> int:
@@ -97,7 +103,7 @@ class ReadConfig:
 
     @property
     def buffer_bytes(self) -> int:
-        return int(self.buffer_mb) * 2**20
+        return int(self.buffer_mb * 2**20)
 
 
 @dataclass

@@ -199,6 +199,8 @@ class ShardLoader:
         for batch in batches:
             for key, value in batch.pop("__stats__").items():
                 self._stats[key] += value
+            if batch.get("__failing__"):  # the counters of a worker that fails next: its error follows
+                continue
             self._log_keys(batch["__key__"])
             self._consumed += 1
             yield self._warp_on_device(batch) if "warp" in batch else batch

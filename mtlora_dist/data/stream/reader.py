@@ -1,23 +1,20 @@
-"""The byte side of a worker's stream: the thread that reads the needed samples of its shards.
+"""The byte side of a worker's stream, for whole shards: the thread that reads the shards it needs.
 
-:class:`ShardReader` reads the shards a worker needs, each once and sequentially, in the order the plan
-first needs them, through fsspec (so network reads overlap with decoding), splits them into samples with
-webdataset's tar iterators and hands them, as raw bytes, to the sample side
-(:mod:`~mtlora_dist.data.stream.streaming`) through a bounded queue.
+With the manifest's per-sample index (every conversion writes one) a worker reads only its samples, in
+delivery order, within ``buffer_bytes``: :mod:`~mtlora_dist.data.stream.range_reader`. This module
+reads **whole shards**, for manifests without the index (written before it existed; ``launch/convert.py
+--index`` adds it) and for remote shards being copied into the cache (which stores whole verified
+shards). :class:`ShardReader` reads the shards a worker needs, each once and sequentially, in the order
+the plan first needs them, through fsspec (so network reads overlap with decoding), splits them into
+samples with webdataset's tar iterators and hands them, as raw bytes, to the sample side
+(:mod:`~mtlora_dist.data.stream.streaming`) through a bounded queue. A shard's samples arrive together,
+so the sample side holds those it needs later until their turn: up to the worker's share of the epoch
+(``docs/data.md``, "Bounds"), not bounded by ``buffer_bytes``.
 
-Reading only what is needed: with the manifest's per-sample index (``shards/shard_index``; every
-conversion writes one) a worker reads just the byte ranges of the samples it needs, each run of
-consecutive samples in one ranged read (in chunks of ``storage.block_size``), so however many workers
-share a shard, the bytes read per epoch are those of the samples used (``docs/data.md``, "Bounds").
-
-Integrity (``verify_checksums``, on by default): with the index, each sample's bytes are checked
-against its digest before they are parsed, so a flipped byte costs that sample only (counted as
-skipped, like an undecodable one). A manifest without the index (written before it existed; or a
-remote shard being copied into the cache, which stores whole verified shards) falls back to whole
-shards: every byte goes through sha256 while it streams, and the shard's samples are handed on only
-once the digest and size match, so such a shard fails as a whole. That mode also means a worker reads
-whole shards it needs only a part of (up to tens of times the dataset per epoch at high worker counts;
-``launch/convert.py --index`` adds the index to an old conversion).
+Integrity (``verify_checksums``, on by default): every byte goes through sha256 while it streams, and
+the shard's samples are handed on only once the digest and size match, so a damaged shard fails as a
+whole. A worker reads whole shards it needs only a part of (up to tens of times the dataset per epoch at
+high worker counts).
 
 Shard cache (``cache_dir``): remote shards are stored, verified, in a node-local folder
 (:class:`~mtlora_dist.storage.shard_cache.ShardCache`) and read from there in later epochs; a cached
@@ -35,9 +32,7 @@ when skipping.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import io
 import logging
 import queue
 import tarfile
@@ -51,8 +46,7 @@ from typing import IO
 import mtlora_dist.storage.wds  # noqa: F401  (registers s3:// for webdataset in every worker)
 from mtlora_dist.data.config import ReadConfig
 from mtlora_dist.data.errors import ShardError
-from mtlora_dist.data.shards.manifest import Manifest, ShardInfo
-from mtlora_dist.data.shards.shard_index import sample_digest
+from mtlora_dist.data.shards.manifest import Manifest
 from mtlora_dist.data.shards.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.stats import STAT_KEYS
 from mtlora_dist.storage.fs import StorageOptions, is_remote, url_to_fs
@@ -79,6 +73,7 @@ class ReaderConfig:
     cache_dir: str | None = None
     cache_max_bytes: int = 0
     buffer_bytes: int = 256 * 2**20  # data.read.buffer_mb: bytes the reader may hold ahead of delivery
+    concurrency: int = 8  # data.read.concurrency: ranged requests in flight per worker (range_reader.py)
 
     @classmethod
     def of(cls, manifest: Manifest, read: ReadConfig, storage: StorageOptions) -> ReaderConfig:
@@ -93,6 +88,7 @@ class ReaderConfig:
             cache_dir=read.cache_dir,
             cache_max_bytes=read.cache_max_bytes,
             buffer_bytes=read.buffer_bytes,
+            concurrency=read.concurrency,
         )
 
     @property
@@ -156,8 +152,7 @@ class ShardReader(threading.Thread):
         super().__init__(daemon=True, name="mtlora-shard-reader")
         self.cfg = cfg
         self.segments = segments
-        self.ranged = cfg.range_reads
-        bundles = cfg.checks_shards and not self.ranged  # one ("bundle", events) per shard: one waits at most
+        bundles = cfg.checks_shards  # one ("bundle", events) per shard: one waits at most
         self.events: queue.Queue = queue.Queue(maxsize=1 if bundles else max(1, cfg.prefetch_samples))
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if cfg.cache_dir else None
         self.stopping = threading.Event()
@@ -257,8 +252,6 @@ class ShardReader(threading.Thread):
                     entry.abort()  # no-op once committed
 
     def _stream(self, shard: int, url: str, idxs: list[int], progress: list[int], use_cache: bool) -> None:
-        if self.ranged:
-            return self._read_ranges(shard, url, idxs, progress)
         with self._open(shard, url, use_cache) as source:
             try:
                 held = self._read_samples(shard, url, idxs, progress, source)
@@ -318,69 +311,6 @@ class ShardReader(threading.Thread):
             )
         return held
 
-    def _read_ranges(self, shard: int, url: str, idxs: list[int], progress: list[int]) -> None:
-        """Read just the samples ``idxs[progress:]`` of an indexed shard: one ranged read per run of
-        consecutive samples (in chunks), each sample checked against its digest, then parsed alone."""
-        info = self.cfg.manifest.shards[shard]
-        fs, path = url_to_fs(url, self.cfg.storage)
-        with fs.open(path, "rb", block_size=self.cfg.storage.block_size, cache_type="none") as f:
-            self.stats["shards_opened"] += 1
-            for first, last in _runs(idxs[progress[0] :]):
-                for idx, data in self._run_bytes(f, url, info, first, last):
-                    self.stats["samples_read"] += 1
-                    event = self._parse(shard, url, info, idx, data)
-                    progress[0] += 1  # before the put: a retry resumes after this sample
-                    self._put(event)
-
-    def _run_bytes(self, f: IO[bytes], url: str, info: ShardInfo, first: int, last: int) -> Iterator[tuple[int, bytes]]:
-        """``(index, bytes)`` of samples ``first..last``, read from storage in chunks of at most ``block_size``."""
-        offsets, chunk = info.offsets, max(1, self.cfg.storage.block_size)
-        end = offsets[last + 1]
-        f.seek(offsets[first])
-        pos, buf, at = offsets[first], b"", 0
-        for idx in range(first, last + 1):
-            need = offsets[idx + 1] - offsets[idx]
-            while len(buf) - at < need:
-                data = f.read(min(chunk, end - pos))
-                if not data:
-                    raise self._truncated(url, info)
-                self.stats["bytes_read"] += len(data)
-                pos += len(data)
-                buf, at = buf[at:] + data, 0
-            yield idx, buf[at : at + need]
-            at += need
-
-    def _parse(self, shard: int, url: str, info: ShardInfo, idx: int, data: bytes) -> tuple:
-        """The sample event, or a ``missing`` one for bytes that fail their digest or do not parse."""
-        try:
-            if self.cfg.verify_checksums and sample_digest(data) != info.sample_digest(idx):
-                start, stop = info.offsets[idx], info.offsets[idx + 1]
-                raise ShardError(
-                    f"shard {url} does not match its manifest: sample {idx} (bytes {start}..{stop}) has sha256 "
-                    f"{sample_digest(data)}..., the manifest says {info.sample_digest(idx)}... (corrupt or replaced "
-                    "content; re-run the conversion or restore the shard)"
-                )
-            samples = list(iter_tar_samples(io.BytesIO(data), url))
-            if len(samples) != 1:
-                raise ShardError(f"shard {url}: the bytes of sample {idx} hold {len(samples)} samples (stale index)")
-        except _DATA_ERRORS as exc:
-            message = str(exc) if isinstance(exc, ShardError) else f"corrupt shard {url}: sample {idx}: {exc}"
-            if self.cfg.on_error == "raise":
-                raise ShardError(message) from None
-            self.stats["samples_skipped"] += 1
-            log.warning("skipping a bad sample: %s", message)
-            return ("missing", shard, idx, message)
-        key, members = samples[0]
-        return ("sample", shard, idx, key, members)
-
-    def _truncated(self, url: str, info: ShardInfo) -> ShardError:
-        size = self._size(url)
-        whole = bisect.bisect_right(info.offsets, size) - 1  # samples whose bytes are all there
-        return ShardError(
-            f"shard {url} is truncated: the tar ended after {max(0, whole)} sample(s) but the manifest lists "
-            f"{info.num_samples} (the object is {size} bytes, the manifest says {info.bytes})"
-        )
-
     def _size(self, url: str) -> int:
         fs, path = url_to_fs(url, self.cfg.storage)
         return fs.size(path)
@@ -403,15 +333,6 @@ class ShardReader(threading.Thread):
                 )
         for idx in idxs[done:]:
             self._put(("missing", shard, idx, message))
-
-
-def _runs(idxs: list[int]) -> Iterator[tuple[int, int]]:
-    """``(first, last)`` of each run of consecutive indices in the sorted ``idxs``."""
-    start = 0
-    for i in range(1, len(idxs) + 1):
-        if i == len(idxs) or idxs[i] != idxs[i - 1] + 1:
-            yield idxs[start], idxs[i - 1]
-            start = i
 
 
 def segments(slots: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:

@@ -18,6 +18,8 @@ STAT_KEYS = (
     "shards_from_cache",  # shards read from the local shard cache
     "shards_failed",
     "retries",
+    "read_requests",  # ranged requests sent to storage (retries included; indexed manifests)
+    "read_held_peak",  # the most bytes a worker held ahead of delivery, summed over the rank's workers
 )
 
 

@@ -1,15 +1,19 @@
 """Streaming shards into augmented batches inside one DataLoader worker (or the main process): the sample side.
 
 Each worker follows its :class:`~mtlora_dist.data.stream.plan.WorkerPlan`: a
-:class:`~mtlora_dist.data.stream.reader.ShardReader` thread reads the bytes of the samples it needs
-(ranged reads, checksums, retries, cache: see that module), and the worker thread emits samples in the
-planned order, decodes, transforms and collates them. Samples before the resume point are dropped as
+:class:`~mtlora_dist.data.stream.range_reader.RangeReader` fetches the samples it needs in delivery
+order, at most ``read.buffer_mb`` ahead (indexed manifests; whole shards without the index:
+:class:`~mtlora_dist.data.stream.reader.ShardReader`; checksums, retries, cache: see those modules), and
+the worker thread emits samples in the planned order, decodes, transforms and collates them. Samples before the resume point are dropped as
 raw bytes, never decoded. With ``decode.augment_device="device"`` the worker only decodes (and draws each sample's
 warp); the loader warps the batch on the training device (``transforms.warp_batch``).
 
-A worker holds, as raw bytes, the samples it still needs from the shards (or runs) it has read, plus
-the one being read: at most its share of the epoch (bounds measured in ``docs/data.md``, "The
-training order").
+Memory: with the index a worker holds at most ``read.buffer_mb`` of raw samples ahead of delivery,
+at any dataset size; reading whole shards, it holds the samples it still needs from the shards it has
+read (up to its share of the epoch). ``stats["read_held_peak"]`` reports the peak (``docs/data.md``).
+
+Counters travel with the batches; when a worker fails, what it counted up to the failure (retries,
+missing samples) goes to the loader just before the error does.
 
 Failures (``on_error``): a sample that does not decode or lacks a task's member is ``"raise"``: an error
 naming the shard and sample; ``"skip"``: counted (``samples_skipped``), logged as a warning, and its
@@ -38,6 +42,7 @@ from mtlora_dist.data.shards.encoding import IMAGE_SUFFIX, Decoders, decode_samp
 from mtlora_dist.data.shards.manifest import Manifest
 from mtlora_dist.data.stream.batch import collate, collate_decoded
 from mtlora_dist.data.stream.plan import WorkerPlan, locate, make_worker_plan, shard_order
+from mtlora_dist.data.stream.range_reader import RangeReader
 from mtlora_dist.data.stream.reader import ReaderConfig, ShardReader, segments
 from mtlora_dist.data.stream.stats import STAT_KEYS, labels_missing_key, stat_keys
 from mtlora_dist.data.stream.transforms import (
@@ -122,6 +127,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, cfg: StreamConfig, epoch: int = 0, batches_consumed: int = 0) -> None:
         self.cfg = cfg
+        self._held_peak = 0  # the most bytes this worker's reader held ahead of delivery, over its epochs
         self._position = torch.tensor([int(epoch), int(batches_consumed)], dtype=torch.int64).share_memory_()
 
     def set_position(self, epoch: int, batches_consumed: int) -> None:
@@ -209,10 +215,14 @@ class ShardStream(IterableDataset):
         return reduced_image_size(full, self.cfg.img_size, warp) if full else None
 
     def _samples(
-        self, plan: WorkerPlan, reader: ShardReader, slots: list[tuple[int, int]], stats: Counter[str], epoch: int
+        self,
+        plan: WorkerPlan,
+        events: RangeReader | _Pending,
+        slots: list[tuple[int, int]],
+        stats: Counter[str],
+        epoch: int,
     ) -> Iterator[dict[str, Any]]:
         """Transformed samples in plan order; a lost one is replaced by a marked copy of a good one."""
-        events = _Pending(reader, slots)
         good: tuple | None = None  # the last event that decoded
         owed = 0  # failures before the first good sample: filled once one arrives
         for slot, valid in zip(slots, plan.valid, strict=True):
@@ -246,12 +256,27 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         order = shard_order(len(cfg.manifest.shards), cfg.seed, epoch, cfg.shuffle)
         slots = locate(plan.positions, [s.num_samples for s in cfg.manifest.shards], order)
-        reader = ShardReader(cfg.reader_config(), segments(slots))
+        reader_cfg = cfg.reader_config()
+        if reader_cfg.range_reads:  # in delivery order, within the read buffer
+            reader: RangeReader | ShardReader = RangeReader(reader_cfg, slots, dict.fromkeys(STAT_KEYS, 0))
+            events: RangeReader | _Pending = reader
+        else:  # whole shards, each once, in the order first needed; samples held until their turn
+            reader = ShardReader(reader_cfg, segments(slots))
+            events = _Pending(reader, slots)
         reader.start()
         stats: Counter[str] = Counter(samples_resume_skipped=plan.skipped)
         reported: Counter[str] = Counter()
+        held_before = self._held_peak
+
+        def unreported() -> dict[str, int]:
+            self._held_peak = max(self._held_peak, events.peak_held)
+            stats["read_held_peak"] = self._held_peak - held_before  # a worker's peak over all its epochs
+            delta = {k: int(stats[k] + reader.stats.get(k, 0) - reported[k]) for k in stat_keys(cfg.tasks)}
+            reported.update(delta)
+            return delta
+
         try:
-            samples = self._samples(plan, reader, slots, stats, epoch)
+            samples = self._samples(plan, events, slots, stats, epoch)
             for size in plan.batch_sizes:
                 items = [next(samples) for _ in range(size)]
                 stats["samples_yielded"] += size
@@ -259,21 +284,30 @@ class ShardStream(IterableDataset):
                 for task in cfg.tasks:  # real samples only: padding copies are not data
                     stats[labels_missing_key(task)] += sum(1 for s in items if s["valid"] and not s["labeled"][task])
                 batch = (collate_decoded if cfg.augment and cfg.augment_on_device else collate)(items, cfg.tasks)
-                delta = {k: int(stats[k] + reader.stats.get(k, 0) - reported[k]) for k in stat_keys(cfg.tasks)}
-                reported.update(delta)
-                batch["__stats__"] = delta  # the loader adds these up in the main process
+                batch["__stats__"] = unreported()  # the loader adds these up in the main process
                 yield batch
+        except Exception:
+            # the counters up to the failure (retries, missing samples) reach the loader before the error
+            # does: they otherwise travel only with delivered batches
+            yield {"__stats__": unreported(), "__failing__": True}
+            raise
         finally:
             reader.stop()
 
 
 class _Pending:
-    """Reader events kept until every slot that needs them (padding may repeat one) was served."""
+    """Reader events kept until every slot that needs them (padding may repeat one) was served.
+
+    Whole-shard reading only: a shard's samples arrive together, so this holds every sample still needed
+    from the shards read so far (up to the worker's share of the epoch); ``peak_held`` counts their bytes.
+    """
 
     def __init__(self, reader: ShardReader, slots: list[tuple[int, int]]) -> None:
         self.reader = reader
         self.uses = Counter(slots)
         self.events: dict[tuple[int, int], tuple] = {}
+        self.held = 0
+        self.peak_held = 0
 
     def take(self, slot: tuple[int, int]) -> tuple:
         while slot not in self.events:
@@ -289,5 +323,16 @@ class _Pending:
                 raise DataError(f"the shard reader finished without sample {slot} (planning bug)")
             for item in event[1] if event[0] == "bundle" else (event,):
                 self.events[(item[1], item[2])] = item
+                self.held += _event_bytes(item)
+            self.peak_held = max(self.peak_held, self.held)
         self.uses[slot] -= 1
-        return self.events[slot] if self.uses[slot] else self.events.pop(slot)
+        if self.uses[slot]:
+            return self.events[slot]
+        event = self.events.pop(slot)
+        self.held -= _event_bytes(event)
+        return event
+
+
+def _event_bytes(event: tuple) -> int:
+    """Bytes of a sample event's members (a ``missing`` event holds none)."""
+    return sum(len(v) for v in event[4].values()) if event[0] == "sample" else 0
