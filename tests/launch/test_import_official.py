@@ -632,6 +632,7 @@ def test_continuing_takes_the_official_next_step_in_float64(yacs_module, officia
     """The imported run, resumed as training resumes, takes the step the official code takes next on the same
     batch: AdamW moments and step count mapped by parameter, the lr at the schedule position (float64)."""
     from mtlora_dist.checkpoint import Checkpointer, SavePolicy
+    from mtlora_dist.engine.data_setup import batch_geometry
     from mtlora_dist.engine.deepspeed_setup import initialize_engine
     from mtlora_dist.engine.fingerprint import run_fingerprint
     from mtlora_dist.models.precision import align_buffers
@@ -642,13 +643,16 @@ def test_continuing_takes_the_official_next_step_in_float64(yacs_module, officia
     args = [*OVERRIDES, *CONTINUE, f"official={path}", f"run_dir={run_dir}", "optimizer=official"]
     proc = run_cli("import_official.py", ["--config", QUICKSTART, *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "continuing the official run at step 6 (epoch 2, 3 steps per epoch; Adam step 6)" in proc.stderr
+    # progress and results on stdout, warnings on stderr
+    assert "continuing the official run at step 6 (epoch 2, 3 steps per epoch; Adam step 6)" in proc.stdout
 
     run = load_config(str(run_dir / "config.yaml"))  # resumed as launch/train.py does
     run.deepspeed.zero_stage = 0  # written by ZeRO-2 (the recipe's); read on ZeRO-0, whose torch AdamW takes float64
     seed_everything(run.seed)
     model = build_model(run.model, run.adapter, run.trainable, run.data.tasks, run.data.dataset)
-    engine = initialize_engine(model, run.optim, run.deepspeed, run.data.batch_size, 1, 4 * PER_EPOCH, PER_EPOCH)
+    engine = initialize_engine(
+        model, run.optim, run.deepspeed, batch_geometry(run, world_size=1), 4 * PER_EPOCH, PER_EPOCH
+    )
     checkpointer = Checkpointer(str(run_dir), engine, policy=SavePolicy(0, 2), fingerprint=run_fingerprint(run))
     assert checkpointer.resume() == EPOCHS_DONE * PER_EPOCH and engine.global_steps == EPOCHS_DONE * PER_EPOCH
     align_buffers(engine.module.double(), torch.float64)  # the same Parameters, now float64 (BN stats fp32)
