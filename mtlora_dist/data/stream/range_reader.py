@@ -28,8 +28,9 @@ from mtlora_dist.data.errors import ShardError
 from mtlora_dist.data.shards.shard_index import sample_digest
 from mtlora_dist.data.shards.tarshards import iter_tar_samples
 from mtlora_dist.data.stream.read_schedule import Read, SampleRange, schedule_reads
+from mtlora_dist.data.stream.reader import storage_failure
 from mtlora_dist.storage.fs import url_to_fs
-from mtlora_dist.storage.retry import RetryBudget, StorageUnavailableError, is_transient
+from mtlora_dist.storage.retry import RetryBudget, StorageUnavailableError
 
 if TYPE_CHECKING:
     from mtlora_dist.data.shards.manifest import ShardInfo
@@ -176,16 +177,7 @@ class RangeReader:
                     if self._stopping.wait(delay):
                         raise _Stop from None
                     continue
-                if isinstance(exc, FileNotFoundError):
-                    message, error = f"shard {url} listed in the manifest does not exist ({exc})", ShardError
-                elif is_transient(exc):
-                    message, error = str(budget.unavailable(exc)), StorageUnavailableError
-                else:
-                    message = (
-                        f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and "
-                        "the bucket's permissions"
-                    )
-                    error = StorageUnavailableError
+                message, error = storage_failure(url, exc, budget)
                 return self._fail(read, message, error, storage=True)
         with self._cond:
             self._consecutive_failures = 0

@@ -219,16 +219,7 @@ class ShardReader(threading.Thread):
                     if self.stopping.wait(delay):
                         raise _Stop from None
                     continue
-                if isinstance(exc, FileNotFoundError):
-                    message, error = f"shard {url} listed in the manifest does not exist ({exc})", ShardError
-                elif is_transient(exc):
-                    message, error = str(budget.unavailable(exc)), StorageUnavailableError
-                else:
-                    message = (
-                        f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and "
-                        "the bucket's permissions"
-                    )
-                    error = StorageUnavailableError
+                message, error = storage_failure(url, exc, budget)
                 return self._fail(shard, idxs, progress[0], message, error, storage=True)
 
     @contextmanager
@@ -333,6 +324,19 @@ class ShardReader(threading.Thread):
                 )
         for idx in idxs[done:]:
             self._put(("missing", shard, idx, message))
+
+
+def storage_failure(url: str, exc: BaseException, budget: RetryBudget) -> tuple[str, type[Exception]]:
+    """The message and error of a shard read that failed for good (retries spent or not retryable):
+    both readers (whole shards here, ranged reads in ``range_reader``) say the same thing."""
+    if isinstance(exc, FileNotFoundError):
+        return f"shard {url} listed in the manifest does not exist ({exc})", ShardError
+    if is_transient(exc):
+        return str(budget.unavailable(exc)), StorageUnavailableError
+    message = (
+        f"cannot read shard {url}: {type(exc).__name__}: {exc}; check the credentials and the bucket's permissions"
+    )
+    return message, StorageUnavailableError
 
 
 def segments(slots: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
