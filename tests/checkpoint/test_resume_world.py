@@ -41,7 +41,7 @@ def train_job(
     launcher = deepspeed_launcher(ranks) if ranks > 1 else [sys.executable]
     cmd = [*launcher, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
            *TINY_RUN, *COMMON, f"data.train_url={shards['train']}", f"data.val_url={shards['val']}", "max_steps=6",
-           f"run_dir={run_dir}", f"data.sample_log={log_dir}", *overrides]  # fmt: skip
+           f"run_dir={run_dir}", f"data.order.sample_log={log_dir}", *overrides]  # fmt: skip
     env = {**worker_env(), "WANDB_MODE": "offline"}
     proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
