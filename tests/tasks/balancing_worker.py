@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from mtlora_dist import comm  # noqa: E402
 from mtlora_dist.config import load_config  # noqa: E402
 from mtlora_dist.engine import trainer  # noqa: E402
+from mtlora_dist.engine.data_setup import data_world  # noqa: E402
 from mtlora_dist.engine.distributed import init_distributed  # noqa: E402
 from mtlora_dist.engine.evaluate import to_device  # noqa: E402
 from mtlora_dist.engine.signals import TerminationFlag  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
             [*TINY, f"data.synthetic.root={args.data}", f"run_dir={run_dir}", *job["overrides"]],
         )
         trainer._train_step = legacy_train_step if job.get("legacy") else new_step
-        result = trainer._run(cfg, info, stop, None)
+        result = trainer._run(cfg, info, stop, None, data_world(info, num_workers=0))  # TINY: no workers
         weights = {t: float(w) for t, w in balancers[-1].weights_used().items()}
         report[job["name"]] = {"step": result.step, "weights_per_rank": comm.all_gather_object(weights)}
     if info.rank == 0:

@@ -145,10 +145,10 @@ def test_the_train_record_has_each_tasks_weight_for_metrics_jsonl_and_wandb(tmp_
     from mtlora_dist.engine.run_logger import RunLogger, _flatten
 
     logger = RunLogger(str(tmp_path), enabled=True, start=False)
-    engine, loader = SimpleNamespace(get_lr=lambda: [0.1]), SimpleNamespace(stats={})
+    engine, loader = SimpleNamespace(get_lr=lambda: [0.1], device=torch.device("cpu")), SimpleNamespace(stats={})
     values = {"loss": torch.tensor(3.0), "semseg": torch.tensor(1.0), "sal": torch.tensor(0.4)}
     values |= {f"{trainer._WEIGHT}{t}": torch.tensor(w) for t, w in BASE.items()}
-    trainer._log_train(logger, Progress(1, 0, enabled=False, bar=False), 1, values, engine, 10.0, loader)
+    trainer._log_train(logger, Progress(1, 0, enabled=False, bar=False), 1, values, engine, 10.0, 0.5, loader)
     (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["losses"] == {"semseg": 1.0, "sal": pytest.approx(0.4)} and record["loss_weights"] == BASE
     assert {k: v for k, v in _flatten(record).items() if k.startswith("loss_weights/")} == {
