@@ -491,7 +491,6 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_optim(cfg.optim)
-    _check_loss(cfg)
     _refuse_urls_with_credentials(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return cfg
 
@@ -509,16 +508,6 @@ def _refuse_renamed_keys(overrides: list[str]) -> None:
         renamed = renamed_key_error(override.partition("=")[0])
         if renamed:
             raise ConfigError(renamed)
-
-
-def _check_loss(cfg: TrainConfig) -> None:
-    """The Gramian weightings take per-task gradients besides the engine's backward; ZeRO-3 fetches a
-    module's partitioned weights for one backward per forward only (docs/balancing.md)."""
-    if cfg.loss.balancing in (Balancing.upgrad, Balancing.mgda) and cfg.deepspeed.zero_stage == 3:
-        raise ConfigError(
-            f"loss.balancing={cfg.loss.balancing} runs at ZeRO stages 0-2, not 3 (ZeRO-3 gathers a module's "
-            "weights for one backward per forward; the per-task gradients need more); pass deepspeed.zero_stage=2 (MTLoRA's default)"
-        )
 
 
 def _check_optim(optim: OptimConfig) -> None:

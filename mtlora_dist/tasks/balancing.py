@@ -19,7 +19,8 @@ rank); a resumed run continues with the weights it would have had.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -311,7 +312,11 @@ class GramianWeighting(Balancer):
             probes = [self.base[t] * recompute(t, outputs[t].float()) for t in self.tasks]
         else:
             probes = list(values)
-        grads = [torch.autograd.grad(v, z, retain_graph=True, allow_unused=True)[0] for v in probes]
+        with _repeatable_backward(getattr(self.engine, "module", None)) as rearm:
+            grads = []
+            for v in probes:
+                grads.append(torch.autograd.grad(v, z, retain_graph=True, allow_unused=True)[0])
+                rearm()
         jacobian = torch.stack([(torch.zeros_like(z) if g is None else g).reshape(-1).float() for g in grads])
         gramian = comm.all_reduce(jacobian @ jacobian.T).double().cpu()  # a host read: the solver is numpy
         alpha = torch.ones(len(self.tasks), dtype=torch.float64)
@@ -325,6 +330,34 @@ class GramianWeighting(Balancer):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+# DeepSpeed ZeRO-3's per-module backward counters (deepspeed/runtime/zero/parameter_offload.py): the
+# weights fetches still owed to backward passes, and the input gradients a module awaits before it
+# releases its weights again.
+_ZERO3_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+
+@contextmanager
+def _repeatable_backward(root: torch.nn.Module | None) -> Iterator[Callable[[], None]]:
+    """Lets more than one backward pass run over one forward under ZeRO-3; yields ``rearm()``.
+
+    ZeRO-3 gathers a module's partitioned weights for one backward per forward (a per-module count set
+    by the forward, used up by the backward, which releases the weights when its input gradients are
+    all in). Each per-task partial backward is followed by ``rearm()``, which puts the counts back as the
+    forward left them, so the next one and the engine's own backward gather the weights again. Without
+    ZeRO-3 no module carries the counters and ``rearm`` does nothing."""
+    saved = []
+    for module in root.modules() if root is not None else ():
+        counts = {k: module.__dict__[k] for k in _ZERO3_COUNTERS if k in module.__dict__}
+        if counts:
+            saved.append((module, counts))
+
+    def rearm() -> None:
+        for module, counts in saved:
+            module.__dict__.update(counts)
+
+    yield rearm
 
 
 def build_balancer(
