@@ -274,6 +274,17 @@ class _BalancerPiece:
             raise CheckpointMismatchError(str(err)) from None
 
 
+def _global_means(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The step's losses averaged over the ranks: the global batch's mean, what a run of one rank with the
+    same global batch logs (one all-reduce per logged step, on every rank). The task weights are the same
+    on every rank and stay as they are."""
+    names = [k for k in values if not k.startswith(_WEIGHT)]
+    if comm.world_size() == 1 or not names:
+        return values
+    means = comm.all_reduce(torch.stack([values[k].float().reshape(()) for k in names])) / comm.world_size()
+    return {**values, **dict(zip(names, means.unbind()))}
+
+
 def _host_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     """All losses to Python floats in one device-to-host copy."""
     values = torch.stack([v.float().reshape(()) for v in losses.values()]).tolist()
@@ -314,7 +325,7 @@ def _log_train(
     step_s: float,
     loader,
 ) -> None:
-    losses = _host_values(losses)
+    losses = _host_values(_global_means(losses))
     lr = engine.get_lr()[0]
     data_stats = comm.sum_counts(loader.stats)  # collective: skipped/corrupt samples of every rank
     progress.report(step, losses["loss"], lr, rate)
