@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slurm-time", type=int, default=None, help="minutes per job (default 60)")
     parser.add_argument("--ranks", type=int, default=1, help="training processes per point (torchrun, one node)")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="local points trained at once, the CPUs split between them (default: the preset's local_jobs, else 1)",
+    )
+    parser.add_argument(
         "--slurm-gpus", type=int, default=None, help="GPUs per point (one node; default --ranks on GPU partitions)"
     )
     parser.add_argument("--wait", action="store_true", help="with --slurm: wait for every job, then report")
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("pass --sweep-dir (where the points' run_dirs go) or --preset NAME")
     if args.config:
         spec.config = args.config
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs is {args.jobs}; pass 1 or more (points trained at once)")
+        spec.local_jobs = args.jobs
     swept = [o for o in args.overrides if _is_sweep(o)]
     spec.overrides += [o for o in args.overrides if not _is_sweep(o)]
     grids = ([swept] if swept else []) + extra_grids

@@ -53,6 +53,7 @@ class SweepSpec:
     overrides: list[str] = field(default_factory=list)
     grids: list[list[str]] = field(default_factory=list)
     slurm: dict[str, object] = field(default_factory=dict)  # submitit executor settings of a preset
+    local_jobs: int = 1  # points trained at once by a local sweep (the CPUs are split between them)
 
     def config_path(self) -> str | None:
         """The recipe's YAML path: a name is looked up under configs/."""
@@ -118,28 +119,36 @@ def _value_text(value: object) -> str:
     return str(value)
 
 
+_PRESET_KEYS = ("config", "overrides", "grid", "slurm", "local_jobs")
+
+
 def load_preset(name_or_path: str) -> SweepSpec:
     """A sweep preset: ``configs/sweep/<name>.yaml`` or a path, with keys ``config``, ``overrides``,
-    ``grid`` (one mapping key -> values, or a list of them) and optionally ``slurm``."""
+    ``grid`` (one mapping key -> values, or a list of them) and optionally ``slurm`` and ``local_jobs``."""
     path = name_or_path if os.path.isfile(name_or_path) else os.path.join(PRESETS, f"{name_or_path}.yaml")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml")) if os.path.isdir(PRESETS) else []
         raise ConfigError(f"sweep preset '{name_or_path}' not found: pass a YAML path or one of {', '.join(known)}")
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
-    unknown = set(raw) - {"config", "overrides", "grid", "slurm"}
+    unknown = set(raw) - set(_PRESET_KEYS)
     if unknown:
-        raise ConfigError(f"sweep preset {path}: unknown key(s) {sorted(unknown)}; use config, overrides, grid, slurm")
+        raise ConfigError(f"sweep preset {path}: unknown key(s) {sorted(unknown)}; use {', '.join(_PRESET_KEYS)}")
+    local_jobs = raw.get("local_jobs", 1)
+    if not isinstance(local_jobs, int) or local_jobs < 1:
+        raise ConfigError(f"sweep preset {path}: local_jobs is {local_jobs!r}; expected a whole number of 1 or more")
     grids = raw.get("grid") or []
     return SweepSpec(
         config=raw.get("config"),
         overrides=[str(o) for o in raw.get("overrides") or []],
         grids=[_as_grid(grids)] if isinstance(grids, dict) else [_as_grid(g) for g in grids if g],
         slurm=dict(raw.get("slurm") or {}),
+        local_jobs=local_jobs,
     )
 
 
 def spec_yaml(spec: SweepSpec) -> str:
     """``spec`` in the preset format (what ``<sweep_dir>/sweep.yaml`` holds, read back by :func:`load_preset`)."""
-    raw = {"config": spec.config, "overrides": spec.overrides, "grid": spec.grids, "slurm": spec.slurm}
+    raw = {"config": spec.config, "overrides": spec.overrides, "grid": spec.grids, "slurm": spec.slurm,
+           "local_jobs": spec.local_jobs}  # fmt: skip
     return yaml.safe_dump(raw, sort_keys=False)

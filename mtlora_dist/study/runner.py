@@ -1,4 +1,5 @@
-"""Run a sweep's points: here, one after another, or on SLURM as one job per point (submitit).
+"""Run a sweep's points: here, one after another (or ``local_jobs`` at once), or on SLURM as one job per
+point (submitit).
 
 Every point is a plain ``launch/train.py`` run in its own run_dir, so everything a single run does holds
 for each point: it resumes from its newest checkpoint, it stops on a signal with a checkpoint (exit 3),
@@ -50,11 +51,15 @@ class PointJob:
     run_dir: str
     log_path: str
     stop_grace_s: float = 600.0  # how long a stop may take to write its checkpoint
+    threads: int | None = None  # OMP_NUM_THREADS for the training (points sharing a machine), else its own budget
 
     def __call__(self) -> int:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads)) if self.threads else None
         with open(self.log_path, "ab") as out:
-            child = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
+            child = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_ignore_usr2
+            )
             self._pid = child.pid
             status = child.wait()
         if status == 0:
@@ -79,7 +84,7 @@ class PointJob:
         if is_done(self.run_dir):
             return None  # it finished meanwhile: nothing to requeue
         return submitit.helpers.DelayedSubmission(
-            PointJob(self.command, self.run_dir, self.log_path, self.stop_grace_s)
+            PointJob(self.command, self.run_dir, self.log_path, self.stop_grace_s, self.threads)
         )
 
 
@@ -114,10 +119,23 @@ class SweepRun:
         args = launcher + [TRAIN] + (["--config", config] if config else [])
         return args + list(point.overrides) + [f"run_dir={self.run_dir(point)}"]
 
-    def job(self, point: Point) -> PointJob:
+    def job(self, point: Point, threads: int | None = None) -> PointJob:
         return PointJob(
-            self.command(point), self.run_dir(point), os.path.join(self.sweep_dir, "logs", f"{point.name}.log")
+            self.command(point),
+            self.run_dir(point),
+            os.path.join(self.sweep_dir, "logs", f"{point.name}.log"),
+            threads=threads,
         )
+
+    def local_threads(self) -> int | None:
+        """Threads per training process when ``spec.local_jobs`` points share this machine: its CPUs split
+        evenly (at least one each); None for one point at a time (the training sizes its own budget) or
+        when ``OMP_NUM_THREADS`` is set already (it wins, as for a single run)."""
+        from mtlora_dist.cpus import available_cpus
+
+        if self.spec.local_jobs <= 1 or os.environ.get("OMP_NUM_THREADS"):
+            return None
+        return max(1, available_cpus() // (self.spec.local_jobs * self.ranks))
 
     def save_spec(self) -> None:
         from mtlora_dist.storage.atomic import atomic_write_text
@@ -146,29 +164,48 @@ class SweepRun:
         return [p for p in self.points if not is_done(self.run_dir(p))]
 
     def run_local(self, say: Callable[[str], None] = print) -> int:
-        """Every pending point, one after another. Returns 0, or 3 when a signal stopped a point (its
-        checkpoint is written; rerun the same command), or 1 when some point failed (the others ran)."""
+        """Every pending point, ``spec.local_jobs`` at a time (one after another by default). Returns 0, or 3
+        when a signal stopped a point (its checkpoint is written; rerun the same command; no new point
+        starts), or 1 when some point failed (the others ran)."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
         self.save_spec()
         self.prepare_data()
-        failed = []
         todo = self.pending()
-        say(f"sweep {self.sweep_dir}: {len(self.points)} point(s), {len(self.points) - len(todo)} already done")
-        for i, point in enumerate(todo, 1):
-            job = self.job(point)
-            say(f"[{i}/{len(todo)}] {point.name} (log: {job.log_path})")
-            start = time.monotonic()
-            try:
-                status = job()
-            except RuntimeError as err:
-                failed.append(point.name)
-                say(f"  failed: {err}")
-                continue
-            if status == EXIT_PREEMPTED:
-                say(
-                    f"  stopped by a signal with a checkpoint; rerun the same command to continue ({point.name} resumes)"
-                )
-                return EXIT_PREEMPTED
-            say(f"  done in {time.monotonic() - start:.0f} s")
+        jobs = max(1, min(self.spec.local_jobs, len(todo)))
+        threads = self.local_threads()
+        at_once = f"; {jobs} at a time, {threads or 'own'} thread(s) each" if jobs > 1 else ""
+        say(
+            f"sweep {self.sweep_dir}: {len(self.points)} point(s), {len(self.points) - len(todo)} already done{at_once}"
+        )
+        failed, stopped = [], False
+        queue = list(enumerate(todo, 1))
+        running: dict = {}
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while queue or running:
+                while queue and len(running) < jobs and not stopped:
+                    i, point = queue.pop(0)
+                    job = self.job(point, threads)
+                    say(f"[{i}/{len(todo)}] {point.name} (log: {job.log_path})")
+                    running[pool.submit(job)] = (point, time.monotonic())
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    point, start = running.pop(future)
+                    try:
+                        status = future.result()
+                    except RuntimeError as err:
+                        failed.append(point.name)
+                        say(f"  {point.name} failed: {err}")
+                        continue
+                    if status == EXIT_PREEMPTED:
+                        stopped = True
+                        say(f"  {point.name} stopped by a signal with a checkpoint; rerun the same command to continue")
+                    else:
+                        say(f"  {point.name} done in {time.monotonic() - start:.0f} s")
+        if stopped:
+            return EXIT_PREEMPTED
         if failed:
             say(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry them")
             return 1

@@ -1,5 +1,5 @@
 """Sweep grids: Hydra's override grammar expanded into points with stable names, presets read, every
-point's config checked before anything runs, credentials refused."""
+point's config checked before anything runs, credentials refused, the CPUs split between local points."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from mtlora_dist.config import ConfigError
 from mtlora_dist.study.grid import SweepSpec, expand, load_preset, point_name, spec_yaml
+from mtlora_dist.study.runner import SweepRun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,9 +63,26 @@ def test_presets_round_trip_and_the_demo_covers_every_method(tmp_path):
     assert {p.values["seed"] for p in points} == {"0", "1"}
     single = [p for p in points if p.values.get("method") == "single_task"]
     assert len(single) == 4 * 2  # one model per task and seed
+    assert demo.local_jobs == 2  # two tiny points at once on a 2-core machine
     saved = tmp_path / "sweep.yaml"
     saved.write_text(spec_yaml(demo))
-    assert [p.name for p in expand(load_preset(str(saved)))] == [p.name for p in points]
+    again = load_preset(str(saved))
+    assert [p.name for p in expand(again)] == [p.name for p in points] and again.local_jobs == 2
+    (tmp_path / "bad.yaml").write_text("config: quickstart\nlocal_jobs: 0\n")
+    with pytest.raises(ConfigError, match="local_jobs is 0; expected a whole number of 1 or more"):
+        load_preset(str(tmp_path / "bad.yaml"))
+
+
+def test_points_sharing_a_machine_split_its_cpus(monkeypatch):
+    import mtlora_dist.cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(mtlora_dist.cpus, "available_cpus", lambda: 16)
+    run = SweepRun(SweepSpec(config="quickstart", local_jobs=4), "/tmp/s", [], ranks=2)
+    assert run.local_threads() == 2 and run.job(expand(run.spec)[0], 2).threads == 2
+    assert SweepRun(SweepSpec(config="quickstart"), "/tmp/s", []).local_threads() is None  # its own budget
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert run.local_threads() is None  # set by the user: it wins
 
 
 def test_a_bad_key_in_any_point_is_one_line_and_exit_2_before_anything_runs(tmp_path):

@@ -29,7 +29,7 @@ def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     sweep_dir = tmp_path / "sweep"
     data = [f"data.synthetic.root={tmp_path / 'data'}", "data.synthetic.num_train=16", "data.synthetic.num_val=8"]
     grid = [*TINY, *data, "seed=0,1", "--grid", "data.tasks=[semseg],[sal]"]  # shared overrides: every grid
-    first = sweep(sweep_dir, *grid)
+    first = sweep(sweep_dir, "--jobs", "2", *grid)
     assert first.returncode == 0, first.stdout + first.stderr
     return sweep_dir, first
 
@@ -41,6 +41,10 @@ def test_local_sweep_trains_each_point_reports_and_skips_done_points(swept):
         done = json.loads((sweep_dir / name / "sweep_point.json").read_text())
         assert done["status"] == "done" and f"seed={name[-1]}" in done["command"]
         assert (sweep_dir / name / "checkpoints" / "latest").exists()
+    lines = first.stdout.splitlines()
+    started = [i for i, x in enumerate(lines) if x.startswith("[")]
+    finished = [i for i, x in enumerate(lines) if " done in " in x]
+    assert len(started) == len(finished) == 4 and started[1] < finished[0]  # two points at a time
     assert "| default | 2 |" in first.stdout and "| single_task | 1 |" in first.stdout
     assert "this comparison's single-task runs" in first.stdout
     assert (sweep_dir / "report" / "comparison.csv").exists() and (sweep_dir / "report" / "pareto.png").exists()
