@@ -111,6 +111,7 @@ class Comparison:
 
 
 def _pm(mean: float, std: float, signed: bool = False) -> str:
+    mean = round(mean, 2) + 0.0  # a mean that rounds to zero prints as 0.00, never -0.00
     text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
     return text if std == 0 else f"{text} ± {std:.2f}"
 

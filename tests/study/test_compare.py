@@ -97,3 +97,10 @@ def test_the_plot_is_a_png():
     )
     png = plot_pareto(result, paper=True)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_mean_that_rounds_to_zero_reads_plus_zero():
+    from mtlora_dist.study.compare import _pm
+
+    assert _pm(-1e-9, 3.07, signed=True) == "+0.00 ± 3.07" and _pm(-0.004, 0.0) == "0.00"
+    assert _pm(-2.5, 1.0, signed=True) == "-2.50 ± 1.00"
