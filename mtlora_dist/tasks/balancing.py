@@ -19,8 +19,7 @@ rank); a resumed run continues with the weights it would have had.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -248,7 +247,8 @@ class GramianWeighting(Balancer):
     the host (torchjd's solvers run in numpy), and the objective ``sum_t alpha_t w_t L_t``, back-propagated
     by the engine as usual. ``z`` is the output of ``module`` (the backbone's patch embedding by default:
     the one tensor every task's loss depends on wholly). A non-finite Gramian (an fp16 overflow) gives
-    ``alpha = 1``, on every rank alike."""
+    ``alpha = 1``, on every rank alike. Every ZeRO stage: under ZeRO-3 each partial backward gathers the
+    partitioned weights again (:func:`_zero3_rearm`)."""
 
     def __init__(self, tasks, weights, device="cpu", *, weighting: str = "upgrad", module: str = "backbone.patch_embed") -> None:  # fmt: skip
         from torchjd.aggregation import MGDAWeighting, UPGradWeighting
@@ -312,11 +312,11 @@ class GramianWeighting(Balancer):
             probes = [self.base[t] * recompute(t, outputs[t].float()) for t in self.tasks]
         else:
             probes = list(values)
-        with _repeatable_backward(getattr(self.engine, "module", None)) as rearm:
-            grads = []
-            for v in probes:
-                grads.append(torch.autograd.grad(v, z, retain_graph=True, allow_unused=True)[0])
-                rearm()
+        rearm = _zero3_rearm(getattr(self.engine, "module", None))
+        grads = []
+        for v in probes:
+            grads.append(torch.autograd.grad(v, z, retain_graph=True, allow_unused=True)[0])
+            rearm()
         jacobian = torch.stack([(torch.zeros_like(z) if g is None else g).reshape(-1).float() for g in grads])
         gramian = comm.all_reduce(jacobian @ jacobian.T).double().cpu()  # a host read: the solver is numpy
         alpha = torch.ones(len(self.tasks), dtype=torch.float64)
@@ -338,9 +338,8 @@ class GramianWeighting(Balancer):
 _ZERO3_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
 
 
-@contextmanager
-def _repeatable_backward(root: torch.nn.Module | None) -> Iterator[Callable[[], None]]:
-    """Lets more than one backward pass run over one forward under ZeRO-3; yields ``rearm()``.
+def _zero3_rearm(root: torch.nn.Module | None) -> Callable[[], None]:
+    """``rearm()``, which lets one more backward pass run over the last forward under ZeRO-3.
 
     ZeRO-3 gathers a module's partitioned weights for one backward per forward (a per-module count set
     by the forward, used up by the backward, which releases the weights when its input gradients are
@@ -357,7 +356,7 @@ def _repeatable_backward(root: torch.nn.Module | None) -> Iterator[Callable[[], 
         for module, counts in saved:
             module.__dict__.update(counts)
 
-    yield rearm
+    return rearm
 
 
 def build_balancer(

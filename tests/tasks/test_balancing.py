@@ -154,3 +154,16 @@ def test_the_train_record_has_each_tasks_weight_for_metrics_jsonl_and_wandb(tmp_
         "loss_weights/semseg": 1.0,
         "loss_weights/sal": 5.0,
     }  # the keys wandb gets
+
+
+def test_zero3_rearm_puts_back_the_counts_the_forward_left():
+    from mtlora_dist.tasks.balancing import _zero3_rearm
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].applied_pre_backward_ref_cnt, model[0].ds_grads_remaining = 1, 1  # what a ZeRO-3 forward leaves
+    rearm = _zero3_rearm(model)
+    model[0].applied_pre_backward_ref_cnt = model[0].ds_grads_remaining = 0  # a backward used them up
+    rearm()
+    assert (model[0].applied_pre_backward_ref_cnt, model[0].ds_grads_remaining) == (1, 1)
+    assert "applied_pre_backward_ref_cnt" not in model[1].__dict__  # modules without ZeRO-3 hooks: untouched
+    _zero3_rearm(None)()  # no engine attached: nothing to do

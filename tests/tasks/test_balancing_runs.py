@@ -138,7 +138,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses_and_weights(runs, method
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_alike_at_every_zero_stage(runs, method):
     """The Gramian weightings at ZeRO-3 take T partial backward passes over one forward, each of which
-    gathers the partitioned weights again (``balancing._repeatable_backward``). Measured: losses within
+    gathers the partitioned weights again (``balancing._zero3_rearm``). Measured: losses within
     6e-6 and weights within 8e-5 of the first stage's (MGDA's min-norm point moves most with the
     reduction order); the bounds leave room for another CPU's float kernels."""
     reference = _trace(runs["base"] / method)
