@@ -8,7 +8,8 @@
 #
 # The GPU machine (Python 3.12, torch, timm, numpy, scipy, matplotlib, pillow, tqdm, fsspec, PyYAML,
 # safetensors, msgpack, ninja, psutil, py-cpuinfo, einops already there) lacks DeepSpeed with its
-# pydantic stack, Hydra/OmegaConf, webdataset and the fast decoders simplejpeg/pyspng (without them the
+# pydantic stack, Hydra/OmegaConf, webdataset, torchjd with its QP solvers quadprog/qpsolvers (loss
+# balancing), submitit with cloudpickle (sweeps) and the fast decoders simplejpeg/pyspng (without them the
 # loader decodes with PIL, slower: the loader step would not measure what users get). timm is carried
 # as a fallback (.whl/fallback/), installed there only when the machine's timm lacks what the model uses.
 # Left out on purpose, to keep the folder small: s3fs/aiobotocore/botocore (the session reads local

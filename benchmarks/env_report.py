@@ -44,6 +44,7 @@ PACKAGES = {
     "timm": "timm",
     "numpy": "numpy",
     "PIL": "pillow",
+    "cv2": "opencv-python-headless",
     "scipy": "scipy",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
@@ -67,6 +68,11 @@ PACKAGES = {
     "antlr4": "antlr4-python3-runtime",
     "webdataset": "webdataset",
     "braceexpand": "braceexpand",
+    "torchjd": "torchjd",
+    "quadprog": "quadprog",
+    "qpsolvers": "qpsolvers",
+    "submitit": "submitit",
+    "cloudpickle": "cloudpickle",
 }
 WHEEL_HINT = (
     "build their wheels where PyPI is reachable: `bash benchmarks/build_wheels.sh` (into .whl/); carry .whl "

@@ -32,7 +32,7 @@ start; a rerun of the failed steps (``--rerun-failed``, one flag) or the extra p
    ``COMPILE_MIN_S``); killed before its first step ends, it reports how long it compiled.
 
 The extra plan (a second call): Swin-L and batch-16 throughput shapes, activation checkpointing,
-``model_step_fp32`` and Swin-L compiled.
+``model_step_fp32``, two ranks at ZeRO-3 with the UPGrad balancing, and Swin-L compiled.
 
 Each step is its own subprocess (own process group) under ``min(its timeout, budget left)``: a hang
 or a crash costs that step only and is recorded as such. Results: ``session.jsonl`` (one JSON line
@@ -213,10 +213,10 @@ def _launcher(ctx: Context) -> list[str]:
     ]
 
 
-def _two_ranks(stage: int):
-    """Two ranks through the trainer at ZeRO-``stage``, bf16, SyncBN on: 10 steps, an evaluation, a
-    checkpoint, a resume. NCCL refuses two ranks on one GPU; a ``cuda:gloo`` default group runs them
-    there and refuses CPU tensors in collectives exactly as NCCL does (the CPU smoke run uses gloo)."""
+def _two_ranks(stage: int, *overrides: str, name: str = ""):
+    """Two ranks through the trainer at ZeRO-``stage``, bf16, SyncBN on (plus ``overrides``): 10 steps, an
+    evaluation, a checkpoint, a resume. NCCL refuses two ranks on one GPU; a ``cuda:gloo`` default group
+    runs them there and refuses CPU tensors in collectives exactly as NCCL does (the CPU smoke run uses gloo)."""
 
     def args(ctx: Context) -> list[str]:
         common = [
@@ -226,10 +226,11 @@ def _two_ranks(stage: int):
             "--nproc",
             "2",
             "--run-dir",
-            str(ctx.work / f"two_ranks_zero{stage}"),
+            str(ctx.work / (name or f"two_ranks_zero{stage}")),
             f"deepspeed.zero_stage={stage}",
             "deepspeed.precision=bf16",
             "model.sync_bn=true",
+            *overrides,
         ]
         if ctx.smoke:
             return [*common, *SMOKE_SIZES, "--steps", "2", "--resume-steps", "1"]
@@ -468,6 +469,15 @@ STEPS = [
         plan="extra",
     ),
     Step("model_step_fp32", 15, _model_step("fp32", 2), _model_step_figures, needs=MODEL + CONFIG, plan="extra"),
+    Step(  # the Gramian weighting's extra backward passes under ZeRO-3's partitioned weights, on the GPU
+        "two_ranks_zero3_upgrad",
+        50,
+        _two_ranks(3, "loss.balancing=upgrad", name="two_ranks_zero3_upgrad"),
+        _run_figures,
+        needs=TRAINER,
+        passed=lambda r: r["passed"],
+        plan="extra",
+    ),
     Step(
         "throughput_swin_l_b8_compiled",
         None,

@@ -200,7 +200,8 @@ def test_the_carried_wheels_are_pinned_inside_pyprojects_ranges():
     }
     pins = [line.split("#")[0].split() for line in (REPO / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()]
     pins = [Requirement(p[0]) for p in pins if p]
-    assert {"deepspeed", "hydra-core", "omegaconf", "webdataset", "timm", "pydantic"} <= {p.name for p in pins}
+    carried = {"deepspeed", "hydra-core", "omegaconf", "webdataset", "timm", "pydantic", "torchjd", "quadprog"}
+    assert carried | {"qpsolvers", "submitit", "cloudpickle"} <= {p.name for p in pins}
     for pin in pins:
         (version,) = [spec.version for spec in pin.specifier if spec.operator == "=="]
         if pin.name in ranges:
@@ -216,3 +217,26 @@ def test_the_carried_wheels_are_pinned_inside_pyprojects_ranges():
         timeout=60,
     )
     assert proc.returncode == 2 and "no Python at '/nonexistent/python3'" in proc.stderr
+
+
+def test_every_module_the_code_imports_is_on_the_gpu_image_or_carried():
+    """A new dependency (torchjd, submitit) must reach the bare GPU machine: on its image (the twin's
+    IMAGE list, plus torch), carried as a pinned wheel, or optional for the session."""
+    import re
+    import sys
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name as canonical
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import env_report
+
+    twin = (REPO / "benchmarks" / "device_twin.sh").read_text()
+    image = set(re.search(r"^IMAGE=\(([^)]*)\)", twin, re.M).group(1).split()) | {"torch", "torchvision"}
+    lines = (REPO / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
+    carried = {Requirement(line.split()[0]).name for line in lines if line.strip() and not line.startswith("#")}
+    reached = {canonical(name) for name in image | carried}
+    modules = set(env_report.imported_modules()) - set(env_report.OPTIONAL)
+    unreached = {m for m in modules if canonical(env_report.PACKAGES.get(m, m)) not in reached}
+    assert "torchjd" in modules and "submitit" in modules  # the scan sees them
+    assert unreached == set(), f"pin them in benchmarks/gpu_wheels.txt: {sorted(unreached)}"
