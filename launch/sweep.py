@@ -6,6 +6,7 @@ on SLURM as one job per point, each point in its own run_dir, then the compariso
         adapter.shared_rank=4,8,16 seed=0,1 max_steps=100
     python launch/sweep.py --preset table1 --sweep-dir /shared/sweeps/t1 --slurm --slurm-partition gpu
     python launch/sweep.py --sweep-dir runs/sweeps/ranks              # continue a sweep (done points skipped)
+    python launch/sweep.py --sweep-dir runs/sweeps/ranks --jobs 2     # two points at a time, CPUs split
 
 Sweep values use Hydra's override grammar (``key=a,b``, ``key=range(0,3)``, ``data.tasks=[semseg],[sal]``);
 ``--grid`` starts another grid whose points are added (the single-task models of a table are one run per
