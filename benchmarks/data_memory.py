@@ -43,7 +43,7 @@ from mtlora_dist.data.config import BatchGeometry  # noqa: E402
 from mtlora_dist.data.ingest.convert import convert  # noqa: E402
 from mtlora_dist.data.shards.manifest import read_manifest  # noqa: E402
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order  # noqa: E402
-from mtlora_dist.data.stream.read_schedule import SampleRange, schedule_reads  # noqa: E402
+from mtlora_dist.data.stream.read_schedule import SampleRange, schedule_reads, storage_order_peak  # noqa: E402
 from mtlora_dist.synthetic.layouts import make_cityscapes_tree  # noqa: E402
 
 from common import emit  # noqa: E402
@@ -118,23 +118,6 @@ SHAPES = [
     ("Taskonomy 400,000 (1.3 MB), 1,000 per shard", 400_000, 1000, 64, 8, 16, 1.3),
     ("ImageNet 1.28M (0.11 MB), 1,281 per shard", 1_281_167, 1281, 256, 8, 128, 0.11),
 ]
-
-
-def storage_order_peak(ranges: list[SampleRange]) -> int:
-    """Peak bytes held by the reader before the bound: each needed shard read once, in the order first
-    needed, its samples kept until their turn."""
-    first: dict[int, int] = {}
-    for e, r in enumerate(ranges):
-        first.setdefault(r.shard, e)
-    add = [0] * (len(ranges) + 1)
-    for r in ranges:
-        add[first[r.shard]] += r.size
-    held = peak = 0
-    for d, r in enumerate(ranges):
-        held += add[d]
-        peak = max(peak, held)
-        held -= r.size
-    return peak
 
 
 def schedule_rows(buffers_mb: list[float]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Any
@@ -77,3 +78,13 @@ def convert_splits(dataset: str, root: str, out: str, fmt=None, splits=("train",
     urls = {s: os.path.join(str(out), s) for s in splits}
     manifests = {s: convert(dataset, str(root), s, urls[s], shard_size_mb=shard_size_mb, fmt=fmt) for s in splits}
     return {"urls": urls, "manifests": manifests}
+
+
+def drop_index(folder: str) -> str:
+    """Turn the folder's manifest into one written before the per-sample index existed."""
+    manifest_path = os.path.join(folder, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    for entry in manifest["shards"]:
+        del entry["offsets"], entry["digests"]
+    json.dump(manifest, open(manifest_path, "w"))
+    return folder

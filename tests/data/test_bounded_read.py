@@ -6,28 +6,15 @@ decoder) and reports its peak in ``loader.stats["read_held_peak"]`` (summed over
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
 from mtlora_dist.data.config import BatchGeometry
 from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.stream.plan import locate, make_worker_plan, shard_order
 
-from datatest_utils import PASCAL, keys_of, pascal_loader, valid_keys
+from datatest_utils import PASCAL, drop_index, keys_of, pascal_loader, valid_keys
 
 BOUND_MB = 0.1  # ~2 of the test set's ~45 kB samples
-
-
-def drop_index(folder: str) -> str:
-    """The manifest as conversions before the per-sample index wrote it (whole shards are read)."""
-    path = os.path.join(folder, "manifest.json")
-    manifest = json.load(open(path))
-    for entry in manifest["shards"]:
-        del entry["offsets"], entry["digests"]
-    json.dump(manifest, open(path, "w"))
-    return folder
 
 
 def share_bytes(url: str, num_workers: int, worker: int, batch_size: int, seed: int) -> int:

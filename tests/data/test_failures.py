@@ -20,7 +20,7 @@ from mtlora_dist.data.shards.manifest import read_manifest
 from mtlora_dist.data.shards.shard_index import shard_info
 from mtlora_dist.data.shards.tarshards import TarShardWriter, iter_tar_samples
 
-from datatest_utils import PASCAL, keys_of, pascal_loader, valid_keys
+from datatest_utils import PASCAL, drop_index, keys_of, pascal_loader, valid_keys
 
 
 def shard_with_samples(folder: str, at_least: int = 2) -> tuple[str, int, list[str]]:
@@ -55,16 +55,6 @@ def rewrite(path: str, edit) -> None:
     info = shard_info(path, entry["name"])
     entry.update(bytes=info.bytes, sha256=info.sha256, offsets=info.offsets, digests=info.digests)
     json.dump(manifest, open(manifest_path, "w"))
-
-
-def drop_index(folder: str) -> str:
-    """Turn the folder's manifest into one written before the per-sample index existed."""
-    manifest_path = os.path.join(folder, "manifest.json")
-    manifest = json.load(open(manifest_path))
-    for entry in manifest["shards"]:
-        del entry["offsets"], entry["digests"]
-    json.dump(manifest, open(manifest_path, "w"))
-    return folder
 
 
 def copy(shard_copy, indexed: bool) -> str:
