@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.exit_before_teardown(main)  # its status, never a process group's teardown abort

@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cli.exit_before_teardown(main)  # a finished run's status is 0 (or 3), never a teardown abort

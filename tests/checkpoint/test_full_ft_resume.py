@@ -40,13 +40,16 @@ def start(ranks: int, run_dir: Path, cwd: Path, overrides: list[str]) -> list[su
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(ranks))  # fmt: skip
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
            *FULL_FT, f"run_dir={run_dir}", *overrides]  # fmt: skip
-    logs = [open(cwd / f"{run_dir.name}_rank{r}_{time.monotonic_ns()}.log", "w") for r in range(ranks)]
-    return [
-        subprocess.Popen(
-            cmd, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=log, stderr=subprocess.STDOUT
-        )  # fmt: skip
-        for r, log in enumerate(logs)
-    ]
+    procs = []
+    for r in range(ranks):
+        log_path = cwd / f"{run_dir.name}_rank{r}_{time.monotonic_ns()}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=log, stderr=subprocess.STDOUT
+            )  # fmt: skip
+        proc.log_path = log_path  # what finish() shows when the job fails
+        procs.append(proc)
+    return procs
 
 
 def finish(procs: list[subprocess.Popen], expect: int = 0) -> None:
@@ -58,8 +61,12 @@ def finish(procs: list[subprocess.Popen], expect: int = 0) -> None:
                 p.kill()
                 p.wait()
     if any(c != expect for c in codes):
-        tail = Path(procs[0].stdout.name).read_text(errors="replace")[-4000:]
-        pytest.fail(f"train.py exited {codes}, expected {expect}:\n{tail}")
+        tails = "".join(
+            f"\n--- rank {r} (exit {c}), {p.log_path}:\n{p.log_path.read_text(errors='replace')[-3000:]}"
+            for r, (p, c) in enumerate(zip(procs, codes))
+            if c != expect
+        )
+        pytest.fail(f"train.py exited {codes}, expected {expect}:{tails}")
 
 
 def train_losses(run_dir: Path) -> dict[int, dict]:
