@@ -80,8 +80,9 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     comm.shutdown()
-    os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

@@ -268,4 +268,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

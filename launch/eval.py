@@ -46,4 +46,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _cli.exit_before_teardown(main)  # its status, never a process group's teardown abort
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

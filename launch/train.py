@@ -53,4 +53,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _cli.exit_before_teardown(main)  # a finished run's status is 0 (or 3), never a teardown abort
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # a finished run's status is 0 (or 3), never a teardown abort

@@ -1,7 +1,7 @@
 """The package graph runs one way: a package imports only packages on its own level or below.
 
     comm, storage, choices, lazy,     the bottom: processes, bytes, the config's Enum base, lazy exports,
-    cpus                              a rank's CPU budget (threads and workers)
+    cpus, process_exit                a rank's CPU budget (threads and workers), how an entry point exits
     tasks, adapters                   what a task is; the LoRA math
     data, models, config_errors       sources -> shards -> batches; backbone + heads; what a config error means
     config, synthetic                 the run configuration (every job reads it; hands config_errors its
@@ -28,7 +28,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtlora_dist"
 LEVELS = [
-    {"comm", "storage", "choices", "lazy", "cpus"},
+    {"comm", "storage", "choices", "lazy", "cpus", "process_exit"},
     {"tasks", "adapters"},
     {"data", "models", "config_errors"},
     {"config", "synthetic"},

@@ -225,13 +225,9 @@ def main() -> None:
         Path(args.report).write_text(json.dumps(report))
     dist.barrier()
     deepspeed.comm.destroy_process_group()
-    # Everything this worker reports is written above. Interpreter teardown of torch's C++ state sometimes
-    # aborts here ("terminate called without an active exception", status -6, about one full suite in
-    # two on 2 cores), which would fail a test whose checks all passed; skip the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -77,8 +76,9 @@ def main() -> None:
               "global_steps": engine.global_steps, "optimizer": type(engine.optimizer).__name__}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1))
     comm.shutdown()
-    os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -76,8 +75,9 @@ def main() -> None:
     if info.rank == 0:
         Path(args.out).write_text(json.dumps({"losses": report}))
     comm.shutdown()
-    os._exit(0)  # skip interpreter teardown (its exit-time abort is not what this test is about)
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

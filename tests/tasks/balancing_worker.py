@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -105,10 +104,9 @@ def main() -> None:
     if info.rank == 0:
         Path(args.report).write_text(json.dumps(report))
     comm.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip the interpreter teardown of torch's C++ state (see tests/checkpoint/ckpt_worker.py)
 
 
 if __name__ == "__main__":
-    main()
+    from mtlora_dist.process_exit import exit_before_teardown
+
+    exit_before_teardown(main)  # its status, never a process group's teardown abort

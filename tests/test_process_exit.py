@@ -1,20 +1,34 @@
-"""``_cli.exit_before_teardown``: a training entry point's exit status is what the job did, even when the
+"""``process_exit.exit_before_teardown``: a training entry point's exit status is what the job did, even when the
 interpreter's teardown would abort (as it now and then does with ZeRO-3's process groups still alive), and
 everything a normal exit does first (joining threads, atexit handlers, flushing stdout) still happens."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from cli_utils import REPO, output, run
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
 
 # An entry point whose interpreter teardown aborts: a module global whose finaliser calls os.abort(), run
 # while the interpreter finalises, as the gloo groups' destructors are. argv: exit status (or "bug"), how
 # the entry point is run ("plain": main() as scripts used to, "wrapped": through exit_before_teardown).
 _SCRIPT = """
 import atexit, os, sys, threading, time
-sys.path.insert(0, {launch!r})
-import _cli
+sys.path.insert(0, {repo!r})
+from mtlora_dist.process_exit import exit_before_teardown
 
 class AbortsAtTeardown:
     def __del__(self):
@@ -34,25 +48,25 @@ def main():
 if sys.argv[2] == "plain":
     main()
 else:
-    _cli.exit_before_teardown(main)
+    exit_before_teardown(main)
 """
 
 
 @pytest.fixture
 def entry_point(tmp_path):
     path = tmp_path / "entry.py"
-    path.write_text(_SCRIPT.format(launch=str(REPO / "launch")))
+    path.write_text(_SCRIPT.format(repo=str(REPO)))
     return path
 
 
 def test_without_it_the_teardown_abort_replaces_the_status(entry_point, tmp_path):
-    proc = run([str(entry_point), "3", "plain"], tmp_path, env={"PYTHONUNBUFFERED": ""})
+    proc = run([str(entry_point), "3", "plain"], tmp_path, PYTHONUNBUFFERED="")
     assert proc.returncode == -6, output(proc)  # SIGABRT: what CI saw from one rank of a finished run
 
 
 @pytest.mark.parametrize("status", [0, 2, 3])
 def test_the_status_is_the_jobs_and_a_normal_exits_work_is_done(entry_point, tmp_path, status):
-    proc = run([str(entry_point), str(status), "wrapped"], tmp_path, env={"PYTHONUNBUFFERED": ""})
+    proc = run([str(entry_point), str(status), "wrapped"], tmp_path, PYTHONUNBUFFERED="")
     assert proc.returncode == status, output(proc)
     assert proc.stdout == "buffered output"
     assert (tmp_path / "thread.txt").read_text() == "joined"  # the non-daemon thread finished first
