@@ -350,16 +350,29 @@ def test_a_run_says_its_checkpoints_and_ends_with_its_outputs_and_total_time(tra
         assert part in last, last
 
 
+# launch/eval.py with its first batch held for two minutes (it says so first): a Ctrl-C sent then lands inside
+# the evaluation loop every time (the whole tiny evaluation takes under a second: on a loaded machine a signal
+# sent after an earlier log line could arrive after it had finished).
+_EVAL_WITH_A_SLOW_BATCH = (
+    "import os, runpy, sys, time; sys.path.insert(0, sys.argv[1]); import mtlora_dist.engine.evaluate as ev; "
+    "real = ev.to_device; "
+    "ev.to_device = lambda *a, **k: (print('first batch held', flush=True), time.sleep(120), real(*a, **k))[2]; "
+    "sys.argv = sys.argv[2:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def test_ctrl_c_during_eval_is_one_line_and_exit_130(trained, tmp_path):
     run_dir, _ = trained
     log_file = tmp_path / "eval.log"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-c", _EVAL_WITH_A_SLOW_BATCH, str(REPO), script("eval.py"), f"checkpoint={run_dir}",
+           f"out={tmp_path / 'e'}"]  # fmt: skip
     with open(log_file, "w") as out:
-        proc = subprocess.Popen([sys.executable, script("eval.py"), f"checkpoint={run_dir}", f"out={tmp_path / 'e'}"],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
-    while "synthetic pascal_context data under" not in log_file.read_text():  # inside the evaluation job
+    while "first batch held" not in log_file.read_text():  # inside the evaluation loop
         assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
