@@ -350,10 +350,13 @@ def test_a_run_says_its_checkpoints_and_ends_with_its_outputs_and_total_time(tra
         assert part in last, last
 
 
-# launch/eval.py with its first batch held for two minutes (it says so first): a Ctrl-C sent then lands inside
-# the evaluation loop every time (the whole tiny evaluation takes under a second: on a loaded machine a signal
-# sent after an earlier log line could arrive after it had finished).
+# launch/eval.py as a terminal starts it, with its first batch held for two minutes (it says so first), so the
+# Ctrl-C lands inside the evaluation loop every time (the whole tiny evaluation takes under a second). A
+# terminal's foreground job has SIGINT at its default, which Python turns into KeyboardInterrupt; a test
+# suite started in the background of a non-interactive shell hands its children SIGINT *ignored*, which Python
+# keeps (so does eval.py, as nohup'd jobs expect): set the default here, as the terminal would have.
 _EVAL_WITH_A_SLOW_BATCH = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "import os, runpy, sys, time; sys.path.insert(0, sys.argv[1]); import mtlora_dist.engine.evaluate as ev; "
     "real = ev.to_device; "
     "ev.to_device = lambda *a, **k: (print('first batch held', flush=True), time.sleep(120), real(*a, **k))[2]; "
